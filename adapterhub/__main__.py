@@ -1,0 +1,3 @@
+from adapterhub.cli import main
+
+main()

@@ -1,0 +1,69 @@
+"""The ``adapterhub`` command line: a thin table of commands, each living next to the library it drives.
+
+Commands are imported lazily so ``adapterhub --help`` does not pay for importing torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import click
+
+from adapterhub.errors import UserError
+
+COMMANDS: dict[str, str] = {
+    "tiny": "adapterhub.commands:tiny",
+}
+
+
+class LazyGroup(click.Group):
+    """Resolves ``name -> module:function`` from COMMANDS on first use."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(COMMANDS)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name not in COMMANDS:
+            return None
+        module, attr = COMMANDS[name].split(":")
+        return getattr(importlib.import_module(module), attr)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="adapterhub")
+def cli() -> None:
+    """Train, share and serve PEFT adapters of every family from one base model."""
+
+
+def main() -> None:
+    """Run the CLI; an expected user error becomes one red line and exit status 1, never a traceback."""
+    try:
+        cli.main(standalone_mode=False)
+    except click.exceptions.Exit as done:
+        sys.exit(done.exit_code)
+    except click.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as err:
+        err.show()
+        sys.exit(err.exit_code)
+    except UserError as err:
+        click.secho(f"error: {err}", fg="red", err=True)
+        sys.exit(1)
+    except MemoryError:
+        click.secho("error: out of memory: lower the batch size or use quantization=nf4", fg="red", err=True)
+        sys.exit(1)
+    except _torch_oom() as err:
+        click.secho(
+            f"error: out of GPU memory ({str(err).splitlines()[0][:120]}): lower training.batch_size, "
+            "enable training.gradient_checkpointing or use model.quantization=nf4",
+            fg="red",
+            err=True,
+        )
+        sys.exit(1)
+
+
+def _torch_oom() -> type[BaseException]:
+    torch = sys.modules.get("torch")
+    return torch.OutOfMemoryError if torch is not None else MemoryError
