@@ -14,23 +14,28 @@ from adapterhub.errors import UserError
 
 COMMANDS: dict[str, str] = {
     "tiny": "adapterhub.commands:tiny",
+    "bench": "adapterhub.bench:bench",
 }
 
 
 class LazyGroup(click.Group):
-    """Resolves ``name -> module:function`` from COMMANDS on first use."""
+    """Resolves ``name -> module:function`` from its ``lazy_commands`` table on first use."""
+
+    def __init__(self, *args, lazy_commands: dict[str, str], **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.lazy_commands = lazy_commands
 
     def list_commands(self, ctx: click.Context) -> list[str]:
-        return sorted(COMMANDS)
+        return sorted(self.lazy_commands)
 
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
-        if name not in COMMANDS:
+        if name not in self.lazy_commands:
             return None
-        module, attr = COMMANDS[name].split(":")
+        module, attr = self.lazy_commands[name].split(":")
         return getattr(importlib.import_module(module), attr)
 
 
-@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=LazyGroup, lazy_commands=COMMANDS, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="adapterhub")
 def cli() -> None:
     """Train, share and serve PEFT adapters of every family from one base model."""
