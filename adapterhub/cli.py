@@ -15,6 +15,7 @@ from adapterhub.errors import UserError
 COMMANDS: dict[str, str] = {
     "tiny": "adapterhub.commands:tiny",
     "bench": "adapterhub.bench:bench",
+    "serve": "adapterhub.server.commands:serve",
     "merge": "adapterhub.merge_command:merge_command",
 }
 

@@ -1,0 +1,73 @@
+"""``adapterhub serve``: the click command; the work is in ``adapterhub.server.launch``."""
+
+from __future__ import annotations
+
+import click
+
+from adapterhub.server.app import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_QUEUE, DEFAULT_MAX_TOKENS_CAP
+
+
+@click.command()
+@click.option(
+    "--base", help="Base model: Hub id, local folder or builtin:tiny-llama. Default: the adapters' own."
+)
+@click.option(
+    "--adapters",
+    default="",
+    help="Comma-separated specs (store name, folder, REPO_ID[@REV]), each ALIAS=SPEC or SPEC.",
+)
+@click.option(
+    "--host", default="127.0.0.1", show_default=True, help="Interface to bind; 0.0.0.0 exposes the server."
+)
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
+@click.option(
+    "--quantize",
+    "quantization",
+    type=click.Choice(["auto", "nf4", "int8", "none"]),
+    default="auto",
+    show_default=True,
+    help="auto: nf4 on CUDA, none on CPU.",
+)
+@click.option("--device", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True)
+@click.option(
+    "--api-key",
+    envvar="ADAPTERHUB_API_KEY",
+    help="Require 'Authorization: Bearer KEY' on /v1 routes (or set ADAPTERHUB_API_KEY).",
+)
+@click.option(
+    "--max-adapters",
+    default=8,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Adapters kept on the device; more wait in a CPU tier.",
+)
+@click.option(
+    "--max-queue",
+    default=DEFAULT_MAX_QUEUE,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Generations in flight before answering 429.",
+)
+@click.option(
+    "--max-tokens-cap",
+    default=DEFAULT_MAX_TOKENS_CAP,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Largest max_tokens a request may ask for.",
+)
+@click.option(
+    "--max-body-bytes", default=DEFAULT_MAX_BODY_BYTES, show_default=True, type=click.IntRange(min=1)
+)
+@click.option(
+    "--grace",
+    "grace_s",
+    default=30.0,
+    show_default=True,
+    type=click.FloatRange(min=0),
+    help="Seconds in-flight requests get to finish on SIGTERM.",
+)
+def serve(adapters: str, **options) -> None:
+    """Serve a base model and many adapters of any PEFT family over the OpenAI API."""
+    from adapterhub.server.launch import ServeOptions, parse_adapter_specs, serve
+
+    serve(ServeOptions(adapters=parse_adapter_specs(adapters), **options))

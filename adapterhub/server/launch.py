@@ -1,0 +1,139 @@
+"""What ``adapterhub serve`` does: parse adapter specs, pick the base model, run uvicorn over an Engine.
+
+The engine outlives uvicorn on purpose: on SIGTERM uvicorn stops accepting connections and waits
+for the requests in flight (up to the grace period), and only then is the engine stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from adapterhub.errors import UserError
+from adapterhub.server.app import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_QUEUE, DEFAULT_MAX_TOKENS_CAP
+
+ALIAS_PATTERN = re.compile(r"^[^=\s,]+$")
+
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    name: str  # what clients put in the ``model`` field
+    spec: str  # a store name, a local PEFT folder or REPO_ID[@REV]
+
+
+@dataclass
+class ServeOptions:
+    adapters: list[AdapterSpec]
+    base: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 8000
+    quantization: str = "auto"
+    device: str = "auto"
+    api_key: str | None = None
+    max_adapters: int = 8
+    max_queue: int = DEFAULT_MAX_QUEUE
+    max_tokens_cap: int = DEFAULT_MAX_TOKENS_CAP
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    grace_s: float = 30.0
+
+
+def parse_adapter_specs(text: str) -> list[AdapterSpec]:
+    """``a,b=path,c=org/repo@v1``: each item a spec, optionally ``alias=spec``; names must be unique."""
+    specs = []
+    for item in (part.strip() for part in text.split(",")):
+        if not item:
+            continue
+        name, _, spec = item.partition("=") if "=" in item else ("", "", item)
+        name = name.strip() or default_name(spec)
+        if not spec.strip() or not ALIAS_PATTERN.match(name):
+            raise UserError(
+                f"adapter '{item}' is not 'SPEC' or 'ALIAS=SPEC': write e.g. --adapters sql=org/sql-lora"
+            )
+        specs.append(AdapterSpec(name, spec.strip()))
+    names = [s.name for s in specs]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise UserError(
+            f"adapter name '{repeated[0]}' is given twice: give each one an alias, e.g. NAME2=SPEC"
+        )
+    return specs
+
+
+def default_name(spec: str) -> str:
+    """A local folder is named after itself; a store name or Hub repo id keeps its name, less ``@REV``."""
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return path.resolve().name
+    return spec.split("@", 1)[0]
+
+
+def infer_base(adapters: list[AdapterSpec], base: str | None) -> str:
+    """``base`` if given, else the one ``base_model_name_or_path`` all adapters share."""
+    if base:
+        return base
+    if not adapters:
+        raise UserError("nothing to serve: pass --base MODEL and/or --adapters a,b,...")
+    from adapterhub.hub import resolve
+
+    bases = {}
+    for adapter in adapters:
+        config_file = Path(resolve(adapter.spec)) / "adapter_config.json"
+        recorded = json.loads(config_file.read_text()).get("base_model_name_or_path")
+        if not recorded:
+            raise UserError(f"adapter '{adapter.name}' does not record its base model: pass --base MODEL")
+        bases[adapter.name] = recorded
+    if len(set(bases.values())) > 1:
+        listing = ", ".join(f"{name} -> {model}" for name, model in bases.items())
+        raise UserError(f"adapters were trained on different base models ({listing}): pass --base MODEL")
+    return next(iter(bases.values()))
+
+
+def serve(options: ServeOptions) -> None:
+    """Load the base and adapters, then serve until SIGINT/SIGTERM; in-flight requests get ``grace_s``."""
+    import uvicorn
+    from adapterhub.runtime.engine import Engine, EngineConfig
+    from rich.console import Console
+    from rich.progress import Progress
+
+    from adapterhub.server.app import create_app
+
+    console = Console(stderr=True)
+    base = infer_base(options.adapters, options.base)
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task(f"loading {base}", total=len(options.adapters) + 1)
+        engine = Engine(
+            EngineConfig(
+                base=base,
+                quantization=options.quantization,
+                device=options.device,
+                max_adapters=options.max_adapters,
+                max_queue=options.max_queue,
+            )
+        )
+        for adapter in options.adapters:
+            progress.update(task, advance=1, description=f"loading adapter {adapter.name}")
+            engine.register(adapter.name, adapter.spec)
+    app = create_app(
+        engine,
+        api_key=options.api_key,
+        max_queue=options.max_queue,
+        max_tokens_cap=options.max_tokens_cap,
+        max_body_bytes=options.max_body_bytes,
+    )
+    config = uvicorn.Config(
+        app,
+        host=options.host,
+        port=options.port,
+        timeout_graceful_shutdown=round(options.grace_s),
+        log_level="info",
+    )
+    engine.start()
+    console.print(
+        f"serving {base} with {len(options.adapters)} adapter(s) on http://{options.host}:{options.port}/v1"
+    )
+    try:
+        uvicorn.Server(config).run()
+    finally:
+        engine.stop(options.grace_s)

@@ -1,0 +1,92 @@
+"""The OpenAI-compatible request bodies the server accepts, and the one shape every error takes.
+
+Fields OpenAI defines that we cannot honour are refused with a 400 rather than silently ignored;
+unknown fields are ignored, as OpenAI's own server does, so newer clients keep working.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    code: str | None = None
+    param: str | None = None
+
+
+class ErrorBody(BaseModel):
+    error: ErrorDetail
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class SamplingFields(BaseModel):
+    """What completions and chat share: the model (adapter or base) and the sampling knobs."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str = Field(description="An adapter name from GET /v1/models, or the base model's id.")
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: int = Field(default=1, ge=1)
+    logprobs: int | bool | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    user: str | None = None
+
+    def unsupported_fields(self) -> list[str]:
+        """OpenAI fields set to something this server cannot honour."""
+        used = {
+            "logprobs": self.logprobs not in (None, False, 0),
+            "presence_penalty": self.presence_penalty != 0,
+            "frequency_penalty": self.frequency_penalty != 0,
+        }
+        return [name for name, is_used in used.items() if is_used]
+
+
+class CompletionRequest(SamplingFields):
+    prompt: str | list[str] | list[int] | list[list[int]] = Field(
+        description="A string, a list of strings, a list of token ids or a list of such lists."
+    )
+    echo: bool = False
+    best_of: int | None = None
+    suffix: str | None = None
+
+    def unsupported_fields(self) -> list[str]:
+        used = {"echo": self.echo, "best_of": self.best_of not in (None, 1), "suffix": bool(self.suffix)}
+        return super().unsupported_fields() + [name for name, is_used in used.items() if is_used]
+
+
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "user", "assistant", "developer", "tool"]
+    content: str | list[TextPart] | None = None
+
+
+class ChatCompletionRequest(SamplingFields):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+
+
+class AdapterLoadRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=200, pattern=r"^[^=\s]+$")
+    source: str = Field(min_length=1, description="A store name, a local PEFT folder or REPO_ID[@REV].")
