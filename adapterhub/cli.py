@@ -14,6 +14,11 @@ from adapterhub.errors import UserError
 
 COMMANDS: dict[str, str] = {
     "tiny": "adapterhub.commands:tiny",
+    "push": "adapterhub.hub.commands:push",
+    "pull": "adapterhub.hub.commands:pull",
+    "list": "adapterhub.hub.commands:list_adapters",
+    "show": "adapterhub.hub.commands:show",
+    "rm": "adapterhub.hub.commands:rm",
     "bench": "adapterhub.bench:bench",
     "serve": "adapterhub.server.commands:serve",
     "merge": "adapterhub.merge_command:merge_command",

@@ -1,0 +1,462 @@
+"""A small Hugging Face Hub-compatible HTTP server on 127.0.0.1, for testing push and pull offline.
+
+It speaks the routes huggingface_hub 2.4 uses for model repos (create/delete, info, tree, refs,
+preupload, ndjson commits, tags, branches, commits, paths-info, resolve downloads with Range),
+keeps repos in memory as git-like commits, maps tokens to users, and only lets a user write to
+their own namespace. Every file is uploaded in "regular" mode: the real Hub's Xet/LFS storage of
+large files is not exercised.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import re
+import threading
+import time
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, unquote, urlsplit
+
+GITATTRIBUTES = b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n*.bin filter=lfs diff=lfs merge=lfs -text\n"
+COMMIT_SHA = re.compile(r"^[0-9a-f]{40}$")
+
+
+def git_blob_sha(data: bytes) -> str:
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+@dataclass
+class Commit:
+    sha: str
+    parent: str | None
+    files: dict[str, bytes]
+    title: str
+    date: str
+
+
+@dataclass
+class Repo:
+    repo_id: str
+    private: bool
+    commits: dict[str, Commit] = field(default_factory=dict)
+    branches: dict[str, str] = field(default_factory=dict)
+    tags: dict[str, str] = field(default_factory=dict)
+
+
+class HubError(Exception):
+    """An error answer: 4xx status, ``X-Error-Code`` header and JSON body, like the real Hub."""
+
+    def __init__(self, status: int, message: str, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.code = status, message, code
+
+
+@dataclass
+class FakeHub:
+    """The server's state; ``tokens`` maps a bearer token to its user name."""
+
+    tokens: dict[str, str] = field(default_factory=lambda: {"alice-token": "alice", "bob-token": "bob"})
+    repos: dict[str, Repo] = field(default_factory=dict)
+    requests: list[tuple[str, str]] = field(default_factory=list)
+    # Path suffixes whose next GET is cut off halfway, to exercise resumed (Range) downloads.
+    cut_next_download: set[str] = field(default_factory=set)
+    lock: threading.RLock = field(default_factory=threading.RLock)
+    url: str = ""
+
+    def reset(self) -> None:
+        with self.lock:
+            self.repos.clear()
+            self.requests.clear()
+            self.cut_next_download.clear()
+
+    # -- repository model -------------------------------------------------------------------------
+
+    def create_repo(self, repo_id: str, private: bool = False) -> Repo:
+        repo = Repo(repo_id, private)
+        self.repos[repo_id] = repo
+        self.commit(repo, None, {".gitattributes": GITATTRIBUTES}, [], "initial commit")
+        return repo
+
+    def commit(
+        self, repo: Repo, branch: str | None, added: dict[str, bytes], deleted: list[str], title: str
+    ) -> Commit:
+        branch = branch or "main"
+        parent = repo.branches.get(branch)
+        files = dict(repo.commits[parent].files) if parent else {}
+        for path in deleted:
+            files = {name: data for name, data in files.items() if name != path and not name.startswith(path + "/")}
+        files.update(added)
+        seed = f"{repo.repo_id}{parent}{title}{time.time_ns()}{sorted(files)}".encode()
+        commit = Commit(hashlib.sha1(seed).hexdigest(), parent, files, title, _now())
+        repo.commits[commit.sha] = commit
+        repo.branches[branch] = commit.sha
+        return commit
+
+    def resolve(self, repo: Repo, revision: str) -> Commit:
+        revision = unquote(revision)
+        sha = repo.branches.get(revision) or repo.tags.get(revision)
+        if sha is None and COMMIT_SHA.match(revision) and revision in repo.commits:
+            sha = revision
+        if sha is None:
+            raise HubError(404, f"Invalid rev id: {revision}", "RevisionNotFound")
+        return repo.commits[sha]
+
+    # -- serving ----------------------------------------------------------------------------------
+
+    def serve(self) -> tuple[ThreadingHTTPServer, threading.Thread]:
+        server = ThreadingHTTPServer(("127.0.0.1", 0), _handler_for(self))
+        server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{server.server_address[1]}"
+        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread.start()
+        return server, thread
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime())
+
+
+def _handler_for(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
+    class Handler(_Handler):
+        pass
+
+    Handler.hub = hub
+    return Handler
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    hub: FakeHub
+
+    def log_message(self, format: str, *args: object) -> None:
+        """Quiet: pytest shows the test's own output."""
+
+    def do_GET(self) -> None:
+        self._dispatch("GET")
+
+    def do_HEAD(self) -> None:
+        self._dispatch("HEAD")
+
+    def do_POST(self) -> None:
+        self._dispatch("POST")
+
+    def do_DELETE(self) -> None:
+        self._dispatch("DELETE")
+
+    def do_PUT(self) -> None:
+        self._dispatch("PUT")
+
+    # -- plumbing ---------------------------------------------------------------------------------
+
+    def _dispatch(self, method: str) -> None:
+        # Read the body even when the route ignores it: with keep-alive an unread body corrupts the
+        # next request on the connection.
+        length = int(self.headers.get("Content-Length") or 0)
+        self.body = self.rfile.read(length) if length else b""
+        parts = urlsplit(self.path)
+        self.query = parse_qs(parts.query)
+        path = parts.path
+        with self.hub.lock:
+            self.hub.requests.append((method, path))
+        try:
+            with self.hub.lock:
+                self.user = self._user()
+            self._route(method, path)
+        except HubError as err:
+            self._send_json({"error": err.message}, status=err.status, headers={"X-Error-Code": err.code or ""})
+
+    def _route(self, method: str, path: str) -> None:
+        routes = [
+            ("GET", r"/api/whoami-v2", self._whoami),
+            ("POST", r"/api/repos/create", self._create_repo),
+            ("POST", r"/api/repos/delete", self._delete_repo),
+            ("POST", r"/api/validate-yaml", self._validate_yaml),
+            ("GET", r"/api/models/(?P<repo>[^/]+/[^/]+)(/revision/(?P<rev>.+))?", self._info),
+            ("GET", r"/api/models/(?P<repo>[^/]+/[^/]+)/tree/(?P<rev>[^/]+)(/(?P<sub>.*))?", self._tree),
+            ("GET", r"/api/models/(?P<repo>[^/]+/[^/]+)/refs", self._refs),
+            ("GET", r"/api/models/(?P<repo>[^/]+/[^/]+)/commits/(?P<rev>.+)", self._commits),
+            ("POST", r"/api/models/(?P<repo>[^/]+/[^/]+)/paths-info/(?P<rev>.+)", self._paths_info),
+            ("POST", r"/api/models/(?P<repo>[^/]+/[^/]+)/preupload/(?P<rev>.+)", self._preupload),
+            ("POST", r"/api/models/(?P<repo>[^/]+/[^/]+)/commit/(?P<rev>.+)", self._commit),
+            ("POST", r"/api/models/(?P<repo>[^/]+/[^/]+)/tag/(?P<rev>.+)", self._create_tag),
+            ("DELETE", r"/api/models/(?P<repo>[^/]+/[^/]+)/tag/(?P<tag>.+)", self._delete_tag),
+            ("POST", r"/api/models/(?P<repo>[^/]+/[^/]+)/branch/(?P<branch>.+)", self._create_branch),
+            ("DELETE", r"/api/models/(?P<repo>[^/]+/[^/]+)/branch/(?P<branch>.+)", self._delete_branch),
+            ("GET", r"/(?P<repo>[^/]+/[^/]+)/resolve/(?P<rev>[^/]+)/(?P<file>.+)", self._download),
+            ("HEAD", r"/(?P<repo>[^/]+/[^/]+)/resolve/(?P<rev>[^/]+)/(?P<file>.+)", self._download),
+        ]
+        for route_method, pattern, handler in routes:
+            match = re.fullmatch(pattern, path)
+            if match and route_method == method:
+                with self.hub.lock:
+                    handler(**{key: unquote(value) for key, value in match.groupdict().items() if value})
+                return
+        raise HubError(404, f"no route for {method} {path}")
+
+    def _user(self) -> str | None:
+        auth = self.headers.get("Authorization", "")
+        if not auth.startswith("Bearer "):
+            return None
+        user = self.hub.tokens.get(auth.removeprefix("Bearer ").strip())
+        if user is None:
+            raise HubError(401, "Invalid credentials in Authorization header")
+        return user
+
+    def _send(self, status: int, body: bytes, headers: dict[str, str]) -> None:
+        self.send_response(status)
+        for key, value in headers.items():
+            if value:
+                self.send_header(key, value)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def _send_json(self, data: object, status: int = 200, headers: dict[str, str] | None = None) -> None:
+        self._send(status, json.dumps(data).encode(), {"Content-Type": "application/json", **(headers or {})})
+
+    def _json_body(self) -> dict:
+        return json.loads(self.body or b"{}")
+
+    def _readable(self, repo_id: str) -> Repo:
+        repo = self.hub.repos.get(repo_id)
+        if repo is None or (repo.private and self.user != repo_id.split("/")[0]):
+            raise HubError(404, "Repository not found", "RepoNotFound")
+        return repo
+
+    def _writable(self, repo_id: str) -> Repo:
+        repo = self._readable(repo_id)
+        self._check_namespace(repo_id)
+        return repo
+
+    def _check_namespace(self, repo_id: str) -> None:
+        if self.user is None:
+            raise HubError(401, "You must be authenticated to write")
+        if repo_id.split("/")[0] != self.user:
+            raise HubError(403, f"You don't have the rights to write to {repo_id}")
+
+    # -- routes -----------------------------------------------------------------------------------
+
+    def _whoami(self) -> None:
+        if self.user is None:
+            raise HubError(401, "Invalid credentials in Authorization header")
+        self._send_json({"type": "user", "name": self.user, "orgs": [], "auth": {"type": "access_token"}})
+
+    def _create_repo(self) -> None:
+        body = self._json_body()
+        repo_id = f"{body.get('organization') or self.user}/{body['name']}"
+        self._check_namespace(repo_id)
+        if repo_id in self.hub.repos:
+            raise HubError(409, "You already created this model repo")
+        self.hub.create_repo(repo_id, private=body.get("visibility") == "private" or bool(body.get("private")))
+        self._send_json({"url": f"{self.hub.url}/{repo_id}", "name": repo_id})
+
+    def _delete_repo(self) -> None:
+        body = self._json_body()
+        repo_id = f"{body.get('organization') or self.user}/{body['name']}"
+        self._writable(repo_id)
+        del self.hub.repos[repo_id]
+        self._send_json({})
+
+    def _validate_yaml(self) -> None:
+        import yaml
+
+        content = self._json_body().get("content", "")
+        match = re.match(r"^---\n(.*?)\n---", content, re.S)
+        try:
+            metadata = yaml.safe_load(match.group(1)) if match else {}
+        except yaml.YAMLError as err:
+            raise HubError(400, f"Invalid YAML in README.md: {err}") from err
+        if not isinstance(metadata, dict):
+            raise HubError(400, "README.md metadata must be a YAML mapping")
+        self._send_json({"errors": [], "warnings": []})
+
+    def _info(self, repo: str, rev: str = "main") -> None:
+        repository = self._readable(repo)
+        commit = self.hub.resolve(repository, rev)
+        siblings = [
+            {"rfilename": path, "size": len(data), "blobId": git_blob_sha(data)}
+            for path, data in sorted(commit.files.items())
+        ]
+        self._send_json(
+            {
+                "_id": repo,
+                "id": repo,
+                "modelId": repo,
+                "author": repo.split("/")[0],
+                "sha": commit.sha,
+                "private": repository.private,
+                "disabled": False,
+                "gated": False,
+                "tags": [],
+                "downloads": 0,
+                "likes": 0,
+                "lastModified": commit.date,
+                "createdAt": commit.date,
+                "siblings": siblings,
+            }
+        )
+
+    def _entries(self, commit: Commit, prefix: str, recursive: bool) -> list[dict]:
+        entries, folders = [], set()
+        for path, data in sorted(commit.files.items()):
+            if prefix and not path.startswith(prefix + "/"):
+                continue
+            rest = path[len(prefix) + 1 :] if prefix else path
+            if "/" in rest and not recursive:
+                folders.add(f"{prefix}/{rest.split('/')[0]}" if prefix else rest.split("/")[0])
+                continue
+            entries.append({"type": "file", "oid": git_blob_sha(data), "size": len(data), "path": path})
+        entries += [{"type": "directory", "oid": "0" * 40, "size": 0, "path": path} for path in sorted(folders)]
+        return entries
+
+    def _tree(self, repo: str, rev: str, sub: str = "") -> None:
+        commit = self.hub.resolve(self._readable(repo), rev)
+        entries = self._entries(commit, sub.strip("/"), self.query.get("recursive", ["false"])[0] == "true")
+        if sub and not entries:
+            raise HubError(404, f"{sub} does not exist", "EntryNotFound")
+        self._send_json(entries)
+
+    def _refs(self, repo: str) -> None:
+        repository = self._readable(repo)
+
+        def refs(names: dict[str, str], kind: str) -> list[dict]:
+            return [{"name": n, "ref": f"refs/{kind}/{n}", "targetCommit": sha} for n, sha in names.items()]
+
+        self._send_json(
+            {
+                "branches": refs(repository.branches, "heads"),
+                "tags": refs(repository.tags, "tags"),
+                "converts": [],
+                "pullRequests": [],
+            }
+        )
+
+    def _commits(self, repo: str, rev: str) -> None:
+        repository = self._readable(repo)
+        commit: Commit | None = self.hub.resolve(repository, rev)
+        history = []
+        while commit is not None:
+            history.append(
+                {"id": commit.sha, "title": commit.title, "message": "", "authors": [], "date": commit.date}
+            )
+            commit = repository.commits.get(commit.parent) if commit.parent else None
+        self._send_json(history)
+
+    def _paths_info(self, repo: str, rev: str) -> None:
+        commit = self.hub.resolve(self._readable(repo), rev)
+        form = parse_qs(self.body.decode())
+        paths = form.get("paths") or self._json_body().get("paths", [])
+        entries = self._entries(commit, "", recursive=True)
+        self._send_json([entry for entry in entries if entry["path"] in paths])
+
+    def _preupload(self, repo: str, rev: str) -> None:
+        repository = self._writable(repo)
+        files = self.hub.resolve(repository, rev).files
+        answers = []
+        for item in self._json_body()["files"]:
+            answer = {"path": item["path"], "uploadMode": "regular", "shouldIgnore": False}
+            if item["path"] in files:
+                answer["oid"] = git_blob_sha(files[item["path"]])
+            answers.append(answer)
+        self._send_json({"files": answers, "commitOid": self.hub.resolve(repository, rev).sha})
+
+    def _commit(self, repo: str, rev: str) -> None:
+        repository = self._writable(repo)
+        branch = unquote(rev)
+        if branch not in repository.branches:
+            raise HubError(404, f"Invalid rev id: {branch}", "RevisionNotFound")
+        added: dict[str, bytes] = {}
+        deleted: list[str] = []
+        title = "commit"
+        for line in self.body.decode().splitlines():
+            if not line.strip():
+                continue
+            item = json.loads(line)
+            value = item["value"]
+            if item["key"] == "header":
+                title = value.get("summary") or title
+                parent = value.get("parentCommit")
+                if parent and parent != repository.branches[branch]:
+                    raise HubError(412, "A commit has happened since. Please refresh and try again.")
+            elif item["key"] == "file":
+                added[value["path"]] = base64.b64decode(value["content"])
+            elif item["key"] in ("deletedFile", "deletedFolder"):
+                deleted.append(value["path"].rstrip("/"))
+            else:
+                raise HubError(400, f"this test server does not support '{item['key']}' commit entries")
+        commit = self.hub.commit(repository, branch, added, deleted, title)
+        self._send_json(
+            {
+                "success": True,
+                "commitOid": commit.sha,
+                "commitUrl": f"{self.hub.url}/{repo}/commit/{commit.sha}",
+                "pullRequestUrl": None,
+            }
+        )
+
+    def _create_tag(self, repo: str, rev: str) -> None:
+        repository = self._writable(repo)
+        commit = self.hub.resolve(repository, rev)
+        tag = self._json_body()["tag"]
+        if tag in repository.tags:
+            raise HubError(409, f"Tag {tag} already exists")
+        repository.tags[tag] = commit.sha
+        self._send_json({})
+
+    def _delete_tag(self, repo: str, tag: str) -> None:
+        repository = self._writable(repo)
+        if repository.tags.pop(tag, None) is None:
+            raise HubError(404, f"Invalid rev id: {tag}", "RevisionNotFound")
+        self._send_json({})
+
+    def _create_branch(self, repo: str, branch: str) -> None:
+        repository = self._writable(repo)
+        if branch in repository.branches:
+            raise HubError(409, f"Branch {branch} already exists")
+        start = self._json_body().get("startingPoint") or "main"
+        repository.branches[branch] = self.hub.resolve(repository, start).sha
+        self._send_json({})
+
+    def _delete_branch(self, repo: str, branch: str) -> None:
+        repository = self._writable(repo)
+        if branch == "main" or repository.branches.pop(branch, None) is None:
+            raise HubError(400, f"cannot delete branch {branch}")
+        self._send_json({})
+
+    def _download(self, repo: str, rev: str, file: str) -> None:
+        commit = self.hub.resolve(self._readable(repo), rev)
+        if file not in commit.files:
+            raise HubError(404, f"Entry not found: {file}", "EntryNotFound")
+        data = commit.files[file]
+        headers = {
+            "X-Repo-Commit": commit.sha,
+            "ETag": f'"{git_blob_sha(data)}"',
+            "Accept-Ranges": "bytes",
+            "Content-Type": "application/octet-stream",
+        }
+        status, body = 200, data
+        match = re.fullmatch(r"bytes=(\d+)-(\d*)", self.headers.get("Range", ""))
+        if match and self.command == "GET":
+            start = int(match.group(1))
+            end = int(match.group(2)) if match.group(2) else len(data) - 1
+            status, body = 206, data[start : end + 1]
+            headers["Content-Range"] = f"bytes {start}-{start + len(body) - 1}/{len(data)}"
+        if self.command == "GET" and file in self.hub.cut_next_download:
+            self.hub.cut_next_download.discard(file)
+            self._send_cut(status, body, headers)
+            return
+        self._send(status, body, headers)
+
+    def _send_cut(self, status: int, body: bytes, headers: dict[str, str]) -> None:
+        """Promise the whole body, send half, and drop the connection."""
+        self.send_response(status)
+        for key, value in headers.items():
+            self.send_header(key, value)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body[: len(body) // 2])
+        self.wfile.flush()
+        self.close_connection = True
