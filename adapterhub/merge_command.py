@@ -92,7 +92,7 @@ def merge_command(
 
 
 def _pushed_json(pushed) -> dict | None:
-    return None if pushed is None else {"url": pushed.url, "commit": pushed.commit_sha, "no_op": pushed.no_op}
+    return None if pushed is None else {"url": pushed.url, "commit": pushed.commit, "no_op": pushed.no_op}
 
 
 def _print_summary(plan: MergePlan, pushed) -> None:
@@ -119,5 +119,5 @@ def _print_summary(plan: MergePlan, pushed) -> None:
     )
     if pushed is not None:
         console.print(
-            f"pushed {pushed.url} at {pushed.commit_sha}" + (" (unchanged)" if pushed.no_op else "")
+            f"pushed {pushed.url} at {pushed.commit}" + (" (unchanged)" if pushed.no_op else "")
         )
