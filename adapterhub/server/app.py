@@ -16,7 +16,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Annotated, Any
 
 import anyio
-from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -67,6 +67,10 @@ ERROR_TYPES = {
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorBody} for status in (400, 401, 404, 409, 413, 422, 429, 503)
 }
+
+
+# Module level: FastAPI resolves postponed annotations in the module's namespace, not a closure's.
+BearerCredentials = Annotated[HTTPAuthorizationCredentials | None, Depends(HTTPBearer(auto_error=False))]
 
 
 class ApiError(Exception):
@@ -188,7 +192,7 @@ def create_app(
     app.state.metrics = server.metrics
 
     _add_error_handlers(app)
-    app.include_router(_v1_router(server, api_key), prefix="/v1")
+    _add_v1_routes(app, server, api_key)
 
     @app.get("/health")
     def health() -> dict[str, Any]:
@@ -231,10 +235,8 @@ def _add_error_handlers(app: FastAPI) -> None:
         return error_response(err.status_code, str(err.detail), None)
 
 
-def _v1_router(server: _Server, api_key: str | None) -> APIRouter:
-    bearer = HTTPBearer(auto_error=False)
-
-    def check_key(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> None:
+def _add_v1_routes(app: FastAPI, server: _Server, api_key: str | None) -> None:
+    def check_key(credentials: BearerCredentials) -> None:
         if api_key is None:
             return
         given = credentials.credentials if credentials is not None else ""
@@ -242,14 +244,14 @@ def _v1_router(server: _Server, api_key: str | None) -> APIRouter:
             message = "missing or wrong API key: send the header 'Authorization: Bearer <key>'"
             raise ApiError(401, message, "invalid_api_key")
 
-    router = APIRouter(dependencies=[Depends(check_key)], responses=ERROR_RESPONSES)
-    router.add_api_route("/models", server.list_models, methods=["GET"])
-    router.add_api_route("/models/{model:path}", server.get_model, methods=["GET"])
-    router.add_api_route("/completions", server.completions, methods=["POST"])
-    router.add_api_route("/chat/completions", server.chat_completions, methods=["POST"])
-    router.add_api_route("/adapters", server.load_adapter, methods=["POST"], status_code=201)
-    router.add_api_route("/adapters/{name:path}", server.unload_adapter, methods=["DELETE"])
-    return router
+    # Routes go on the app itself (no sub-router) so that metrics see their full path templates.
+    guarded = {"dependencies": [Depends(check_key)], "responses": ERROR_RESPONSES}
+    app.add_api_route("/v1/models", server.list_models, methods=["GET"], **guarded)
+    app.add_api_route("/v1/models/{model:path}", server.get_model, methods=["GET"], **guarded)
+    app.add_api_route("/v1/completions", server.completions, methods=["POST"], **guarded)
+    app.add_api_route("/v1/chat/completions", server.chat_completions, methods=["POST"], **guarded)
+    app.add_api_route("/v1/adapters", server.load_adapter, methods=["POST"], status_code=201, **guarded)
+    app.add_api_route("/v1/adapters/{name:path}", server.unload_adapter, methods=["DELETE"], **guarded)
 
 
 class _Server:

@@ -93,10 +93,10 @@ def infer_base(adapters: list[AdapterSpec], base: str | None) -> str:
 def serve(options: ServeOptions) -> None:
     """Load the base and adapters, then serve until SIGINT/SIGTERM; in-flight requests get ``grace_s``."""
     import uvicorn
-    from adapterhub.runtime.engine import Engine, EngineConfig
     from rich.console import Console
     from rich.progress import Progress
 
+    from adapterhub.runtime.engine import Engine, EngineConfig
     from adapterhub.server.app import create_app
 
     console = Console(stderr=True)

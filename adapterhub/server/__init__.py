@@ -1,0 +1,1 @@
+"""``adapterhub serve``: an OpenAI-compatible HTTP server over the multi-adapter runtime."""

@@ -1,0 +1,147 @@
+"""A real uvicorn server on 127.0.0.1 in a thread, and a scriptable engine for transport-level tests.
+
+``ScriptedEngine`` keeps the Engine contract's surface with a real tokenizer but fixed replies and
+a gate, so disconnects, full queues and shutdown can be driven deterministically; everything about
+what a model generates is tested against the real ``Engine`` (see test_exactness.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import threading
+import time
+from collections.abc import Iterator
+
+import uvicorn
+
+from adapterhub.runtime.api import AdapterInfo, GenerationRequest, GenerationResult, RequestError
+
+REPLY_WORDS = ("good", "fast", "clean", "happy", "fresh")
+
+
+@contextlib.contextmanager
+def running_server(app, **config) -> Iterator[str]:
+    """Serve ``app`` with uvicorn on a free 127.0.0.1 port; yields the base URL, stops on exit."""
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", **config))
+    thread = threading.Thread(target=server.run, daemon=True, name="uvicorn-test")
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("uvicorn did not start")
+        time.sleep(0.01)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(30)
+
+
+class ScriptedHandle:
+    def __init__(self, request: GenerationRequest, reply_ids: list[int]) -> None:
+        self.request = request
+        self.reply_ids = reply_ids
+        self.cancelled = threading.Event()
+        self.finished = threading.Event()
+        self.outcome: GenerationResult | RequestError | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.finished.is_set()
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+    def result(self, timeout: float | None = None) -> GenerationResult:
+        if not self.finished.wait(timeout):
+            raise TimeoutError
+        if isinstance(self.outcome, RequestError):
+            raise self.outcome
+        assert self.outcome is not None
+        return self.outcome
+
+
+class ScriptedEngine:
+    """Replies ``"<adapter or base> <words>..."`` (stop strings ignored); waits while ``gate`` is clear."""
+
+    def __init__(self, tokenizer, base_name: str = "builtin:tiny-llama") -> None:
+        self.tokenizer = tokenizer
+        self.base_name = base_name
+        self.max_context = 64
+        self.max_queue = 1000
+        self.gate = threading.Event()
+        self.gate.set()
+        self.adapters: dict[str, AdapterInfo] = {}
+        self.handles: list[ScriptedHandle] = []
+        self.fail_next: RequestError | None = None
+
+    def register(self, name: str, spec: str) -> AdapterInfo:
+        info = AdapterInfo(name=name, method=spec, source=spec, base_model=self.base_name, rank=8)
+        self.adapters[name] = info
+        return info
+
+    def unregister(self, name: str) -> None:
+        if self.adapters.pop(name, None) is None:
+            raise RequestError(f"unknown adapter '{name}'", "unknown_adapter")
+
+    def list(self) -> list[AdapterInfo]:
+        return list(self.adapters.values())
+
+    def stats(self) -> dict:
+        running = sum(not h.done for h in self.handles)
+        return {
+            "queue_depth": 0,
+            "running": running,
+            "last_batch_size": running,
+            "adapter_loads": 3,
+            "adapter_evictions": 1,
+            "merged": None,
+        }
+
+    def reply_ids(self, adapter: str | None, prompt_ids: list[int], max_tokens: int) -> list[int]:
+        words = itertools.islice(itertools.cycle(REPLY_WORDS), len(prompt_ids) % 5, None)
+        text = " ".join([adapter or "base", *itertools.islice(words, max_tokens)])
+        return self.tokenizer(text, add_special_tokens=False).input_ids[:max_tokens]
+
+    def reply_text(self, adapter: str | None, prompt_ids: list[int], max_tokens: int) -> str:
+        return self.tokenizer.decode(self.reply_ids(adapter, prompt_ids, max_tokens))
+
+    def submit(self, request: GenerationRequest) -> ScriptedHandle:
+        if request.adapter is not None and request.adapter not in self.adapters:
+            raise RequestError(f"unknown adapter '{request.adapter}': list them", "unknown_adapter")
+        ids = request.prompt if isinstance(request.prompt, list) else self.tokenizer(request.prompt).input_ids
+        if len(ids) + request.params.max_tokens > self.max_context:
+            raise RequestError("prompt too long", "prompt_too_long")
+        if sum(not h.done for h in self.handles) >= self.max_queue:
+            raise RequestError("queue full", "overloaded")
+        handle = ScriptedHandle(request, self.reply_ids(request.adapter, ids, request.params.max_tokens))
+        self.handles.append(handle)
+        threading.Thread(target=self._generate, args=(handle, len(ids)), daemon=True).start()
+        return handle
+
+    def _generate(self, handle: ScriptedHandle, prompt_tokens: int) -> None:
+        text, ids, finish = "", [], "length"
+        for token_id in handle.reply_ids:
+            if not self._wait_for_gate(handle):
+                finish = "cancelled"
+                break
+            if self.fail_next is not None:
+                handle.outcome, self.fail_next = self.fail_next, None
+                handle.finished.set()
+                return
+            ids.append(token_id)
+            delta = self.tokenizer.decode(ids)[len(text) :]
+            text += delta
+            if handle.request.on_token is not None:
+                handle.request.on_token(token_id, delta)
+        handle.outcome = GenerationResult(text, ids, prompt_tokens, len(ids), finish)
+        handle.finished.set()
+
+    def _wait_for_gate(self, handle: ScriptedHandle) -> bool:
+        """False once the request is cancelled."""
+        while not self.gate.wait(0.01):
+            if handle.cancelled.is_set():
+                return False
+        return not handle.cancelled.is_set()
