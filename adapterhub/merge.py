@@ -154,7 +154,9 @@ def plan_merge(request: MergeRequest) -> MergePlan:
 
 def read_adapter(spec: str) -> AdapterSource:
     """Resolve ``spec`` and read its PEFT config; refuse what cannot be folded into weights."""
-    path = _resolve(spec)
+    from adapterhub.hub import resolve
+
+    path = resolve(spec)
     config_file = path / "adapter_config.json"
     try:
         config = json.loads(config_file.read_text())
@@ -181,13 +183,6 @@ def read_adapter(spec: str) -> AdapterSource:
         rank=config.get("r"),
         trained_quantization=_trained_quantization(path),
     )
-
-
-def _resolve(spec: str) -> Path:
-    path = Path(spec).expanduser()
-    if not (path / "adapter_config.json").is_file():
-        raise UserError(f"unknown adapter '{spec}': give a folder holding adapter_config.json")
-    return path
 
 
 def _trained_quantization(path: Path) -> str | None:

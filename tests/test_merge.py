@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from hub.fake_hub import FakeHub
 from peft import (
     IA3Config,
     LoraConfig,
@@ -410,3 +413,59 @@ def test_failure_while_saving_leaves_nothing_half_written(
         merge(MergeRequest(adapters=[str(adapters["lora_a"])], out=out, overwrite=True))
     assert [path.name for path in out.iterdir()] == ["keep.txt"]
     assert [path.name for path in tmp_path.iterdir()] == ["merged"]
+
+
+@pytest.fixture(scope="module")
+def fake_hub() -> Iterator[FakeHub]:
+    hub = FakeHub()
+    server, thread = hub.serve()
+    yield hub
+    server.shutdown()
+    server.server_close()
+    thread.join(timeout=5)
+
+
+@pytest.mark.slow
+def test_merges_hub_adapter_and_pushes_the_model(
+    adapters: dict[str, Path], fake_hub: FakeHub, tmp_path: Path
+):
+    """``REPO_ID@TAG`` is pulled through the hub module, its NF4 recipe picks the policy, --push uploads."""
+    files = {path.name: path.read_bytes() for path in adapters["lora_a"].iterdir()}
+    adapter = json.loads(files["adapter_config.json"])
+    files["adapter_config.json"] = json.dumps(
+        {**adapter, "base_model_name_or_path": "builtin:tiny-llama"}
+    ).encode()
+    files["recipe.yaml"] = b"model:\n  name: builtin:tiny-llama\n  quantization: nf4\n"
+    repo = fake_hub.create_repo("alice/qlora")
+    repo.tags["v1"] = fake_hub.commit(repo, None, files, [], "adapter").sha
+    local_adapter = tmp_path / "qlora"
+    local_adapter.mkdir()
+    for name, data in files.items():
+        (local_adapter / name).write_bytes(data)
+    out = tmp_path / "merged"
+    # A fresh process: huggingface_hub reads HF_ENDPOINT when it is imported.
+    env = {key: value for key, value in os.environ.items() if not key.startswith("HF_")}
+    env |= {
+        "HF_ENDPOINT": fake_hub.url,
+        "HF_TOKEN": "alice-token",
+        "HF_HOME": str(tmp_path / "hf-home"),
+        "ADAPTERHUB_HOME": str(tmp_path / "home"),
+    }
+    command = ["alice/qlora@v1", "--out", str(out), "--push", "alice/qlora-merged", "--json"]
+    result = subprocess.run(
+        [sys.executable, "-m", "adapterhub", "merge", *command],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(result.stdout)
+    assert report["base_weights"] == "nf4" and report["adapters"][0]["spec"] == "alice/qlora@v1"
+    pushed = fake_hub.repos["alice/qlora-merged"]
+    assert report["pushed"]["commit"] == pushed.branches["main"]
+    remote_files = pushed.commits[pushed.branches["main"]].files
+    local_files = {path.name: path.read_bytes() for path in out.iterdir()}
+    assert {name: data for name, data in remote_files.items() if name != ".gitattributes"} == local_files
+    expected = peft_logits("builtin:tiny-llama", [local_adapter], quantization="nf4")
+    assert max_error(merged_logits(out), expected) < FP32_BOUND
