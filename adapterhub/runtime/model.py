@@ -1,0 +1,342 @@
+"""The batched forward: a Llama-family decoder whose every row may name a different adapter.
+
+The Hugging Face model only lends its weights (its Linear/Linear4bit modules, norms and rotary
+embedding); this module runs them in its own loop so it controls the KV cache, masks and positions.
+
+Every adapter that is resident on the device lives in a numbered *slot* (slot 0 is the base and
+stays identity). Per projection, the slot tables hold:
+
+- LoRA: ``lora_a`` (rank·slots × in) and ``lora_b`` (rank·slots × out), laid out rank-major
+  (row ``k·slots + s`` is rank ``k`` of slot ``s``) so the first ``r·slots`` rows cover every slot up to
+  rank ``r``. A row's delta is ``((x Aᵀ) ⊙ onehot(slot)) B``: two dense GEMMs for the whole batch,
+  no Python loop over adapters, and columns of other slots are zeroed by the one-hot mask.
+- IA3: ``ia3_in`` / ``ia3_out`` (slots × width), gathered per row by slot id; ones for identity.
+
+Prompt families live in model-wide tables: ``virtual_tokens`` (slots × n × hidden) replace the
+embeddings at a row's first positions, and ``prefix_kv`` (layers × 2 × slots × kv heads × n × head dim)
+is copied into the row's KV cache ahead of its prompt.
+
+The KV cache is preallocated: one region of ``max_context`` positions per batch row. A row's tokens
+sit at cache positions 0.. of its region; queries see keys at positions <= their own, so batches of
+ragged prompts need no padding tokens among the keys.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from adapterhub.errors import UserError
+from adapterhub.runtime.adapters import PROJECTIONS, BaseShape, NativeAdapter
+
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+def check_architecture(model: nn.Module, base_name: str) -> None:
+    model_type = model.config.model_type
+    if model_type not in SUPPORTED_ARCHITECTURES or model.config.is_encoder_decoder:
+        raise UserError(
+            f"base '{base_name}' is a {model_type} model; the runtime serves Llama-family decoders "
+            f"({', '.join(SUPPORTED_ARCHITECTURES)}, SmolLM): choose one of those"
+        )
+
+
+def is_quantized(module: nn.Module) -> bool:
+    return type(module).__name__ in ("Linear4bit", "Linear8bitLt")
+
+
+def dense_weight(module: nn.Module, dtype: torch.dtype) -> torch.Tensor:
+    """The weight a projection multiplies by, as a dense matrix; 4-bit weights are dequantized."""
+    if type(module).__name__ == "Linear4bit":
+        import bitsandbytes.functional as bnb_functional
+
+        return bnb_functional.dequantize_4bit(module.weight.data, module.weight.quant_state).to(dtype)
+    if is_quantized(module):
+        raise UserError("merge on an int8 base is not supported: use quantization none or nf4 to merge")
+    return module.weight.data
+
+
+@dataclass
+class Batch:
+    """Everything one forward needs besides the input embeddings; built by the engine per step.
+
+    ``rows`` picks the batch rows of the KV cache (a slice for decode, an index tensor for prefill);
+    ``cache_pos``/``rope_pos`` are (batch, tokens); ``slots`` (batch,) names each row's adapter slot.
+    """
+
+    rows: slice | torch.Tensor
+    row_index: torch.Tensor  # (batch, 1) cache row of each input row, for writes
+    cache_pos: torch.Tensor
+    rope_pos: torch.Tensor
+    kv_len: int
+    slots: torch.Tensor
+    lora_rank: int  # widest LoRA rank among this batch's slots; 0 skips the LoRA GEMMs
+    any_ia3: bool
+    prefix_write: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+
+class SlotLinear:
+    """A base projection plus every slot's LoRA and IA3 weights for it."""
+
+    def __init__(
+        self, base: nn.Module, num_slots: int, max_rank: int, dtype: torch.dtype, device: str
+    ) -> None:
+        self.base = base
+        self.num_slots = num_slots
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.lora_a = torch.zeros(max_rank * num_slots, self.in_features, dtype=dtype, device=device)
+        self.lora_b = torch.zeros(max_rank * num_slots, self.out_features, dtype=dtype, device=device)
+        self.ia3_in = torch.ones(num_slots, self.in_features, dtype=dtype, device=device)
+        self.ia3_out = torch.ones(num_slots, self.out_features, dtype=dtype, device=device)
+        self.uses_ia3_in = self.uses_ia3_out = False
+        self.merged_weight: torch.Tensor | None = None  # a dense merged copy standing in for a 4-bit base
+
+    def __call__(self, x: torch.Tensor, batch: Batch, lora_mask: torch.Tensor | None) -> torch.Tensor:
+        if batch.any_ia3 and self.uses_ia3_in:
+            x = x * self.ia3_in[batch.slots].unsqueeze(1)
+        if self.merged_weight is not None:
+            out = F.linear(x.to(self.merged_weight.dtype), self.merged_weight, self.base.bias)
+        else:
+            out = self.base(x)
+        if batch.any_ia3 and self.uses_ia3_out:
+            out = out * self.ia3_out[batch.slots].unsqueeze(1)
+        if lora_mask is not None:
+            width = lora_mask.shape[-1]
+            hidden = F.linear(x.to(self.lora_a.dtype), self.lora_a[:width]) * lora_mask
+            out = out + (hidden @ self.lora_b[:width]).to(out.dtype)
+        return out
+
+    def slot_views(self, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Slot ``slot``'s LoRA rows, rank-major: (max rank × in) and (max rank × out) strided views."""
+        return self.lora_a[slot :: self.num_slots], self.lora_b[slot :: self.num_slots]
+
+
+class SlottedDecoder:
+    """Runs a Llama-family model over a batch of rows with per-row adapters, writing a static KV cache."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        num_slots: int,
+        max_rank: int,
+        max_virtual_tokens: int,
+        max_batch: int,
+        max_context: int,
+        dtype: torch.dtype,
+        device: str,
+    ) -> None:
+        config = model.config
+        self.model = model
+        self.decoder = model.model
+        self.dtype, self.device = dtype, device
+        self.num_slots, self.max_rank, self.max_context = num_slots, max_rank, max_context
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self.scaling = self.head_dim**-0.5
+        layers = self.decoder.layers
+        self.projections: list[dict[str, SlotLinear]] = [
+            {
+                name: SlotLinear(getattr(self._parent(layer, name), name), num_slots, max_rank, dtype, device)
+                for name in PROJECTIONS
+            }
+            for layer in layers
+        ]
+        first = self.projections[0]
+        self.shape = BaseShape(
+            num_layers=len(layers),
+            hidden_size=config.hidden_size,
+            num_kv_heads=self.num_kv_heads,
+            head_dim=self.head_dim,
+            features={name: (p.in_features, p.out_features) for name, p in first.items()},
+        )
+        # The one-hot LoRA column selector compares each column's slot with the row's slot.
+        self.column_slot = torch.arange(num_slots, device=device).repeat(max_rank)
+        self.virtual_tokens = torch.zeros(
+            num_slots, max_virtual_tokens, config.hidden_size, dtype=dtype, device=device
+        )
+        self.prefix_kv = torch.zeros(
+            len(layers),
+            2,
+            num_slots,
+            self.num_kv_heads,
+            max_virtual_tokens,
+            self.head_dim,
+            dtype=dtype,
+            device=device,
+        )
+        self.kv = torch.zeros(
+            len(layers),
+            2,
+            max_batch,
+            self.num_kv_heads,
+            max_context,
+            self.head_dim,
+            dtype=dtype,
+            device=device,
+        )
+        self.slot_rank = [0] * num_slots
+
+    @staticmethod
+    def _parent(layer: nn.Module, projection: str) -> nn.Module:
+        return layer.mlp if projection in ("gate_proj", "up_proj", "down_proj") else layer.self_attn
+
+    # -- slots -----------------------------------------------------------------------------------
+
+    def load_slot(self, slot: int, adapter: NativeAdapter) -> None:
+        """Copy an adapter into slot ``slot``'s preallocated rows; every other slot is untouched."""
+        self.clear_slot(slot)
+        destinations, sources = [], []
+        for (layer, proj), (a, b) in adapter.lora.items():
+            slot_a, slot_b = self.projections[layer][proj].slot_views(slot)
+            destinations += [slot_a[: a.shape[0]], slot_b[: b.shape[0]]]
+            sources += [a, b]
+        for (layer, proj), (vector, on_input) in adapter.ia3.items():
+            target = self.projections[layer][proj]
+            destinations.append((target.ia3_in if on_input else target.ia3_out)[slot])
+            sources.append(vector)
+            target.uses_ia3_in |= on_input
+            target.uses_ia3_out |= not on_input
+        if adapter.virtual_tokens is not None:
+            destinations.append(self.virtual_tokens[slot, : adapter.virtual_tokens.shape[0]])
+            sources.append(adapter.virtual_tokens)
+        if adapter.prefix_kv is not None:
+            destinations.append(self.prefix_kv[:, :, slot, :, : adapter.prefix_kv.shape[3]])
+            sources.append(adapter.prefix_kv)
+        if destinations:
+            torch._foreach_copy_(destinations, [s.to(self.device, non_blocking=True) for s in sources])
+        self.slot_rank[slot] = adapter.rank or 0
+
+    def clear_slot(self, slot: int) -> None:
+        """Reset a slot to identity; only tables a previous occupant could have written are touched."""
+        if self.slot_rank[slot]:
+            for layer in self.projections:
+                for target in layer.values():
+                    slot_a, slot_b = target.slot_views(slot)
+                    slot_a.zero_()
+                    slot_b.zero_()
+        for layer in self.projections:
+            for target in layer.values():
+                if target.uses_ia3_in:
+                    target.ia3_in[slot].fill_(1.0)
+                if target.uses_ia3_out:
+                    target.ia3_out[slot].fill_(1.0)
+        self.slot_rank[slot] = 0
+
+    # -- merge -----------------------------------------------------------------------------------
+
+    def merge(self, adapter: NativeAdapter) -> dict[SlotLinear, tuple[torch.Tensor, torch.Tensor | None]]:
+        """Fold a LoRA or IA3 adapter into the base; return copies of what was touched, for ``unmerge``.
+
+        Dense bases are changed in place (the copies restore them bit-exactly). 4-bit bases are never
+        touched: the touched projections get a dequantized, merged dense weight that stands in for them.
+        """
+        saved: dict[SlotLinear, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        for key in {*adapter.lora, *adapter.ia3}:
+            layer, proj = key
+            target = self.projections[layer][proj]
+            weight = dense_weight(target.base, self.dtype).float()
+            bias = None if target.base.bias is None else target.base.bias.data
+            merged_bias = bias
+            if key in adapter.lora:
+                a, b = adapter.lora[key]
+                weight = weight + b.to(self.device).float().t() @ a.to(self.device).float()
+            if key in adapter.ia3:
+                vector, on_input = adapter.ia3[key]
+                vector = vector.to(self.device).float()
+                weight = weight * (vector.unsqueeze(0) if on_input else vector.unsqueeze(1))
+                if bias is not None and not on_input:
+                    merged_bias = (bias.float() * vector).to(bias.dtype)
+            if is_quantized(target.base):
+                if merged_bias is not bias:
+                    raise UserError(
+                        "merge of an IA3 output scale into a biased 4-bit projection is not supported"
+                    )
+                target.merged_weight = weight.to(self.dtype)
+                saved[target] = (torch.empty(0), None)
+                continue
+            saved[target] = (target.base.weight.data.clone(), None if bias is None else bias.clone())
+            target.base.weight.data.copy_(weight.to(target.base.weight.dtype))
+            if bias is not None:
+                target.base.bias.data.copy_(merged_bias)
+        return saved
+
+    def unmerge(self, saved: dict[SlotLinear, tuple[torch.Tensor, torch.Tensor | None]]) -> None:
+        for target, (weight, bias) in saved.items():
+            if target.merged_weight is not None:
+                target.merged_weight = None
+                continue
+            target.base.weight.data.copy_(weight)
+            if bias is not None:
+                target.base.bias.data.copy_(bias)
+
+    # -- forward ---------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def embed(self, token_ids: torch.Tensor, virtual: tuple[torch.Tensor, ...] | None) -> torch.Tensor:
+        """Token embeddings, with a prompt row's first positions replaced by its virtual tokens.
+
+        ``virtual`` is flat (batch row, position, slot, virtual index) for every virtual position.
+        """
+        embeds = self.decoder.embed_tokens(token_ids)
+        if virtual is not None:
+            rows, positions, slots, indices = virtual
+            embeds[rows, positions] = self.virtual_tokens[slots, indices].to(embeds.dtype)
+        return embeds
+
+    @torch.inference_mode()
+    def forward(self, embeds: torch.Tensor, batch: Batch, last: torch.Tensor) -> torch.Tensor:
+        """Run the decoder over ``embeds`` (batch, tokens, hidden); return float logits at ``last`` per row."""
+        if batch.prefix_write is not None:
+            rows, positions, slots, indices = batch.prefix_write
+            self.kv[:, :, rows, :, positions] = self.prefix_kv[:, :, slots, :, indices]
+        lora_mask = None
+        if batch.lora_rank:
+            width = batch.lora_rank * self.num_slots
+            selected = self.column_slot[:width].unsqueeze(0) == batch.slots.unsqueeze(1)
+            lora_mask = selected.to(self.dtype).unsqueeze(1)
+        keys_visible = torch.arange(batch.kv_len, device=self.device).view(
+            1, 1, -1
+        ) <= batch.cache_pos.unsqueeze(-1)
+        attention_mask = keys_visible.unsqueeze(1)
+        cos, sin = self.decoder.rotary_emb(embeds, batch.rope_pos)
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        hidden = embeds
+        for index, (layer, proj) in enumerate(zip(self.decoder.layers, self.projections, strict=True)):
+            attn = layer.self_attn
+            x = layer.input_layernorm(hidden)
+            size, length, _ = x.shape
+            q = proj["q_proj"](x, batch, lora_mask).view(size, length, -1, self.head_dim)
+            k = proj["k_proj"](x, batch, lora_mask).view(size, length, -1, self.head_dim)
+            v = proj["v_proj"](x, batch, lora_mask).view(size, length, -1, self.head_dim)
+            if hasattr(attn, "q_norm"):
+                q, k = attn.q_norm(q), attn.k_norm(k)
+            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+            q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+            key_cache, value_cache = self.kv[index, 0], self.kv[index, 1]
+            key_cache[batch.row_index, :, batch.cache_pos] = k.transpose(1, 2).to(self.dtype)
+            value_cache[batch.row_index, :, batch.cache_pos] = v.transpose(1, 2).to(self.dtype)
+            keys = key_cache[batch.rows, :, : batch.kv_len]
+            values = value_cache[batch.rows, :, : batch.kv_len]
+            out = F.scaled_dot_product_attention(
+                q, keys, values, attn_mask=attention_mask, scale=self.scaling, enable_gqa=True
+            )
+            out = out.transpose(1, 2).reshape(size, length, -1)
+            hidden = hidden + proj["o_proj"](out, batch, lora_mask)
+            x = layer.post_attention_layernorm(hidden)
+            gate = layer.mlp.act_fn(proj["gate_proj"](x, batch, lora_mask)) * proj["up_proj"](
+                x, batch, lora_mask
+            )
+            hidden = hidden + proj["down_proj"](gate, batch, lora_mask)
+        picked = hidden[torch.arange(hidden.shape[0], device=self.device), last]
+        return self.model.lm_head(self.decoder.norm(picked)).float()
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin

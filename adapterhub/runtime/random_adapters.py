@@ -1,0 +1,76 @@
+"""Adapters with distinct random, non-trivial weights, written by plain PEFT ``save_pretrained``.
+
+PEFT initialises LoRA B to zero and IA3 to ones, which would make a row served the wrong adapter
+indistinguishable; tests and the serving benchmark perturb every trainable tensor instead.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from peft import (
+    IA3Config,
+    LoraConfig,
+    PeftConfig,
+    PrefixTuningConfig,
+    PromptEncoderConfig,
+    PromptTuningConfig,
+    get_peft_model,
+)
+from torch import nn
+
+from adapterhub.paths import atomic_dir
+from adapterhub.runtime.adapters import PROJECTIONS
+
+
+def peft_config(family: str, *, rank: int = 8, num_virtual_tokens: int = 4, rslora: bool = False) -> PeftConfig:
+    """A PEFT config of one family; LoRA and IA3 target every projection of a Llama-family layer."""
+    if family == "lora":
+        return LoraConfig(
+            task_type="CAUSAL_LM",
+            r=rank,
+            lora_alpha=2 * rank,
+            target_modules=list(PROJECTIONS),
+            use_rslora=rslora,
+            lora_dropout=0.0,
+        )
+    if family == "ia3":
+        return IA3Config(
+            task_type="CAUSAL_LM",
+            target_modules=["k_proj", "v_proj", "down_proj", "up_proj"],
+            feedforward_modules=["down_proj"],
+        )
+    if family == "prompt_tuning":
+        return PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=num_virtual_tokens)
+    if family == "p_tuning":
+        return PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=num_virtual_tokens, encoder_hidden_size=64)
+    if family == "prefix_tuning":
+        return PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=num_virtual_tokens)
+    raise ValueError(f"unknown PEFT family {family}")
+
+
+def write_random_adapter(model: nn.Module, config: PeftConfig, folder: Path, seed: int) -> Path:
+    """Wrap ``model`` with ``config``, give every adapter tensor seeded random values, save, unwrap.
+
+    LoRA and IA3 layers are removed again (``unload``), so ``model`` can be reused afterwards.
+    """
+    torch.manual_seed(seed)
+    peft_model = get_peft_model(model, config)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if not param.requires_grad:
+                continue
+            noise = torch.randn(param.shape, generator=generator).to(param.device, param.dtype)
+            if "ia3_l" in name:
+                param.copy_(1.0 + 0.5 * noise)
+            elif "lora_" in name:
+                param.copy_(0.2 * noise)
+            else:
+                param.copy_(noise)
+    with atomic_dir(Path(folder)) as tmp:
+        peft_model.save_pretrained(tmp)
+    if not config.is_prompt_learning:
+        peft_model.unload()
+    return Path(folder)
