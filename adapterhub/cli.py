@@ -20,6 +20,7 @@ COMMANDS: dict[str, str] = {
     "show": "adapterhub.hub.commands:show",
     "rm": "adapterhub.hub.commands:rm",
     "bench": "adapterhub.bench:bench",
+    "chat": "adapterhub.chat.cli:chat",
     "serve": "adapterhub.server.commands:serve",
     "merge": "adapterhub.merge_command:merge_command",
 }

@@ -1,0 +1,46 @@
+"""``adapterhub chat``: the click command; the work happens in ``adapterhub.chat.repl``."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+
+@click.command()
+@click.option(
+    "--base",
+    help="Base model for local mode: a Hub id, a folder or builtin:tiny-llama. Default: the adapter's base.",
+)
+@click.option(
+    "--adapter", help="Adapter to start with: a store name, folder or REPO_ID[@REV] (a model id with --url)."
+)
+@click.option(
+    "--url", help="Chat through an OpenAI-compatible server (e.g. adapterhub serve) instead of in-process."
+)
+@click.option(
+    "--api-key", envvar="ADAPTERHUB_API_KEY", help="The server's API key [env: ADAPTERHUB_API_KEY]."
+)
+@click.option("--system", help="System prompt.")
+def chat(
+    base: str | None, adapter: str | None, url: str | None, api_key: str | None, system: str | None
+) -> None:
+    """Chat with a base model and its adapters; switch and compare them mid-conversation.
+
+    With standard input piped in (echo hi | adapterhub chat ...) it answers once and exits.
+    """
+    from rich.console import Console
+
+    from adapterhub.chat.repl import answer_once, open_backend, open_session, run_repl
+
+    console = Console(highlight=False)
+    question = None if sys.stdin.isatty() else sys.stdin.read()
+    backend = open_backend(console, base, adapter, url, api_key)
+    try:
+        session = open_session(console, backend, adapter, system)
+        if question is None:
+            run_repl(session)
+        else:
+            answer_once(session, question)
+    finally:
+        backend.close()

@@ -1,0 +1,185 @@
+"""Drawing the chat: replies stream in as they arrive, then settle as Markdown; ``/compare`` side by side.
+
+On a terminal that can move its cursor the reply is redrawn live; in a pipe or a dumb terminal the
+text is written as it arrives and left plain.
+"""
+
+from __future__ import annotations
+
+import queue
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+from rich.console import Console, RenderableType
+from rich.live import Live
+from rich.markdown import Markdown
+from rich.panel import Panel
+from rich.table import Table
+from rich.text import Text
+
+from adapterhub.chat.backends import AdapterEntry, Backend, ChatRequest, Delta, Done, Event, Generation
+from adapterhub.errors import UserError
+
+REFRESH_S = 0.05  # redraw at most this often while tokens stream in
+
+
+@dataclass
+class Reply:
+    """One adapter's answer as it streams in, and how it ended."""
+
+    adapter: AdapterEntry
+    text: str = ""
+    deltas: int = 0
+    completion_tokens: int | None = None
+    finish_reason: str | None = None  # None while streaming
+    error: UserError | None = None
+    started: float = field(default_factory=time.perf_counter)
+    seconds: float = 0.0
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None or self.error is not None
+
+    @property
+    def tokens(self) -> int:
+        return self.completion_tokens if self.completion_tokens is not None else self.deltas
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+    def apply(self, event: Event) -> None:
+        if isinstance(event, Delta):
+            self.text += event.text
+            self.deltas += 1
+            return
+        if isinstance(event, Done):
+            self.completion_tokens = event.completion_tokens
+            self.finish_reason = event.finish_reason
+        else:
+            self.error = event.error
+        self.seconds = time.perf_counter() - self.started
+
+    def stop(self) -> None:
+        self.finish_reason = "cancelled"
+        self.seconds = time.perf_counter() - self.started
+
+    def speed(self) -> str:
+        parts = [f"{self.tokens} tokens", f"{self.tokens_per_second:.1f} tok/s"]
+        if self.finish_reason == "cancelled":
+            parts.append("stopped")
+        elif self.finish_reason == "length":
+            parts.append("hit max_tokens")
+        return " · ".join(parts)
+
+    def status(self) -> str:
+        return f"{self.adapter.name} ({self.adapter.method}) · {self.speed()}"
+
+
+class ChatView:
+    def __init__(self, console: Console) -> None:
+        self.console = console
+        self.live = console.is_terminal and not console.is_dumb_terminal
+
+    def stream(
+        self, backend: Backend, requests: list[tuple[AdapterEntry, ChatRequest]], side_by_side: bool = False
+    ) -> list[Reply]:
+        """Run the requests at once, drawing their text as it arrives; Ctrl-C stops them all."""
+        events: queue.Queue[Event] = queue.Queue()
+        replies = [Reply(entry) for entry, _ in requests]
+        generations: list[Generation] = []
+        try:
+            for slot, (_, request) in enumerate(requests):
+                generations.append(backend.start(request, slot, events))
+        except UserError:
+            for generation in generations:
+                generation.cancel()
+            raise
+        with self._drawing(replies, side_by_side) as redraw:
+            try:
+                self._collect(events, replies, redraw)
+            except KeyboardInterrupt:
+                for generation, reply in zip(generations, replies, strict=True):
+                    if not reply.finished:
+                        generation.cancel()
+                        reply.stop()
+            redraw(final=True)
+        return replies
+
+    def _collect(self, events: queue.Queue[Event], replies: list[Reply], redraw) -> None:
+        last_drawn = 0.0
+        while not all(reply.finished for reply in replies):
+            try:
+                event = events.get(timeout=REFRESH_S)
+            except queue.Empty:
+                redraw()
+                continue
+            replies[event.slot].apply(event)
+            if isinstance(event, Delta) and time.perf_counter() - last_drawn < REFRESH_S:
+                continue
+            redraw()
+            last_drawn = time.perf_counter()
+
+    @contextmanager
+    def _drawing(self, replies: list[Reply], side_by_side: bool) -> Iterator:
+        if self.live:
+            with Live(
+                console=self.console, auto_refresh=False, vertical_overflow="visible", transient=False
+            ) as live:
+                yield lambda final=False: live.update(render(replies, side_by_side, final), refresh=True)
+        elif side_by_side:
+            yield lambda final=False: final and self.console.print(render(replies, side_by_side, final))
+        else:
+            yield self._plain_writer(replies[0])
+
+    def _plain_writer(self, reply: Reply):
+        written = 0
+
+        def write(final: bool = False) -> None:
+            nonlocal written
+            self.console.file.write(reply.text[written:])
+            written = len(reply.text)
+            if final:
+                self.console.file.write("\n")
+            self.console.file.flush()
+
+        return write
+
+    def status(self, reply: Reply) -> None:
+        self.console.print(Text(reply.status(), style="dim"))
+
+    def error(self, err: UserError) -> None:
+        self.console.print(Text(f"error: {err}", style="red"))
+
+    def note(self, text: str) -> None:
+        self.console.print(Text(text, style="dim"))
+
+    def show(self, renderable: RenderableType) -> None:
+        self.console.print(renderable)
+
+
+def render(replies: list[Reply], side_by_side: bool, final: bool) -> RenderableType:
+    def body(reply: Reply) -> RenderableType:
+        if reply.error is not None:
+            # A lone reply's error is raised to the caller, which prints it once.
+            return Text(f"error: {reply.error}", style="red") if side_by_side else Text("")
+        return Markdown(reply.text) if final else Text(reply.text)
+
+    if not side_by_side:
+        return body(replies[0])
+    grid = Table.grid(expand=True, padding=(0, 1))
+    for _ in replies:
+        grid.add_column(ratio=1)
+    grid.add_row(
+        *(
+            Panel(
+                body(reply),
+                title=f"{reply.adapter.name} ({reply.adapter.method})",
+                subtitle=reply.speed() if reply.finished else None,
+            )
+            for reply in replies
+        )
+    )
+    return grid
