@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -369,9 +370,12 @@ def _attach_adapters(base: PreTrainedModel, plan: MergePlan):
     from peft import PeftModel
 
     try:
-        model = PeftModel.from_pretrained(base, str(plan.adapters[0].path), adapter_name="adapter_0")
-        for index, adapter in enumerate(plan.adapters[1:], start=1):
-            model.load_adapter(str(adapter.path), adapter_name=f"adapter_{index}")
+        with warnings.catch_warnings():
+            # peft 0.21 calls a transformers 5 method deprecated in its favour; no news to users.
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            model = PeftModel.from_pretrained(base, str(plan.adapters[0].path), adapter_name="adapter_0")
+            for index, adapter in enumerate(plan.adapters[1:], start=1):
+                model.load_adapter(str(adapter.path), adapter_name=f"adapter_{index}")
     except (ValueError, RuntimeError, OSError, KeyError) as err:
         raise UserError(
             f"adapters do not load onto base '{plan.base}' ({str(err).splitlines()[0][:160]}): "

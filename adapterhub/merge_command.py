@@ -19,14 +19,20 @@ from adapterhub.merge import (
 )
 
 
+def _choices(values: tuple[str, ...]) -> str:
+    return f"[{'|'.join(values)}]"
+
+
 @click.command(name="merge")
 @click.argument("adapters", nargs=-1, required=True)
 @click.option(
     "--base", help="Base model (Hub id, folder, builtin:...); default: the adapters' recorded base."
 )
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Folder to write the model to.")
-@click.option("--dtype", default="auto", show_default=True, help=f"One of {', '.join(OUTPUT_DTYPES)}.")
-@click.option("--combine", help=f"How to combine several adapters: {', '.join(ALL_COMBINE_METHODS)}.")
+@click.option(
+    "--dtype", default="auto", show_default=True, metavar=_choices(OUTPUT_DTYPES), help="auto: the base's."
+)
+@click.option("--combine", metavar=_choices(ALL_COMBINE_METHODS), help="How to combine several adapters.")
 @click.option("--weights", help="Comma-separated weight per adapter; default: equal weights summing to 1.")
 @click.option("--density", type=float, help="Fraction of each delta kept by ties and dare_*.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of dare_* random pruning.")
@@ -34,8 +40,9 @@ from adapterhub.merge import (
     "--base-weights",
     default="auto",
     show_default=True,
-    help=f"{', '.join(BASE_WEIGHT_POLICIES)}: merge into the original weights or the dequantized NF4 ones; "
-    "auto picks nf4 for adapters whose recipe trained on NF4.",
+    metavar=_choices(BASE_WEIGHT_POLICIES),
+    help="Merge into the original weights or the dequantized NF4 ones; auto picks nf4 for adapters whose "
+    "recipe trained on NF4.",
 )
 @click.option("--push", "push_repo", metavar="REPO_ID", help="Upload the merged model to this Hub repo.")
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
@@ -57,6 +64,10 @@ def merge_command(
     """Fold LoRA or IA3 ADAPTERS (store names, folders or REPO_ID[@REV]) into a standalone model."""
     from rich.console import Console
     from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+    from transformers.utils import logging
+
+    # Our progress bar covers loading and saving; transformers' own tqdm bars would interleave with it.
+    logging.disable_progress_bar()
 
     request = MergeRequest(
         adapters=list(adapters),
@@ -108,7 +119,7 @@ def _print_summary(plan: MergePlan, pushed) -> None:
             adapter.method,
             str(adapter.rank or "-"),
             f"{weight:g}",
-            adapter.trained_quantization or "?",
+            adapter.trained_quantization or "unknown",
         )
     console = Console()
     console.print(table)
@@ -118,6 +129,4 @@ def _print_summary(plan: MergePlan, pushed) -> None:
         f"density {settings['density'] or '-'}, dtype {plan.dtype}"
     )
     if pushed is not None:
-        console.print(
-            f"pushed {pushed.url} at {pushed.commit}" + (" (unchanged)" if pushed.no_op else "")
-        )
+        console.print(f"pushed {pushed.url} at {pushed.commit}" + (" (unchanged)" if pushed.no_op else ""))

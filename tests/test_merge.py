@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -54,12 +55,12 @@ def save_adapter(base_path: Path, config: PeftConfig, out: Path, seed: int, *, s
     return out
 
 
-def record_base(adapter: Path, base: str) -> None:
-    """Record ``base`` in the adapter's config, as adapterhub training does with builtin names."""
-    config_file = adapter / "adapter_config.json"
-    config = json.loads(config_file.read_text())
-    config["base_model_name_or_path"] = base
-    config_file.write_text(json.dumps(config))
+def copy_adapter(source: Path, target: Path, **config: object) -> Path:
+    """A copy of ``source`` with ``config`` entries overriding its adapter_config.json."""
+    shutil.copytree(source, target)
+    config_file = target / "adapter_config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), **config}))
+    return target
 
 
 @pytest.fixture(scope="module")
@@ -193,11 +194,9 @@ def test_default_weights_average_the_adapters(adapters: dict[str, Path], tiny_ll
 
 
 def test_card_records_base_adapters_methods_and_settings(adapters: dict[str, Path], tmp_path: Path):
-    adapter = tmp_path / "trained"
-    adapter.mkdir()
-    for source in adapters["lora_a"].iterdir():
-        (adapter / source.name).write_bytes(source.read_bytes())
-    record_base(adapter, "builtin:tiny-llama")
+    adapter = copy_adapter(
+        adapters["lora_a"], tmp_path / "trained", base_model_name_or_path="builtin:tiny-llama"
+    )
     out = tmp_path / "merged"
     merge(MergeRequest(adapters=[str(adapter)], out=out, dtype="fp32"))
     card = (out / "README.md").read_text()
@@ -223,11 +222,9 @@ def test_nf4_trained_adapter_merges_into_dequantized_nf4_weights(
     adapters: dict[str, Path], tiny_llama: Path, tmp_path: Path
 ):
     """``nf4`` reproduces the adapter on its NF4 base; ``original`` differs by the quantization error."""
-    adapter = tmp_path / "qlora"
-    adapter.mkdir()
-    for source in adapters["lora_a"].iterdir():
-        (adapter / source.name).write_bytes(source.read_bytes())
-    record_base(adapter, "builtin:tiny-llama")
+    adapter = copy_adapter(
+        adapters["lora_a"], tmp_path / "qlora", base_model_name_or_path="builtin:tiny-llama"
+    )
     (adapter / "recipe.yaml").write_text("model:\n  name: builtin:tiny-llama\n  quantization: nf4\n")
     merge(MergeRequest(adapters=[str(adapter)], out=tmp_path / "auto"))
     merge(MergeRequest(adapters=[str(adapter)], out=tmp_path / "original", base_weights="original"))
@@ -322,6 +319,16 @@ def test_accepts_builtin_base_for_adapter_recording_its_folder(
     out = tmp_path / "merged"
     merge(MergeRequest(adapters=[str(adapters["lora_a"])], base="builtin:tiny-llama", out=out))
     assert max_error(merged_logits(out), peft_logits(str(tiny_llama), [adapters["lora_a"]])) < FP32_BOUND
+
+
+def test_refuses_adapter_without_base_or_not_fitting_the_base(adapters: dict[str, Path], tmp_path: Path):
+    adapter = copy_adapter(adapters["mt5_lora"], tmp_path / "no_base", base_model_name_or_path=None)
+    out = tmp_path / "merged"
+    with pytest.raises(UserError, match="records no base model: pass --base"):
+        merge(MergeRequest(adapters=[str(adapter)], out=out))
+    with pytest.raises(UserError, match="do not load onto base 'builtin:tiny-llama'"):
+        merge(MergeRequest(adapters=[str(adapter)], out=out, base="builtin:tiny-llama"))
+    assert_nothing_written(tmp_path, out)
 
 
 def test_refuses_unknown_adapter(tmp_path: Path, monkeypatch, capsys):
