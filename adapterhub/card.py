@@ -9,6 +9,7 @@ from collections.abc import Sequence
 import yaml
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
+FRONT_MATTER = re.compile(r"\A---\n(.*?)\n---\n?", re.S)
 
 
 def is_hub_id(name: str) -> bool:
@@ -30,17 +31,11 @@ def adapter_card(
     """The README.md of an adapter repo: metadata for the Hub, then how to use it, its metrics and recipe.
 
     ``curve_png`` is the file name of a loss curve stored beside the card; ``repo_id``, when known, adds
-    how to pull the adapter. A base model that is not a
-    Hub id (a ``builtin:`` tiny model) is named in the text but left out of the metadata, which the Hub
-    would reject.
+    how to pull the adapter. A base model that is not a Hub id (a ``builtin:`` tiny model) is named in
+    the text but left out of the metadata, which the Hub would reject.
     """
-    tags = list(dict.fromkeys([method, "adapterhub", "peft", *extra_tags]))
-    metadata: dict = {"library_name": "peft", "tags": tags}
-    if is_hub_id(base_model):
-        metadata = {"base_model": base_model, **metadata}
-    front_matter = yaml.safe_dump(metadata, sort_keys=False).strip()
     sections = [
-        f"---\n{front_matter}\n---",
+        _front_matter(_hub_metadata({}, base_model, method, extra_tags)),
         f"# {title}",
         f"A **{method}** adapter for `{base_model}`, trained and shared with "
         "[adapterhub](https://github.com/adapterhub/adapterhub).",
@@ -58,6 +53,40 @@ def adapter_card(
     if recipe_yaml:
         sections.append(f"## Recipe\n\n```yaml\n{recipe_yaml.strip()}\n```")
     return "\n\n".join(sections) + "\n"
+
+
+def with_hub_metadata(card: str, *, base_model: str, method: str) -> str:
+    """``card`` with the metadata the Hub needs for an adapter (base model, library, method tag) put right.
+
+    The text is returned unchanged when nothing is missing; PEFT's own card, for one, records the local
+    path the adapter was trained from as ``base_model``.
+    """
+    match = FRONT_MATTER.match(card)
+    metadata = (yaml.safe_load(match.group(1)) if match else None) or {}
+    fixed = _hub_metadata(metadata, base_model, method, ())
+    if fixed == metadata:
+        return card
+    body = card[match.end() :] if match else card
+    return f"{_front_matter(fixed)}\n{body.lstrip(chr(10))}"
+
+
+def _hub_metadata(metadata: dict, base_model: str, method: str, extra_tags: Sequence[str]) -> dict:
+    fixed = {key: value for key, value in metadata.items() if key != "base_model"}
+    if is_hub_id(base_model):
+        fixed = {"base_model": base_model, **fixed}
+    # PEFT tags its cards base_model:adapter:<base>, which goes stale when the base is renamed.
+    tags = [
+        tag
+        for tag in metadata.get("tags") or []
+        if not str(tag).startswith("base_model:") or str(tag).endswith(f":{base_model}")
+    ]
+    fixed["library_name"] = "peft"
+    fixed["tags"] = list(dict.fromkeys([*tags, method, "adapterhub", "peft", *extra_tags]))
+    return fixed
+
+
+def _front_matter(metadata: dict) -> str:
+    return f"---\n{yaml.safe_dump(metadata, sort_keys=False).strip()}\n---"
 
 
 def _format_metric(value: object) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib
 import json
 import os
 import shutil
@@ -16,7 +17,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 from huggingface_hub import HfApi, hf_hub_download
 from huggingface_hub.errors import (
     EntryNotFoundError,
@@ -29,7 +29,7 @@ from huggingface_hub.errors import (
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 from tqdm.auto import tqdm
 
-from adapterhub.card import adapter_card, is_hub_id
+from adapterhub.card import adapter_card, is_hub_id, with_hub_metadata
 from adapterhub.errors import UserError
 from adapterhub.hub import store
 from adapterhub.hub.adapter import (
@@ -45,6 +45,18 @@ from adapterhub.hub.adapter import (
 from adapterhub.paths import atomic_dir
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
+
+
+def _transport_errors() -> tuple[type[Exception], ...]:
+    """Connection failures of the HTTP client huggingface_hub uses: httpx2 from 2.x, httpx before."""
+    found = []
+    for name in ("httpx2", "httpx"):
+        with contextlib.suppress(ImportError):
+            found.append(importlib.import_module(name).TransportError)
+    return tuple(found)
+
+
+TRANSPORT_ERRORS = _transport_errors()
 KINDS = ("adapter", "model")
 
 
@@ -86,7 +98,7 @@ def split_spec(spec: str) -> tuple[str, str | None]:
 
 @contextlib.contextmanager
 def hub_errors(repo_id: str, revision: str | None = None) -> Iterator[None]:
-    """Turn huggingface_hub's and httpx's exceptions into one-line ``UserError``s that say what to do."""
+    """Turn the Hub client's exceptions into one-line ``UserError``s that say what to do."""
     where = endpoint()
     try:
         yield
@@ -118,7 +130,7 @@ def hub_errors(repo_id: str, revision: str | None = None) -> Iterator[None]:
                 "or a token with write access"
             ) from err
         raise UserError(f"{where} answered {status} for {repo_id}: {str(err).splitlines()[0]}") from err
-    except httpx.TransportError as err:
+    except TRANSPORT_ERRORS as err:
         raise UserError(f"cannot reach the Hub at {where}: check your network and HF_ENDPOINT") from err
 
 
@@ -136,9 +148,10 @@ def push_folder(
     """Upload an adapter folder (or, with ``kind="model"``, a full model folder) to ``repo_id``.
 
     Adapters are uploaded with their companions (recipe, metrics, loss curve) and a model card, written
-    only when the folder has none. A local-path ``base_model_name_or_path`` is rewritten to the Hub id
-    (``base_model``, else the recipe's model). Pushing unchanged files is a no-op; an existing ``tag``
-    is accepted only if it already points at exactly these files.
+    only when the folder has none (an existing card only gets its Hub metadata put right). A local-path
+    ``base_model_name_or_path`` is rewritten to the Hub id (``base_model``, else the recipe's model).
+    Pushing unchanged files is a no-op; an existing ``tag`` is accepted only if it already points at
+    exactly these files.
     """
     folder = Path(folder)
     split_spec(repo_id)
@@ -202,8 +215,14 @@ def _stage_adapter(folder: Path, stage: Path, repo_id: str, base_model: str | No
         config = json.loads((stage / CONFIG_FILE).read_text())
         config["base_model_name_or_path"] = hub_base
         (stage / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True))
-    if not (stage / "README.md").exists():
-        (stage / "README.md").write_text(
+    card = stage / "README.md"
+    if card.exists():
+        text = card.read_text()
+        fixed = with_hub_metadata(text, base_model=hub_base, method=summary.method)
+        if fixed != text:
+            card.write_text(fixed)
+    else:
+        card.write_text(
             adapter_card(
                 base_model=hub_base,
                 method=summary.method,

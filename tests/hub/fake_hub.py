@@ -19,7 +19,9 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, unquote, urlsplit
 
-GITATTRIBUTES = b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n*.bin filter=lfs diff=lfs merge=lfs -text\n"
+GITATTRIBUTES = (
+    b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n*.bin filter=lfs diff=lfs merge=lfs -text\n"
+)
 COMMIT_SHA = re.compile(r"^[0-9a-f]{40}$")
 
 
@@ -48,9 +50,9 @@ class Repo:
 class HubError(Exception):
     """An error answer: 4xx status, ``X-Error-Code`` header and JSON body, like the real Hub."""
 
-    def __init__(self, status: int, message: str, code: str | None = None) -> None:
+    def __init__(self, status: int, message: str, code: str | None = None, **extra: object) -> None:
         super().__init__(message)
-        self.status, self.message, self.code = status, message, code
+        self.status, self.message, self.code, self.extra = status, message, code, extra
 
 
 @dataclass
@@ -86,7 +88,9 @@ class FakeHub:
         parent = repo.branches.get(branch)
         files = dict(repo.commits[parent].files) if parent else {}
         for path in deleted:
-            files = {name: data for name, data in files.items() if name != path and not name.startswith(path + "/")}
+            files = {
+                name: data for name, data in files.items() if name != path and not name.startswith(path + "/")
+            }
         files.update(added)
         seed = f"{repo.repo_id}{parent}{title}{time.time_ns()}{sorted(files)}".encode()
         commit = Commit(hashlib.sha1(seed).hexdigest(), parent, files, title, _now())
@@ -165,7 +169,8 @@ class _Handler(BaseHTTPRequestHandler):
                 self.user = self._user()
             self._route(method, path)
         except HubError as err:
-            self._send_json({"error": err.message}, status=err.status, headers={"X-Error-Code": err.code or ""})
+            body = {"error": err.message, **err.extra}
+            self._send_json(body, status=err.status, headers={"X-Error-Code": err.code or ""})
 
     def _route(self, method: str, path: str) -> None:
         routes = [
@@ -249,8 +254,10 @@ class _Handler(BaseHTTPRequestHandler):
         repo_id = f"{body.get('organization') or self.user}/{body['name']}"
         self._check_namespace(repo_id)
         if repo_id in self.hub.repos:
-            raise HubError(409, "You already created this model repo")
-        self.hub.create_repo(repo_id, private=body.get("visibility") == "private" or bool(body.get("private")))
+            raise HubError(409, "You already created this model repo", url=f"{self.hub.url}/{repo_id}")
+        self.hub.create_repo(
+            repo_id, private=body.get("visibility") == "private" or bool(body.get("private"))
+        )
         self._send_json({"url": f"{self.hub.url}/{repo_id}", "name": repo_id})
 
     def _delete_repo(self) -> None:
@@ -309,7 +316,9 @@ class _Handler(BaseHTTPRequestHandler):
                 folders.add(f"{prefix}/{rest.split('/')[0]}" if prefix else rest.split("/")[0])
                 continue
             entries.append({"type": "file", "oid": git_blob_sha(data), "size": len(data), "path": path})
-        entries += [{"type": "directory", "oid": "0" * 40, "size": 0, "path": path} for path in sorted(folders)]
+        entries += [
+            {"type": "directory", "oid": "0" * 40, "size": 0, "path": path} for path in sorted(folders)
+        ]
         return entries
 
     def _tree(self, repo: str, rev: str, sub: str = "") -> None:

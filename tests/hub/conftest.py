@@ -1,0 +1,122 @@
+"""Fixtures for hub tests: the fake Hub server, a process pointed at it, and tiny PEFT adapters.
+
+In-process tests re-point huggingface_hub's import-time constants at a dead address, so any call that
+does not pass our endpoint explicitly fails instead of quietly reaching the real Hub.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from .fake_hub import FakeHub
+
+DEAD_ENDPOINT = "http://127.0.0.1:9"  # the discard port: nothing listens, connections are refused at once
+TOKENS = {"alice": "alice-token", "bob": "bob-token"}
+
+
+@pytest.fixture(scope="session")
+def hub_server() -> Iterator[FakeHub]:
+    hub = FakeHub()
+    server, thread = hub.serve()
+    yield hub
+    server.shutdown()
+    server.server_close()
+    thread.join(timeout=5)
+
+
+@pytest.fixture
+def hub(hub_server: FakeHub, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> FakeHub:
+    """An empty fake Hub, with this process pointed at it as alice, a fresh HF_HOME and a fresh store."""
+    import huggingface_hub.constants as hf_constants
+
+    hub_server.reset()
+    hf_home = tmp_path / "hf-home"
+    monkeypatch.setenv("HF_ENDPOINT", hub_server.url)
+    monkeypatch.setenv("HF_TOKEN", TOKENS["alice"])
+    monkeypatch.setenv("HF_HOME", str(hf_home))
+    monkeypatch.setenv("ADAPTERHUB_HOME", str(tmp_path / "adapterhub-home"))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(hf_constants, "ENDPOINT", DEAD_ENDPOINT)
+    monkeypatch.setattr(
+        hf_constants,
+        "HUGGINGFACE_CO_URL_TEMPLATE",
+        DEAD_ENDPOINT + "/{repo_id}/resolve/{revision}/{filename}",
+    )
+    monkeypatch.setattr(hf_constants, "HF_HOME", str(hf_home))
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(hf_home / "hub"))
+    monkeypatch.setattr(hf_constants, "HF_TOKEN_PATH", str(hf_home / "token"))
+    monkeypatch.setattr(hf_constants, "HF_STORED_TOKENS_PATH", str(hf_home / "stored_tokens"))
+    return hub_server
+
+
+def save_peft_adapter(base: Path, out: Path, config, *, base_model_name: str | None = None) -> Path:
+    """Save a freshly initialised PEFT adapter on ``base``; optionally record another base model name."""
+    import torch
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base), config)
+    model.save_pretrained(out)
+    if base_model_name is not None:
+        config_path = out / "adapter_config.json"
+        data = json.loads(config_path.read_text())
+        data["base_model_name_or_path"] = base_model_name
+        config_path.write_text(json.dumps(data, indent=2, sort_keys=True))
+    return out
+
+
+@pytest.fixture(scope="session")
+def adapters_dir(tmp_path_factory: pytest.TempPathFactory, tiny_llama: Path) -> Path:
+    """Plain-PEFT adapters on the tiny Llama, made once: ``lora`` (local base path), ``lora-builtin``
+    (base ``builtin:tiny-llama``, portable as is) and ``prompt`` (prompt tuning)."""
+    from peft import LoraConfig, PromptTuningConfig
+
+    root = tmp_path_factory.mktemp("adapters")
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    save_peft_adapter(tiny_llama, root / "lora", lora)
+    save_peft_adapter(tiny_llama, root / "lora-builtin", lora, base_model_name="builtin:tiny-llama")
+    prompt = PromptTuningConfig(num_virtual_tokens=4, task_type="CAUSAL_LM")
+    save_peft_adapter(tiny_llama, root / "prompt", prompt, base_model_name="builtin:tiny-llama")
+    return root
+
+
+@pytest.fixture
+def adapter_copy(adapters_dir: Path, tmp_path: Path) -> Callable[[str], Path]:
+    """A private copy of one of ``adapters_dir``'s adapters, safe to modify."""
+
+    def copy(name: str) -> Path:
+        target = tmp_path / "src" / f"{name}-{len(list(tmp_path.glob('src/*')))}"
+        shutil.copytree(adapters_dir / name, target)
+        return target
+
+    return copy
+
+
+def hub_env(hub: FakeHub, tmp_path: Path, user: str = "alice") -> dict[str, str]:
+    """The environment of a separate adapterhub process talking to ``hub``, set before it imports anything."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("HF_", "TRANSFORMERS_"))}
+    env.update(
+        HF_ENDPOINT=hub.url,
+        HF_TOKEN=TOKENS[user],
+        HF_HOME=str(tmp_path / f"hf-home-{user}"),
+        HF_HUB_DISABLE_TELEMETRY="1",
+        ADAPTERHUB_HOME=os.environ["ADAPTERHUB_HOME"],
+        COLUMNS="200",
+    )
+    return env
+
+
+def run_cli(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "adapterhub", *args], env=env, capture_output=True, text=True, timeout=300
+    )
