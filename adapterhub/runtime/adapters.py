@@ -87,7 +87,7 @@ def read_config(folder: Path) -> dict:
     config_file = folder / "adapter_config.json"
     if not config_file.exists():
         raise RequestError(
-            f"adapter folder {folder} has no adapter_config.json: give a folder written by PEFT save_pretrained",
+            f"adapter folder {folder} has no adapter_config.json: give a PEFT save_pretrained folder",
             "corrupt_adapter",
         )
     try:
@@ -110,11 +110,11 @@ def read_weights(folder: Path) -> dict[str, torch.Tensor]:
             return torch.load(bin_file, map_location="cpu", weights_only=True)
     except (SafetensorError, OSError, RuntimeError, EOFError, ValueError) as err:
         raise RequestError(
-            f"adapter weights in {folder} are unreadable ({str(err)[:80]}): re-download or re-save the adapter",
+            f"adapter weights in {folder} are unreadable ({str(err)[:80]}): re-download or re-save it",
             "corrupt_adapter",
         ) from err
     raise RequestError(
-        f"adapter folder {folder} has no adapter_model.safetensors: give a folder written by PEFT save_pretrained",
+        f"adapter folder {folder} has no adapter_model.safetensors: give a folder saved by PEFT",
         "corrupt_adapter",
     )
 
@@ -129,7 +129,7 @@ def load_native(
     method = PEFT_TYPES.get(peft_type)
     if method is None:
         raise RequestError(
-            f"adapter {folder} is {peft_type}, which the runtime does not serve: use one of {SUPPORTED_NAMES}",
+            f"adapter {folder} is {peft_type}, which the runtime cannot serve: use one of {SUPPORTED_NAMES}",
             "unsupported_adapter",
         )
     if config.get("modules_to_save"):
@@ -228,7 +228,8 @@ def _lora(folder: Path, config: dict, weights: dict, base: BaseShape, max_rank: 
                 f"start the engine with max_lora_rank >= {rank}",
                 "slot_capacity",
             )
-        module_name = f"model.layers.{layer}.{'mlp' if proj in ('gate_proj', 'up_proj', 'down_proj') else 'self_attn'}.{proj}"
+        block = "mlp" if proj in ("gate_proj", "up_proj", "down_proj") else "self_attn"
+        module_name = f"model.layers.{layer}.{block}.{proj}"
         alpha = _pattern_value(config.get("alpha_pattern") or {}, module_name, config.get("lora_alpha", 8))
         scaling = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
         lora[(layer, proj)] = (a.contiguous(), (b * scaling).t().contiguous())
@@ -286,6 +287,6 @@ def _prompt(
             folder,
             f"prefix width {embeddings.shape[1]}, this base needs {base.num_layers} layers × 2 × {kv_width}",
         )
-    # PEFT's get_prompt: (n, layers*2, heads, head_dim) permuted so entry 2l is layer l's keys, 2l+1 its values.
+    # PEFT's get_prompt views (n, layers*2, heads, head_dim): entry 2l holds layer l's keys, 2l+1 its values.
     blocks = embeddings.view(count, base.num_layers, 2, base.num_kv_heads, base.head_dim)
     return NativeAdapter(method=method, prefix_kv=blocks.permute(1, 2, 3, 0, 4).contiguous())

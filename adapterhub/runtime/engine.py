@@ -249,13 +249,8 @@ class Engine:
     def _resolve(spec: str) -> Path:
         if Path(spec).is_dir():
             return Path(spec)
-        try:
-            from adapterhub.hub import resolve
-        except ImportError as err:
-            raise RequestError(
-                f"adapter '{spec}' is not a folder and the hub module is not available: give a local PEFT folder",
-                "unknown_adapter",
-            ) from err
+        from adapterhub.hub.resolve import resolve
+
         try:
             return Path(resolve(spec))
         except UserError as err:
@@ -389,6 +384,31 @@ class Engine:
                 "merged": None if self._merged is None else self._merged.info.name,
             }
 
+    def score(self, requests: list[GenerationRequest]) -> torch.Tensor:
+        """First-step logits (float32, one row per request) of one mixed batch, generating nothing.
+
+        Exactness checks compare these with PEFT's; the batch must fit the rows that are free now.
+        """
+        with self._step_lock:
+            handles = [self.submit(request) for request in requests]
+            with self._lock:
+                for handle in reversed(handles):
+                    self._waiting.remove(handle)
+                    self._waiting.appendleft(handle)
+            seated = self._admit(limit=len(handles))
+            try:
+                if seated != handles:
+                    raise RequestError(
+                        "score needs free batch rows and slots for every request", "overloaded"
+                    )
+                return self._prefill_logits(handles)
+            finally:
+                for handle in seated:
+                    self._leave(handle)
+                    handle.finish("cancelled")
+                for handle in handles:
+                    handle.cancel()
+
     # -- merge -----------------------------------------------------------------------------------
 
     def merge(self, name: str) -> None:
@@ -402,7 +422,7 @@ class Engine:
                     )
                 if adapter.info.method not in ("lora", "ia3"):
                     raise RequestError(
-                        f"merge folds LoRA or IA3 adapters; '{name}' is {adapter.info.method}: serve it unmerged",
+                        f"merge folds LoRA or IA3 only, '{name}' is {adapter.info.method}: serve it unmerged",
                         "bad_request",
                     )
             self._drain()
@@ -457,10 +477,10 @@ class Engine:
             self._leave(request)
             request.finish("cancelled")
 
-    def _admit(self) -> list[_Request]:
+    def _admit(self, limit: int | None = None) -> list[_Request]:
         admitted: list[_Request] = []
         with self._lock:
-            free = [row for row, r in enumerate(self._rows) if r is None]
+            free = [row for row, r in enumerate(self._rows) if r is None][:limit]
             while self._waiting and free:
                 request = self._waiting[0]
                 adapter = request.adapter
@@ -497,6 +517,11 @@ class Engine:
             self.pool.release_if_removed(request.adapter)
 
     def _prefill(self, requests: list[_Request]) -> None:
+        logits = self._prefill_logits(requests)
+        self._last_batch_size = len(requests)
+        self._advance(requests, logits)
+
+    def _prefill_logits(self, requests: list[_Request]) -> torch.Tensor:
         """One forward over the new rows' prompts: virtual tokens first, prefix K/V copied ahead of them."""
         length = max(len(r.prompt_ids) + self._virtual_count(r) for r in requests)
         token_ids, cache_pos, rope_pos, last = [], [], [], []
@@ -536,9 +561,7 @@ class Engine:
         )
         virtual_index = tuple(torch.tensor(c, device=device) for c in virtual) if virtual[0] else None
         embeds = self.decoder.embed(torch.tensor(token_ids, device=device), virtual_index)
-        logits = self.decoder.forward(embeds, batch, torch.tensor(last, device=device))
-        self._last_batch_size = len(requests)
-        self._advance(requests, logits)
+        return self.decoder.forward(embeds, batch, torch.tensor(last, device=device))
 
     def _decode(self) -> None:
         """One decode forward over rows 0..highest running row; idle rows in between attend to themselves."""

@@ -290,7 +290,7 @@ class SlottedDecoder:
 
     @torch.inference_mode()
     def forward(self, embeds: torch.Tensor, batch: Batch, last: torch.Tensor) -> torch.Tensor:
-        """Run the decoder over ``embeds`` (batch, tokens, hidden); return float logits at ``last`` per row."""
+        """Run the decoder over ``embeds`` (batch, tokens, hidden); float logits at ``last`` of each row."""
         if batch.prefix_write is not None:
             rows, positions, slots, indices = batch.prefix_write
             self.kv[:, :, rows, :, positions] = self.prefix_kv[:, :, slots, :, indices]

@@ -24,7 +24,9 @@ from adapterhub.paths import atomic_dir
 from adapterhub.runtime.adapters import PROJECTIONS
 
 
-def peft_config(family: str, *, rank: int = 8, num_virtual_tokens: int = 4, rslora: bool = False) -> PeftConfig:
+def peft_config(
+    family: str, *, rank: int = 8, num_virtual_tokens: int = 4, rslora: bool = False
+) -> PeftConfig:
     """A PEFT config of one family; LoRA and IA3 target every projection of a Llama-family layer."""
     if family == "lora":
         return LoraConfig(
@@ -44,7 +46,9 @@ def peft_config(family: str, *, rank: int = 8, num_virtual_tokens: int = 4, rslo
     if family == "prompt_tuning":
         return PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=num_virtual_tokens)
     if family == "p_tuning":
-        return PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=num_virtual_tokens, encoder_hidden_size=64)
+        return PromptEncoderConfig(
+            task_type="CAUSAL_LM", num_virtual_tokens=num_virtual_tokens, encoder_hidden_size=64
+        )
     if family == "prefix_tuning":
         return PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=num_virtual_tokens)
     raise ValueError(f"unknown PEFT family {family}")

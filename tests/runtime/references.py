@@ -1,0 +1,64 @@
+"""Helpers shared by the runtime tests: the adapters under test, PEFT references, request builders."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import torch
+
+from adapterhub.models import ModelSpec, load_model, load_tokenizer
+from adapterhub.runtime.api import GenerationRequest, SamplingParams
+from adapterhub.runtime.engine import Engine, EngineConfig
+
+BASE = "builtin:tiny-llama"
+NEW_TOKENS = 8
+PROMPTS = ("hello world how are", "the cat", "a quick brown fox jumps over the lazy dog and")
+# Two LoRAs (one rsLoRA of another rank) so a row served the other LoRA's slot would show.
+ADAPTERS = {
+    "lora": dict(family="lora", rank=8),
+    "lora_rs": dict(family="lora", rank=4, rslora=True),
+    "ia3": dict(family="ia3"),
+    "prompt": dict(family="prompt_tuning", num_virtual_tokens=4),
+    "ptune": dict(family="p_tuning", num_virtual_tokens=5),
+    "prefix": dict(family="prefix_tuning", num_virtual_tokens=3),
+}
+
+
+def make_engine(adapter_dirs: dict[str, Path], **overrides) -> Engine:
+    settings = dict(base=BASE, quantization="none", max_adapters=8, max_lora_rank=16, max_batch_size=16)
+    engine = Engine(EngineConfig(**(settings | overrides)))
+    for name, folder in adapter_dirs.items():
+        engine.register(name, str(folder))
+    return engine
+
+
+@functools.cache
+def _peft_model(folder: str | None, quantization: str):
+    from peft import PeftModel
+
+    # A fresh base per PeftModel: two PeftModels around one base object silently give wrong outputs.
+    base = load_model(ModelSpec(BASE, quantization=quantization))
+    return base.eval() if folder is None else PeftModel.from_pretrained(base, folder).eval()
+
+
+@functools.cache
+def peft_reference(
+    folder: str | None, prompt: str, quantization: str = "none"
+) -> tuple[list[int], torch.Tensor]:
+    """PEFT's greedy tokens (``generate`` with batch size 1) and first-step logits for one adapter alone."""
+    model = _peft_model(folder, quantization)
+    ids = load_tokenizer(BASE)(prompt, return_tensors="pt")["input_ids"]
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask).logits[0, -1].float()
+        out = model.generate(
+            input_ids=ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0
+        )
+    return out[0, ids.shape[1] :].tolist(), logits
+
+
+def greedy(
+    prompt: str, adapter: str | None = None, max_tokens: int = NEW_TOKENS, **kwargs
+) -> GenerationRequest:
+    return GenerationRequest(prompt, adapter=adapter, params=SamplingParams(max_tokens=max_tokens), **kwargs)
