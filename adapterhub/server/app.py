@@ -280,7 +280,13 @@ class _Server:
                 f"model '{body.name}' is already served: DELETE /v1/adapters/{body.name} or pick another name"
             )
             raise ApiError(409, message, "adapter_exists", "name")
-        info = await anyio.to_thread.run_sync(self.engine.register, body.name, body.source)
+        try:
+            info = await anyio.to_thread.run_sync(self.engine.register, body.name, body.source)
+        except RequestError as err:
+            if err.code != "unknown_adapter":
+                raise
+            # The engine cannot find the source; the route exists, so this is a bad input, not a 404.
+            raise ApiError(400, str(err), "bad_adapter_source", "source") from err
         return self._adapter_card(info)
 
     async def unload_adapter(self, name: str) -> dict[str, Any]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -133,7 +134,21 @@ def serve(options: ServeOptions) -> None:
     console.print(
         f"serving {base} with {len(options.adapters)} adapter(s) on http://{options.host}:{options.port}/v1"
     )
+    # uvicorn drains in-flight requests on SIGTERM, then re-raises the signal to its previous handler:
+    # ours turns it into an exception so the engine is stopped and the process exits 0.
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         uvicorn.Server(config).run()
+    except _Terminated:
+        console.print("SIGTERM: in-flight requests finished, stopping")
     finally:
+        signal.signal(signal.SIGTERM, previous)
         engine.stop(options.grace_s)
+
+
+class _Terminated(Exception):
+    pass
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise _Terminated

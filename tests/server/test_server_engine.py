@@ -1,0 +1,287 @@
+"""The server over the real Engine: exactness across PEFT families, load, adapter management, SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+from server_harness import running_server
+from transformers import AutoModelForCausalLM
+
+from adapterhub.runtime.api import GenerationRequest, GenerationResult, SamplingParams
+from adapterhub.runtime.engine import Engine, EngineConfig
+from adapterhub.runtime.random_adapters import peft_config, write_random_adapter
+from adapterhub.server.app import create_app
+
+FAMILIES = ("lora", "ia3", "prompt_tuning", "prefix_tuning")
+PROMPTS = ("the food was", "Review: the room was very clean\nSentiment:")
+BASE = "builtin:tiny-llama"
+
+
+@pytest.fixture(scope="module")
+def adapter_folders(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """One adapter per family, written by plain PEFT with distinct non-trivial weights."""
+    root = tmp_path_factory.mktemp("adapters")
+    made = {family: family for family in FAMILIES} | {"lora-spare": "lora"}
+    folders = {}
+    for seed, (name, family) in enumerate(made.items(), start=1):
+        model = AutoModelForCausalLM.from_pretrained(tiny_llama)
+        folders[name] = write_random_adapter(model, peft_config(family), root / name, seed=seed)
+    return folders
+
+
+@pytest.fixture(scope="module")
+def engine(adapter_folders: dict[str, Path]) -> Engine:
+    engine = Engine(EngineConfig(base=BASE, max_adapters=4, max_batch_size=16))
+    for family in FAMILIES:
+        engine.register(family, str(adapter_folders[family]))
+    engine.start()
+    yield engine
+    engine.stop(grace_s=5)
+
+
+@pytest.fixture(scope="module")
+def url(engine: Engine) -> str:
+    with running_server(create_app(engine)) as base_url:
+        yield base_url
+
+
+def client(url: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def alone(engine: Engine, prompt: str | list[int], adapter: str | None, **params) -> GenerationResult:
+    """What the engine generates for this request with nothing else in flight."""
+    return engine.generate(GenerationRequest(prompt, adapter, SamplingParams(**params)))
+
+
+def model_name(adapter: str | None) -> str:
+    return adapter or BASE
+
+
+def references(engine: Engine, max_tokens: int) -> dict[tuple[str | None, str], GenerationResult]:
+    refs = {
+        (adapter, prompt): alone(engine, prompt, adapter, max_tokens=max_tokens)
+        for adapter in (None, *FAMILIES)
+        for prompt in PROMPTS
+    }
+    for prompt in PROMPTS:  # a row served the wrong adapter must show
+        texts = [refs[adapter, prompt].text for adapter in (None, *FAMILIES)]
+        assert len(set(texts)) == len(texts)
+    return refs
+
+
+def complete(api: openai.OpenAI, adapter: str | None, prompt: str, max_tokens: int, stream: bool) -> tuple:
+    """(text, finish_reason, completion tokens or None when streamed)."""
+    kwargs = {"model": model_name(adapter), "prompt": prompt, "max_tokens": max_tokens, "temperature": 0}
+    if not stream:
+        choice = (done := api.completions.create(**kwargs)).choices[0]
+        return choice.text, choice.finish_reason, done.usage.completion_tokens
+    chunks = list(api.completions.create(stream=True, **kwargs))
+    return "".join(c.choices[0].text for c in chunks), chunks[-1].choices[0].finish_reason, None
+
+
+def test_concurrent_greedy_requests_across_families_equal_each_alone(engine: Engine, url: str) -> None:
+    refs = references(engine, max_tokens=12)
+    jobs = [(adapter, prompt, stream) for (adapter, prompt) in refs for stream in (False, True)]
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        answers = list(pool.map(lambda job: complete(client(url), job[0], job[1], 12, job[2]), jobs))
+    for (adapter, prompt, stream), (text, finish, tokens) in zip(jobs, answers, strict=True):
+        ref = refs[adapter, prompt]
+        assert (text, finish) == (ref.text, ref.finish_reason), (adapter, prompt, stream)
+        assert stream or tokens == ref.completion_tokens
+
+
+def test_chat_stop_seed_and_models_through_the_engine(engine: Engine, url: str) -> None:
+    api = client(url)
+    listed = {m.id: m.metadata for m in api.models.list().data}
+    assert listed[BASE]["kind"] == "base"
+    assert {name: listed[name]["method"] for name in FAMILIES} == {f: f for f in FAMILIES}
+    assert listed["lora"]["rank"] == 8 and listed["prompt_tuning"]["num_virtual_tokens"] == 4
+
+    messages = [{"role": "user", "content": "tell me about the review"}]
+    prompt_ids = list(engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True)["input_ids"])
+    chat = api.chat.completions.create(model="ia3", messages=messages, max_tokens=10, temperature=0)
+    ref = alone(engine, prompt_ids, "ia3", max_tokens=10)
+    assert chat.choices[0].message.content == ref.text
+    assert chat.usage.prompt_tokens == len(prompt_ids) == ref.prompt_tokens
+
+    full = alone(engine, PROMPTS[0], "lora", max_tokens=20).text
+    stop = full[8:11]
+    stopped = api.completions.create(
+        model="lora", prompt=PROMPTS[0], max_tokens=20, temperature=0, stop=[stop]
+    )
+    assert stopped.choices[0].text == full[: full.index(stop)] and stopped.choices[0].finish_reason == "stop"
+
+    sampled = {"max_tokens": 10, "temperature": 0.9, "top_p": 0.8, "seed": 11}
+    first, second = (
+        api.completions.create(model="prefix_tuning", prompt=PROMPTS[1], **sampled) for _ in "ab"
+    )
+    assert (
+        first.choices[0].text
+        == second.choices[0].text
+        == alone(engine, PROMPTS[1], "prefix_tuning", **sampled).text
+    )
+    other_seed = api.completions.create(model="prefix_tuning", prompt=PROMPTS[1], **{**sampled, "seed": 12})
+    assert other_seed.choices[0].text != first.choices[0].text
+
+    too_long = httpx.post(f"{url}/v1/completions", json={"model": "lora", "prompt": "the food was " * 200})
+    assert too_long.status_code == 400 and too_long.json()["error"]["code"] == "prompt_too_long"
+
+
+@pytest.mark.slow
+def test_load_200_requests_from_16_clients(engine: Engine, url: str) -> None:
+    refs = references(engine, max_tokens=6)
+    keys = list(refs)
+    jobs = [(keys[i % len(keys)], i % 3 == 0) for i in range(200)]
+    clients = threading.local()
+
+    def run(job: tuple) -> tuple:
+        if not hasattr(clients, "api"):
+            clients.api = client(url)
+        (adapter, prompt), stream = job
+        return complete(clients.api, adapter, prompt, 6, stream)
+
+    started = time.monotonic()
+    with ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(run, jobs))
+    elapsed = time.monotonic() - started
+    mismatched = [
+        (key, answer) for (key, _), answer in zip(jobs, answers, strict=True) if answer[0] != refs[key].text
+    ]
+    assert not mismatched
+    assert elapsed < 300
+    metrics = httpx.get(f"{url}/metrics").text
+    assert 'adapterhub_requests_total{route="/v1/completions",status="200"}' in metrics
+    assert "adapterhub_in_flight_generations 0.0" in metrics
+
+
+def test_adapters_load_and_unload_while_requests_arrive(
+    engine: Engine, url: str, adapter_folders: dict[str, Path]
+) -> None:
+    source = str(adapter_folders["lora-spare"])
+    bad = httpx.post(f"{url}/v1/adapters", json={"name": "x", "source": "/no/such/adapter"}, timeout=60)
+    assert bad.status_code == 400 and bad.json()["error"]["code"] == "bad_adapter_source"
+    loaded = httpx.post(f"{url}/v1/adapters", json={"name": "spare", "source": source}, timeout=60)
+    assert loaded.status_code == 201 and loaded.json()["metadata"]["method"] == "lora"
+    ref = alone(engine, PROMPTS[0], "spare", max_tokens=6)
+    assert ref.text != alone(engine, PROMPTS[0], "lora", max_tokens=6).text
+    assert complete(client(url), "spare", PROMPTS[0], 6, stream=False)[0] == ref.text
+
+    body = {"model": "spare", "prompt": PROMPTS[0], "max_tokens": 6, "temperature": 0}
+    outcomes: list[tuple[int, str]] = []
+    stop = threading.Event()
+
+    def keep_asking() -> None:
+        with httpx.Client(timeout=120) as http:
+            while not stop.is_set():
+                response = http.post(f"{url}/v1/completions", json=body)
+                payload = response.json()
+                outcomes.append(
+                    (
+                        response.status_code,
+                        payload["choices"][0]["text"] if response.is_success else payload["error"]["code"],
+                    )
+                )
+
+    askers = [threading.Thread(target=keep_asking) for _ in range(6)]
+    for asker in askers:
+        asker.start()
+    while len(outcomes) < 6:
+        time.sleep(0.01)
+    unloaded = httpx.delete(f"{url}/v1/adapters/spare", timeout=60)
+    time.sleep(0.3)
+    stop.set()
+    for asker in askers:
+        asker.join(120)
+    assert unloaded.status_code == 200 and unloaded.json()["deleted"] is True
+    assert set(outcomes) <= {(200, ref.text), (404, "unknown_adapter")}
+    assert (200, ref.text) in outcomes and outcomes[-1] == (404, "unknown_adapter")
+    assert "spare" not in [m.id for m in client(url).models.list().data]
+    again = httpx.post(f"{url}/v1/adapters", json={"name": "spare", "source": source}, timeout=60)
+    assert again.status_code == 201
+    assert complete(client(url), "spare", PROMPTS[0], 6, stream=True)[0] == ref.text
+    assert httpx.delete(f"{url}/v1/adapters/spare", timeout=60).status_code == 200
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def refuses_connections(url: str, within_s: float = 10.0) -> bool:
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        try:
+            httpx.get(f"{url}/health", timeout=1)
+        except httpx.TransportError:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+@pytest.mark.slow
+def test_sigterm_finishes_the_request_in_flight_then_exits(
+    engine: Engine, adapter_folders: dict[str, Path]
+) -> None:
+    expected = alone(engine, "hello", "prompt_tuning", max_tokens=150)
+    assert expected.finish_reason == "length"
+    port = free_port()
+    command = [
+        sys.executable,
+        "-m",
+        "adapterhub",
+        "serve",
+        "--adapters",
+        f"pt={adapter_folders['prompt_tuning']}",
+    ]
+    server = subprocess.Popen(
+        [*command, "--port", str(port), "--grace", "60"],
+        env=os.environ.copy(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while True:
+            assert server.poll() is None, server.stdout.read()
+            assert time.monotonic() < deadline
+            try:
+                if httpx.get(f"{url}/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        body = {"model": "pt", "prompt": "hello", "max_tokens": 150, "temperature": 0, "stream": True}
+        events = []
+        with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=120) as response:
+            lines = response.iter_lines()
+            for line in lines:
+                if line.startswith("data: "):
+                    events.append(line.removeprefix("data: "))
+                    break
+            server.send_signal(signal.SIGTERM)
+            assert refuses_connections(url)
+            events += [line.removeprefix("data: ") for line in lines if line.startswith("data: ")]
+        assert events[-1] == "[DONE]"
+        choices = [json.loads(event)["choices"][0] for event in events[:-1]]
+        assert (
+            "".join(c["text"] for c in choices) == expected.text and choices[-1]["finish_reason"] == "length"
+        )
+        assert server.wait(60) == 0
+    finally:
+        if server.poll() is None:
+            server.kill()
