@@ -1,0 +1,158 @@
+"""Generation: sampling, limits, stop strings, EOS, streaming, cancel, continuous batching, threads."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+
+from adapterhub.runtime.api import GenerationRequest, RequestError, SamplingParams
+from adapterhub.runtime.engine import Engine
+
+from .references import ADAPTERS, PROMPTS, greedy, make_engine
+
+
+def _sampled(prompt: str, seed: int | None, adapter: str | None = None, **params) -> GenerationRequest:
+    settings = dict(max_tokens=12, temperature=1.0, seed=seed) | params
+    return GenerationRequest(prompt, adapter=adapter, params=SamplingParams(**settings))
+
+
+def test_seeded_sampling_is_reproducible_and_independent_of_batch_companions(engine: Engine) -> None:
+    alone = engine.generate(_sampled(PROMPTS[0], seed=7, adapter="lora")).token_ids
+    handles = [engine.submit(_sampled(PROMPTS[1], seed=None)) for _ in range(3)]
+    with_others = engine.generate(_sampled(PROMPTS[0], seed=7, adapter="lora")).token_ids
+    for handle in handles:
+        handle.result(timeout=60)
+    other_seed = engine.generate(_sampled(PROMPTS[0], seed=8, adapter="lora")).token_ids
+    assert alone == with_others
+    assert alone != other_seed
+
+
+def test_top_k_one_and_tiny_top_p_reduce_sampling_to_greedy(engine: Engine) -> None:
+    want = engine.generate(greedy(PROMPTS[2], "ia3", max_tokens=12)).token_ids
+    assert engine.generate(_sampled(PROMPTS[2], seed=1, adapter="ia3", top_k=1)).token_ids == want
+    assert engine.generate(_sampled(PROMPTS[2], seed=2, adapter="ia3", top_p=1e-6)).token_ids == want
+    assert engine.generate(_sampled(PROMPTS[2], seed=3, adapter="ia3", temperature=5.0)).token_ids != want
+
+
+def test_max_tokens_ends_with_length(engine: Engine) -> None:
+    result = engine.generate(greedy(PROMPTS[1], "prefix", max_tokens=5))
+    assert (result.completion_tokens, result.finish_reason) == (5, "length")
+    assert result.prompt_tokens == len(engine.tokenizer(PROMPTS[1])["input_ids"])
+
+
+def test_stop_string_cuts_text_and_streamed_deltas_add_up(engine: Engine) -> None:
+    full = engine.generate(greedy(PROMPTS[0], "ptune", max_tokens=16)).text
+    stop = full[len(full) // 2 : len(full) // 2 + 3]
+    deltas: list[str] = []
+    request = greedy(PROMPTS[0], "ptune", max_tokens=16, on_token=lambda token, delta: deltas.append(delta))
+    request.params = SamplingParams(max_tokens=16, stop=(stop,))
+    result = engine.generate(request)
+    assert result.finish_reason == "stop"
+    assert result.text == full[: full.index(stop)]
+    assert "".join(deltas) == result.text
+    assert len(deltas) == result.completion_tokens
+
+
+def test_eos_ends_with_stop(engine: Engine) -> None:
+    first = engine.generate(greedy(PROMPTS[1], max_tokens=3)).token_ids
+    saved = engine.eos_ids
+    engine.eos_ids = {first[1]}
+    try:
+        result = engine.generate(greedy(PROMPTS[1], max_tokens=8))
+    finally:
+        engine.eos_ids = saved
+    assert (result.token_ids, result.finish_reason) == (first[:2], "stop")
+
+
+def test_cancel_leaves_the_batch_and_others_are_unaffected(engine: Engine) -> None:
+    want = engine.generate(greedy(PROMPTS[2], "lora_rs", max_tokens=12)).token_ids
+    handles: list = []
+
+    def cancel_after_three(token: int, delta: str) -> None:
+        if len(seen) == 2:
+            handles[0].cancel()
+        seen.append(token)
+
+    seen: list[int] = []
+    handles.append(engine.submit(greedy(PROMPTS[0], "prompt", max_tokens=12, on_token=cancel_after_three)))
+    handles.append(engine.submit(greedy(PROMPTS[2], "lora_rs", max_tokens=12)))
+    engine.start()
+    try:
+        cancelled, other = (handle.result(timeout=60) for handle in handles)
+    finally:
+        engine.stop()
+    assert cancelled.finish_reason == "cancelled"
+    assert cancelled.completion_tokens == 3
+    assert other.token_ids == want
+
+
+def test_requests_join_and_leave_between_decode_steps(adapter_dirs: dict[str, Path]) -> None:
+    engine = make_engine(adapter_dirs)
+    want = {name: engine.generate(greedy(PROMPTS[0], name, max_tokens=12)).token_ids for name in ADAPTERS}
+    joined = threading.Event()
+    late: dict[str, object] = {}
+
+    def join_midway(token: int, delta: str) -> None:
+        if not joined.is_set():
+            joined.set()
+            late.update({name: engine.submit(greedy(PROMPTS[0], name, max_tokens=12)) for name in ADAPTERS})
+
+    engine.start()
+    try:
+        first = engine.submit(greedy(PROMPTS[0], "lora", max_tokens=12, on_token=join_midway))
+        assert first.result(timeout=60).token_ids == want["lora"]
+        assert {name: handle.result(timeout=60).token_ids for name, handle in late.items()} == want
+    finally:
+        engine.stop()
+
+
+def test_many_producer_threads_feed_one_loop(adapter_dirs: dict[str, Path]) -> None:
+    engine = make_engine(adapter_dirs, max_batch_size=6)
+    names = [None, *ADAPTERS]
+    want = {(n, p): engine.generate(greedy(p, n, max_tokens=6)).token_ids for n in names for p in PROMPTS[:2]}
+    results: dict = {}
+    errors: list[BaseException] = []
+
+    def produce(name: str | None) -> None:
+        try:
+            for prompt in PROMPTS[:2]:
+                results[(name, prompt)] = engine.generate(greedy(prompt, name, max_tokens=6)).token_ids
+        except BaseException as err:
+            errors.append(err)
+
+    engine.start()
+    threads = [threading.Thread(target=produce, args=(name,)) for name in names]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    engine.stop()
+    assert not errors
+    assert results == want
+
+
+def test_bad_parameters_full_queue_and_stopped_engine_are_refused(adapter_dirs: dict[str, Path]) -> None:
+    engine = make_engine(adapter_dirs, max_queue=1)
+    for params in (SamplingParams(max_tokens=0), SamplingParams(temperature=-1), SamplingParams(top_p=0)):
+        with pytest.raises(RequestError) as bad:
+            engine.submit(GenerationRequest(PROMPTS[0], params=params))
+        assert bad.value.code == "bad_request"
+    first = engine.submit(greedy(PROMPTS[0]))
+    with pytest.raises(RequestError) as full:
+        engine.submit(greedy(PROMPTS[0]))
+    assert full.value.code == "overloaded"
+    engine.stop(grace_s=30)
+    assert first.result(timeout=1).completion_tokens > 0
+    with pytest.raises(RequestError) as stopped:
+        engine.submit(greedy(PROMPTS[0]))
+    assert stopped.value.code == "overloaded"
+
+
+def test_generation_stops_at_the_context_limit(adapter_dirs: dict[str, Path]) -> None:
+    engine = make_engine(adapter_dirs, max_context=48)
+    prompt_ids = engine.tokenizer(PROMPTS[2])["input_ids"]
+    result = engine.generate(greedy(prompt_ids, "prefix", max_tokens=100))
+    assert result.finish_reason == "length"
+    assert len(prompt_ids) + 3 + result.completion_tokens == 48 + 1
