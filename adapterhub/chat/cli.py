@@ -22,8 +22,18 @@ import click
     "--api-key", envvar="ADAPTERHUB_API_KEY", help="The server's API key [env: ADAPTERHUB_API_KEY]."
 )
 @click.option("--system", help="System prompt.")
+@click.option("--max-tokens", default=256, show_default=True, type=click.IntRange(min=1))
+@click.option(
+    "--temperature", default=0.0, show_default=True, type=click.FloatRange(0, 2), help="0 is greedy."
+)
 def chat(
-    base: str | None, adapter: str | None, url: str | None, api_key: str | None, system: str | None
+    base: str | None,
+    adapter: str | None,
+    url: str | None,
+    api_key: str | None,
+    system: str | None,
+    max_tokens: int,
+    temperature: float,
 ) -> None:
     """Chat with a base model and its adapters; switch and compare them mid-conversation.
 
@@ -32,12 +42,14 @@ def chat(
     from rich.console import Console
 
     from adapterhub.chat.repl import answer_once, open_backend, open_session, run_repl
+    from adapterhub.runtime.api import SamplingParams
 
     console = Console(highlight=False)
     question = None if sys.stdin.isatty() else sys.stdin.read()
     backend = open_backend(console, base, adapter, url, api_key)
     try:
-        session = open_session(console, backend, adapter, system)
+        params = SamplingParams(max_tokens=max_tokens, temperature=temperature)
+        session = open_session(console, backend, adapter, system, params)
         if question is None:
             run_repl(session)
         else:

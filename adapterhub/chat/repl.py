@@ -14,6 +14,7 @@ from adapterhub.chat.transcript import Transcript
 from adapterhub.chat.view import ChatView
 from adapterhub.errors import UserError
 from adapterhub.paths import home
+from adapterhub.runtime.api import SamplingParams
 
 
 def open_backend(
@@ -27,8 +28,10 @@ def open_backend(
         return LocalBackend.open(base, adapter)
 
 
-def open_session(console: Console, backend: Backend, adapter: str | None, system: str | None) -> ChatSession:
-    session = ChatSession(backend, ChatView(console), transcript=Transcript(system=system))
+def open_session(
+    console: Console, backend: Backend, adapter: str | None, system: str | None, params: SamplingParams
+) -> ChatSession:
+    session = ChatSession(backend, ChatView(console), params=params, transcript=Transcript(system=system))
     if adapter is not None:
         session.switch(adapter)
     return session

@@ -14,7 +14,6 @@ from adapterhub.chat.view import ChatView, Reply
 from adapterhub.errors import UserError
 from adapterhub.runtime.api import SamplingParams
 
-DEFAULT_PARAMS = SamplingParams(max_tokens=256, temperature=0.0)
 # name: (type, check, what the check wants)
 SETTINGS: dict[str, tuple[type, Callable[[float], bool], str]] = {
     "temperature": (float, lambda v: 0 <= v <= 2, "a number from 0 to 2"),
@@ -29,7 +28,7 @@ class ChatSession:
     backend: Backend
     view: ChatView
     adapter: AdapterEntry = BASE_ENTRY
-    params: SamplingParams = DEFAULT_PARAMS
+    params: SamplingParams = field(default_factory=SamplingParams)
     transcript: Transcript = field(default_factory=Transcript)
     running: bool = True
 

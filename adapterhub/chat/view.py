@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import queue
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -108,7 +108,7 @@ class ChatView:
             redraw(final=True)
         return replies
 
-    def _collect(self, events: queue.Queue[Event], replies: list[Reply], redraw) -> None:
+    def _collect(self, events: queue.Queue[Event], replies: list[Reply], redraw: Callable[..., None]) -> None:
         last_drawn = 0.0
         while not all(reply.finished for reply in replies):
             try:
@@ -123,18 +123,25 @@ class ChatView:
             last_drawn = time.perf_counter()
 
     @contextmanager
-    def _drawing(self, replies: list[Reply], side_by_side: bool) -> Iterator:
+    def _drawing(self, replies: list[Reply], side_by_side: bool) -> Iterator[Callable[..., None]]:
         if self.live:
             with Live(
                 console=self.console, auto_refresh=False, vertical_overflow="visible", transient=False
             ) as live:
                 yield lambda final=False: live.update(render(replies, side_by_side, final), refresh=True)
         elif side_by_side:
-            yield lambda final=False: final and self.console.print(render(replies, side_by_side, final))
+            yield self._panels_when_final(replies)
         else:
             yield self._plain_writer(replies[0])
 
-    def _plain_writer(self, reply: Reply):
+    def _panels_when_final(self, replies: list[Reply]) -> Callable[..., None]:
+        def draw(final: bool = False) -> None:
+            if final:
+                self.console.print(render(replies, side_by_side=True, final=True))
+
+        return draw
+
+    def _plain_writer(self, reply: Reply) -> Callable[..., None]:
         written = 0
 
         def write(final: bool = False) -> None:

@@ -26,3 +26,17 @@ def scripted_url(scripted: ScriptedEngine) -> Iterator[str]:
 
     with running_app(create_app(scripted, api_key=API_KEY)) as url:
         yield url
+
+
+@pytest.fixture(scope="session")
+def adapters(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Random, non-trivial adapters of three families on the tiny Llama, named by their folders."""
+    from adapterhub.models import ModelSpec, load_model
+    from adapterhub.runtime.random_adapters import peft_config, write_random_adapter
+
+    root = tmp_path_factory.mktemp("adapters")
+    folders = {}
+    for seed, (name, family) in enumerate((("lora", "lora"), ("ia3", "ia3"), ("prompt", "prompt_tuning"))):
+        model = load_model(ModelSpec("builtin:tiny-llama"))
+        folders[name] = write_random_adapter(model, peft_config(family), root / name, seed=seed + 1)
+    return folders

@@ -53,11 +53,13 @@ class ChatTerminal:
             encoding="utf-8",
             timeout=timeout,
         )
-        self.transcript = ""
+        self.raw = ""  # everything read, escapes included
+        self.transcript = ""  # the same as plain text
 
     def expect(self, pattern: str) -> str:
-        """Wait for the regex ``pattern``; returns the plain text read since the last match, match included."""
+        """Wait for the regex ``pattern``; returns the plain text since the last match, match included."""
         self.child.expect(pattern)
+        self.raw += self.child.before + self.child.after
         seen = plain(self.child.before + self.child.after)
         self.transcript += seen
         return seen
@@ -134,7 +136,8 @@ class ScriptedEngine:
         self.base_name = "builtin:tiny-llama"
         self.max_context = 512
         self.adapters = {
-            name: AdapterInfo(name, method, name, self.base_name) for name, method in (("lora-a", "lora"), ("ia3-b", "ia3"))
+            name: AdapterInfo(name, method, name, self.base_name)
+            for name, method in (("lora-a", "lora"), ("ia3-b", "ia3"))
         }
         self.hold_after: int | None = None
         self.release = threading.Event()
@@ -156,7 +159,13 @@ class ScriptedEngine:
         pass
 
     def stats(self) -> dict:
-        return {"queue_depth": 0, "running": 0, "last_batch_size": 0, "adapter_loads": 0, "adapter_evictions": 0}
+        return {
+            "queue_depth": 0,
+            "running": 0,
+            "last_batch_size": 0,
+            "adapter_loads": 0,
+            "adapter_evictions": 0,
+        }
 
     def submit(self, request: GenerationRequest) -> ScriptedHandle:
         if request.adapter is not None and request.adapter not in self.adapters:

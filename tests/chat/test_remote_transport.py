@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import re
 import socket
+
+from adapterhub.chat.commands import BY_NAME
 
 from .conftest import API_KEY
 from .harness import ScriptedEngine, chat_terminal, run_piped, wait_until
@@ -12,13 +15,17 @@ def test_reply_appears_while_it_streams(scripted: ScriptedEngine, scripted_url: 
     scripted.hold_after = 3
     with chat_terminal("--url", scripted_url, "--api-key", API_KEY, "--adapter", "lora-a") as chat:
         chat.prompt("lora-a")
-        chat.send("tell me about the review")
+        chat.send("tell me **loud** news")
         # The reply is held after three words: they must be on screen before it can finish.
         chat.expect(r"\[lora-a\] you said:")
-        assert "tokens" not in chat.transcript.split("tell me about the review")[-1]
+        assert "tokens" not in chat.transcript.split("tell me **loud** news")[-1]
         scripted.release.set()
+        streamed = chat.expect(r"\*\*loud\*\* news")
         status = chat.expect(r"lora-a \(lora\) · \d+ tokens · [\d.]+ tok/s")
-        assert "tell me about the review" in status
+        assert "tell me **loud** news" in streamed
+        # Once finished the reply is redrawn as Markdown: the asterisks become bold.
+        assert "you said: tell me loud news" in status
+        assert re.search(r"\x1b\[1m(?:\x1b\[[\d;]*m)*loud", chat.raw)
         chat.prompt("lora-a")
         assert chat.close() == 0
 
@@ -43,6 +50,9 @@ def test_ctrl_c_stops_the_reply_and_the_session_goes_on(scripted: ScriptedEngine
 def test_switch_list_and_unknown_names_keep_the_session(scripted_url: str) -> None:
     with chat_terminal("--url", scripted_url, "--api-key", API_KEY) as chat:
         chat.prompt("base")
+        chat.send("/help")
+        listing = chat.expect(r"/quit\s+leave")
+        assert [name for name in BY_NAME if f"/{name}" not in listing] == []
         chat.send("/adapters")
         listing = chat.expect(r"ia3-b\s+│?\s*ia3")
         assert "lora-a" in listing and "lora" in listing
@@ -59,7 +69,9 @@ def test_switch_list_and_unknown_names_keep_the_session(scripted_url: str) -> No
 
 
 def test_piped_question_is_answered_once(scripted_url: str) -> None:
-    done = run_piped("--url", scripted_url, "--api-key", API_KEY, "--adapter", "lora-a", stdin="hello there\n")
+    done = run_piped(
+        "--url", scripted_url, "--api-key", API_KEY, "--adapter", "lora-a", stdin="hello there\n"
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout == "[lora-a] you said: hello there\n"
 
