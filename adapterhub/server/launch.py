@@ -46,13 +46,15 @@ def parse_adapter_specs(text: str) -> list[AdapterSpec]:
     for item in (part.strip() for part in text.split(",")):
         if not item:
             continue
-        name, _, spec = item.partition("=") if "=" in item else ("", "", item)
-        name = name.strip() or default_name(spec)
-        if not spec.strip() or not ALIAS_PATTERN.match(name):
+        if "=" in item:
+            name, _, spec = (part.strip() for part in item.partition("="))
+        else:
+            name, spec = default_name(item), item
+        if not name or not spec or not ALIAS_PATTERN.match(name):
             raise UserError(
                 f"adapter '{item}' is not 'SPEC' or 'ALIAS=SPEC': write e.g. --adapters sql=org/sql-lora"
             )
-        specs.append(AdapterSpec(name, spec.strip()))
+        specs.append(AdapterSpec(name, spec))
     names = [s.name for s in specs]
     repeated = sorted({n for n in names if names.count(n) > 1})
     if repeated:

@@ -1,0 +1,73 @@
+"""``adapterhub serve`` before the server starts: adapter specs, the base model, one-line errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from adapterhub.errors import UserError
+from adapterhub.server.launch import AdapterSpec, infer_base, parse_adapter_specs
+
+
+def adapter_folder(root: Path, name: str, base: str | None) -> Path:
+    folder = root / name
+    folder.mkdir()
+    config = {"peft_type": "LORA", "r": 8, "target_modules": ["q_proj"]}
+    if base is not None:
+        config["base_model_name_or_path"] = base
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    return folder
+
+
+def test_specs_take_aliases_and_default_names(tmp_path: Path) -> None:
+    folder = adapter_folder(tmp_path, "sentiment-lora", "org/base")
+    specs = parse_adapter_specs(f"sql=org/sql-lora@v2, {folder}/ ,org/chat-ia3@main,stored-one,")
+    assert specs == [
+        AdapterSpec("sql", "org/sql-lora@v2"),
+        AdapterSpec("sentiment-lora", f"{folder}/"),
+        AdapterSpec("org/chat-ia3", "org/chat-ia3@main"),
+        AdapterSpec("stored-one", "stored-one"),
+    ]
+    assert parse_adapter_specs("") == []
+
+
+@pytest.mark.parametrize("text", ["a=", "=b", "a b=c", "x,x", "org/a@1,org/a@2"])
+def test_bad_specs_are_one_line_errors(text: str) -> None:
+    with pytest.raises(UserError) as err:
+        parse_adapter_specs(text)
+    assert "\n" not in str(err.value) and ("ALIAS=SPEC" in str(err.value) or "twice" in str(err.value))
+
+
+def test_base_comes_from_the_flag_or_the_adapters_shared_base(tmp_path: Path) -> None:
+    one = AdapterSpec("one", str(adapter_folder(tmp_path, "one", "org/base")))
+    two = AdapterSpec("two", str(adapter_folder(tmp_path, "two", "org/base")))
+    other = AdapterSpec("other", str(adapter_folder(tmp_path, "other", "org/other-base")))
+    silent = AdapterSpec("silent", str(adapter_folder(tmp_path, "silent", None)))
+    assert infer_base([one, two], None) == "org/base"
+    assert infer_base([one, other], "builtin:tiny-llama") == "builtin:tiny-llama"
+    listing = r"\(one -> org/base, two -> org/base, other -> org/other-base\): pass --base MODEL"
+    with pytest.raises(UserError, match=listing):
+        infer_base([one, two, other], None)
+    with pytest.raises(UserError, match="'silent' does not record its base model: pass --base"):
+        infer_base([silent], None)
+    with pytest.raises(UserError, match="nothing to serve"):
+        infer_base([], None)
+
+
+def test_cli_prints_one_line_and_fails_on_disagreeing_bases(tmp_path: Path) -> None:
+    one = adapter_folder(tmp_path, "one", "org/base")
+    other = adapter_folder(tmp_path, "other", "org/other-base")
+    run = subprocess.run(
+        [sys.executable, "-m", "adapterhub", "serve", "--adapters", f"{one},{other}"],
+        capture_output=True,
+        text=True,
+        env=os.environ.copy(),
+        timeout=120,
+    )
+    assert run.returncode == 1
+    assert run.stderr.strip().count("\n") == 0 and "pass --base MODEL" in run.stderr
