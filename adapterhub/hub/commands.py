@@ -14,6 +14,7 @@ from adapterhub.errors import UserError
 from adapterhub.hub import store
 
 console = Console()
+status_console = Console(stderr=True)
 
 
 def _print_json(data: object) -> None:
@@ -51,7 +52,7 @@ def push(
     """Upload an adapter (training output dir or store name) to the Hub repo REPO_ID."""
     from adapterhub.hub.remote import push_folder
 
-    with console.status(f"pushing to {repo_id}"):
+    with status_console.status(f"pushing to {repo_id}"):
         result = push_folder(
             _source_folder(source),
             repo_id,

@@ -26,6 +26,7 @@ from huggingface_hub.errors import (
     RepositoryNotFoundError,
     RevisionNotFoundError,
 )
+from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 from tqdm.auto import tqdm
 
@@ -362,7 +363,8 @@ def _download(api: HfApi, repo_id: str, commit: str, prefix: str, sizes: dict[st
     """Fetch ``sizes``' files of ``repo_id`` at ``commit`` flat into ``into``, with one rich progress bar."""
     scratch = into / ".download"
     columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn())
-    with Progress(*columns, transient=True) as progress, hub_errors(repo_id, commit):
+    progress_bar = Progress(*columns, console=Console(stderr=True), transient=True)
+    with progress_bar as progress, hub_errors(repo_id, commit):
         task = progress.add_task(f"pulling {repo_id}", total=sum(sizes.values()))
         for file_name in sizes:
             path = hf_hub_download(

@@ -77,16 +77,23 @@ def save_peft_adapter(base: Path, out: Path, config, *, base_model_name: str | N
 
 @pytest.fixture(scope="session")
 def adapters_dir(tmp_path_factory: pytest.TempPathFactory, tiny_llama: Path) -> Path:
-    """Plain-PEFT adapters on the tiny Llama, made once: ``lora`` (local base path), ``lora-builtin``
-    (base ``builtin:tiny-llama``, portable as is) and ``prompt`` (prompt tuning)."""
-    from peft import LoraConfig, PromptTuningConfig
+    """Plain-PEFT adapters on the tiny Llama, made once: ``lora`` records the local base path; the
+    others (``lora-builtin``, ``prompt``, ``ia3``, ``prefix``, ``p-tuning``) record ``builtin:tiny-llama``,
+    which is portable as is."""
+    from peft import IA3Config, LoraConfig, PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig
 
     root = tmp_path_factory.mktemp("adapters")
     lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
     save_peft_adapter(tiny_llama, root / "lora", lora)
-    save_peft_adapter(tiny_llama, root / "lora-builtin", lora, base_model_name="builtin:tiny-llama")
-    prompt = PromptTuningConfig(num_virtual_tokens=4, task_type="CAUSAL_LM")
-    save_peft_adapter(tiny_llama, root / "prompt", prompt, base_model_name="builtin:tiny-llama")
+    builtin = {
+        "lora-builtin": lora,
+        "prompt": PromptTuningConfig(num_virtual_tokens=4, task_type="CAUSAL_LM"),
+        "ia3": IA3Config(task_type="CAUSAL_LM"),
+        "prefix": PrefixTuningConfig(num_virtual_tokens=3, task_type="CAUSAL_LM"),
+        "p-tuning": PromptEncoderConfig(num_virtual_tokens=5, encoder_hidden_size=64, task_type="CAUSAL_LM"),
+    }
+    for name, config in builtin.items():
+        save_peft_adapter(tiny_llama, root / name, config, base_model_name="builtin:tiny-llama")
     return root
 
 
@@ -116,7 +123,12 @@ def hub_env(hub: FakeHub, tmp_path: Path, user: str = "alice") -> dict[str, str]
     return env
 
 
-def run_cli(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
+def run_cli(args: list[str], env: dict[str, str], cwd: Path | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "adapterhub", *args], env=env, capture_output=True, text=True, timeout=300
+        [sys.executable, "-m", "adapterhub", *args],
+        env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
