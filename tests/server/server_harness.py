@@ -1,42 +1,18 @@
-"""A real uvicorn server on 127.0.0.1 in a thread, and a scriptable engine for transport-level tests.
+"""A scriptable engine for transport-level tests of the server.
 
 ``ScriptedEngine`` keeps the Engine contract's surface with a real tokenizer but fixed replies and
 a gate, so disconnects, full queues and shutdown can be driven deterministically; everything about
-what a model generates is tested against the real ``Engine`` (see test_exactness.py).
+what a model generates is tested against the real ``Engine`` (test_server_engine.py).
 """
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import threading
-import time
-from collections.abc import Iterator
-
-import uvicorn
 
 from adapterhub.runtime.api import AdapterInfo, GenerationRequest, GenerationResult, RequestError
 
 REPLY_WORDS = ("good", "fast", "clean", "happy", "fresh")
-
-
-@contextlib.contextmanager
-def running_server(app, **config) -> Iterator[str]:
-    """Serve ``app`` with uvicorn on a free 127.0.0.1 port; yields the base URL, stops on exit."""
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", **config))
-    thread = threading.Thread(target=server.run, daemon=True, name="uvicorn-test")
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError("uvicorn did not start")
-        time.sleep(0.01)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(30)
 
 
 class ScriptedHandle:

@@ -16,13 +16,13 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from server_harness import running_server
 from transformers import AutoModelForCausalLM
 
 from adapterhub.runtime.api import GenerationRequest, GenerationResult, SamplingParams
 from adapterhub.runtime.engine import Engine, EngineConfig
 from adapterhub.runtime.random_adapters import peft_config, write_random_adapter
 from adapterhub.server.app import create_app
+from adapterhub.server.background import serve_in_background
 
 FAMILIES = ("lora", "ia3", "prompt_tuning", "prefix_tuning")
 PROMPTS = ("the food was", "Review: the room was very clean\nSentiment:")
@@ -53,7 +53,7 @@ def engine(adapter_folders: dict[str, Path]) -> Engine:
 
 @pytest.fixture(scope="module")
 def url(engine: Engine) -> str:
-    with running_server(create_app(engine)) as base_url:
+    with serve_in_background(create_app(engine)) as base_url:
         yield base_url
 
 

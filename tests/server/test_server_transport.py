@@ -10,10 +10,11 @@ import time
 import httpx
 import openai
 import pytest
-from server_harness import ScriptedEngine, running_server
+from server_harness import ScriptedEngine
 
 from adapterhub.runtime.api import RequestError
 from adapterhub.server.app import create_app
+from adapterhub.server.background import serve_in_background
 
 
 def client(url: str, api_key: str = "unused") -> openai.OpenAI:
@@ -32,7 +33,7 @@ def wait_until(condition, timeout: float = 10.0) -> None:
 
 
 def test_models_completions_and_chat(scripted: ScriptedEngine) -> None:
-    with running_server(create_app(scripted)) as url:
+    with serve_in_background(create_app(scripted)) as url:
         api = client(url)
         models = api.models.list().data
         assert [m.id for m in models] == ["builtin:tiny-llama", "lora-a", "ia3-b"]
@@ -66,7 +67,7 @@ def test_models_completions_and_chat(scripted: ScriptedEngine) -> None:
 
 
 def test_sampling_fields_reach_the_engine(scripted: ScriptedEngine) -> None:
-    with running_server(create_app(scripted)) as url:
+    with serve_in_background(create_app(scripted)) as url:
         client(url).completions.create(
             model="lora-a",
             prompt="hi",
@@ -89,7 +90,7 @@ def test_sampling_fields_reach_the_engine(scripted: ScriptedEngine) -> None:
 
 
 def test_streaming_matches_non_streaming_and_ends_with_done(scripted: ScriptedEngine) -> None:
-    with running_server(create_app(scripted)) as url:
+    with serve_in_background(create_app(scripted)) as url:
         api = client(url)
         whole = api.completions.create(model="lora-a", prompt="the room", max_tokens=6).choices[0].text
         chunks = list(api.completions.create(model="lora-a", prompt="the room", max_tokens=6, stream=True))
@@ -120,7 +121,7 @@ def test_streaming_matches_non_streaming_and_ends_with_done(scripted: ScriptedEn
 
 
 def test_api_key_guards_v1_routes_only(scripted: ScriptedEngine) -> None:
-    with running_server(create_app(scripted, api_key="s3cret")) as url:
+    with serve_in_background(create_app(scripted, api_key="s3cret")) as url:
         with pytest.raises(openai.AuthenticationError) as refused:
             client(url, api_key="wrong").models.list()
         assert refused.value.status_code == 401
@@ -156,7 +157,7 @@ def test_api_key_guards_v1_routes_only(scripted: ScriptedEngine) -> None:
 def test_error_statuses_and_openai_bodies(
     scripted: ScriptedEngine, body: dict, status: int, code: str
 ) -> None:
-    with running_server(create_app(scripted, max_tokens_cap=32)) as url:
+    with serve_in_background(create_app(scripted, max_tokens_cap=32)) as url:
         response = httpx.post(f"{url}/v1/completions", json=body, timeout=30)
     assert response.status_code == status
     error = response.json()["error"]
@@ -165,7 +166,7 @@ def test_error_statuses_and_openai_bodies(
 
 
 def test_openai_client_raises_the_matching_errors(scripted: ScriptedEngine) -> None:
-    with running_server(create_app(scripted)) as url:
+    with serve_in_background(create_app(scripted)) as url:
         api = client(url)
         with pytest.raises(openai.NotFoundError, match="unknown adapter"):
             api.chat.completions.create(model="nope", messages=[{"role": "user", "content": "hi"}])
@@ -179,7 +180,7 @@ def test_openai_client_raises_the_matching_errors(scripted: ScriptedEngine) -> N
 
 
 def test_body_limit_and_unknown_route(scripted: ScriptedEngine) -> None:
-    with running_server(create_app(scripted, max_body_bytes=2000)) as url:
+    with serve_in_background(create_app(scripted, max_body_bytes=2000)) as url:
         big = {"model": "lora-a", "prompt": "x" * 5000}
         response = httpx.post(f"{url}/v1/completions", json=big, timeout=30)
         assert response.status_code == 413 and response.json()["error"]["code"] == "body_too_large"
@@ -197,7 +198,7 @@ def test_body_limit_and_unknown_route(scripted: ScriptedEngine) -> None:
 
 def test_server_queue_limit_answers_429(scripted: ScriptedEngine) -> None:
     scripted.gate.clear()
-    with running_server(create_app(scripted, max_queue=2)) as url:
+    with serve_in_background(create_app(scripted, max_queue=2)) as url:
         waiting = [
             threading.Thread(
                 target=client(url).completions.create, kwargs={"model": "lora-a", "prompt": "hi"}
@@ -218,7 +219,7 @@ def test_server_queue_limit_answers_429(scripted: ScriptedEngine) -> None:
 @pytest.mark.parametrize("stream", [False, True])
 def test_client_disconnect_cancels_generation(scripted: ScriptedEngine, stream: bool) -> None:
     scripted.gate.clear()
-    with running_server(create_app(scripted)) as url:
+    with serve_in_background(create_app(scripted)) as url:
         port = int(url.rsplit(":", 1)[1])
         body = json.dumps({"model": "lora-a", "prompt": "hi", "max_tokens": 8, "stream": stream}).encode()
         head = "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
@@ -234,7 +235,7 @@ def test_client_disconnect_cancels_generation(scripted: ScriptedEngine, stream: 
 
 
 def test_failure_mid_stream_is_an_error_event(scripted: ScriptedEngine) -> None:
-    with running_server(create_app(scripted)) as url:
+    with serve_in_background(create_app(scripted)) as url:
         scripted.fail_next = RequestError("adapter 'lora-a' was unloaded", "unknown_adapter")
         body = {"model": "lora-a", "prompt": "hi", "max_tokens": 3, "stream": True}
         with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=30) as response:
@@ -246,7 +247,7 @@ def test_failure_mid_stream_is_an_error_event(scripted: ScriptedEngine) -> None:
 
 
 def test_adapter_management_routes(scripted: ScriptedEngine) -> None:
-    with running_server(create_app(scripted)) as url:
+    with serve_in_background(create_app(scripted)) as url:
         loaded = httpx.post(
             f"{url}/v1/adapters", json={"name": "pt-c", "source": "prompt_tuning"}, timeout=30
         )
@@ -262,7 +263,7 @@ def test_adapter_management_routes(scripted: ScriptedEngine) -> None:
 
 def test_metrics_cover_requests_tokens_engine_and_latency(scripted: ScriptedEngine) -> None:
     first, second = create_app(scripted), create_app(scripted)  # registries must not collide
-    with running_server(first) as url:
+    with serve_in_background(first) as url:
         client(url).completions.create(model="lora-a", prompt="hi", max_tokens=4)
         httpx.post(f"{url}/v1/completions", json={"model": "nope", "prompt": "hi"})
         text = httpx.get(f"{url}/metrics").text
@@ -284,7 +285,7 @@ def test_metrics_cover_requests_tokens_engine_and_latency(scripted: ScriptedEngi
 
 
 def test_openapi_is_served(scripted: ScriptedEngine) -> None:
-    with running_server(create_app(scripted)) as url:
+    with serve_in_background(create_app(scripted)) as url:
         spec = httpx.get(f"{url}/openapi.json").json()
     assert {"/v1/models", "/v1/completions", "/v1/chat/completions", "/v1/adapters", "/health"} <= set(
         spec["paths"]
