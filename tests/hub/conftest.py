@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from .fake_hub import FakeHub
+from .fake_hub import FakeHub, running_hub
 
 DEAD_ENDPOINT = "http://127.0.0.1:9"  # the discard port: nothing listens, connections are refused at once
 TOKENS = {"alice": "alice-token", "bob": "bob-token"}
@@ -24,12 +24,8 @@ TOKENS = {"alice": "alice-token", "bob": "bob-token"}
 
 @pytest.fixture(scope="session")
 def hub_server() -> Iterator[FakeHub]:
-    hub = FakeHub()
-    server, thread = hub.serve()
-    yield hub
-    server.shutdown()
-    server.server_close()
-    thread.join(timeout=5)
+    with running_hub() as hub:
+        yield hub
 
 
 @pytest.fixture

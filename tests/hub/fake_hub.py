@@ -10,11 +10,13 @@ large files is not exercised.
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
 import re
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -116,6 +118,19 @@ class FakeHub:
         thread = threading.Thread(target=server.serve_forever, daemon=True)
         thread.start()
         return server, thread
+
+
+@contextlib.contextmanager
+def running_hub() -> Iterator[FakeHub]:
+    """A fake Hub serving on a free port for the duration of the block."""
+    hub = FakeHub()
+    server, thread = hub.serve()
+    try:
+        yield hub
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
 
 
 def _now() -> str:
