@@ -19,6 +19,8 @@ COMMANDS: dict[str, str] = {
     "list": "adapterhub.hub.commands:list_adapters",
     "show": "adapterhub.hub.commands:show",
     "rm": "adapterhub.hub.commands:rm",
+    "train": "adapterhub.train.commands:train",
+    "params": "adapterhub.train.commands:params",
     "bench": "adapterhub.bench:bench",
     "chat": "adapterhub.chat.cli:chat",
     "serve": "adapterhub.server.commands:serve",

@@ -87,9 +87,13 @@ def load_config(name: str) -> PretrainedConfig:
     try:
         return AutoConfig.from_pretrained(local_path(name))
     except (OSError, ValueError) as err:
-        offline = os.environ.get("HF_HUB_OFFLINE") == "1"
-        hint = "we are offline (HF_HUB_OFFLINE=1)" if offline else "check the id, your network and HF_TOKEN"
-        raise UserError(f"model '{name}' not found: {hint}, or give a local folder") from err
+        raise model_not_found(name) from err
+
+
+def model_not_found(name: str, what: str = "model") -> UserError:
+    offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+    hint = "we are offline (HF_HUB_OFFLINE=1)" if offline else "check the id, your network and HF_TOKEN"
+    return UserError(f"{what} '{name}' not found: {hint}, or give a local folder")
 
 
 def raw_config_dict(name: str) -> dict:
@@ -143,9 +147,7 @@ def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
         tokenizer = AutoTokenizer.from_pretrained(local_path(name))
     except (OSError, ValueError, TypeError) as err:
         if not random_init:
-            raise UserError(
-                f"tokenizer of model '{name}' not found: check the id or give a local folder"
-            ) from err
+            raise model_not_found(name) from err
         tokenizer = build_tokenizer()
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -172,12 +174,18 @@ def load_model(spec: ModelSpec) -> PreTrainedModel:
         try:
             model = auto.from_pretrained(local_path(name), **kwargs)
         except OSError as err:
-            raise UserError(f"model '{name}' weights not found: check the id, network or HF_TOKEN") from err
+            raise model_not_found(name, "weights of model") from err
     if spec.quantization == "none":
         model = model.to(device)
     keep_4bit_weights_trainable(model)
-    model.config.name_or_path = name
+    record_name(model, name)
     return model
+
+
+def record_name(model: PreTrainedModel, name: str) -> None:
+    """Record the Hub id or builtin name (not a cache path) where PEFT and our outputs read it."""
+    model.config.name_or_path = name
+    model.name_or_path = name
 
 
 def _random_model(auto: type, config: PretrainedConfig, dtype: torch.dtype, kwargs: dict) -> PreTrainedModel:
@@ -189,8 +197,3 @@ def _random_model(auto: type, config: PretrainedConfig, dtype: torch.dtype, kwar
         model.save_pretrained(tmp)
         del model
         return auto.from_pretrained(tmp, **kwargs)
-
-
-def hub_id(model: PreTrainedModel) -> str:
-    """The name a base model should be recorded under: its Hub id or builtin name, never a temp path."""
-    return model.config.name_or_path

@@ -27,7 +27,7 @@ CHAT_LINES = [
 
 def review(rng: random.Random, label: str) -> str:
     words = LABELS[label]
-    subject, adverb = rng.choice(SUBJECTS), rng.choice(FILLER[3:8])
+    subject, adverb = rng.choice(SUBJECTS), rng.choice(FILLER[3:6])
     return f"the {subject} was {adverb} {rng.choice(words)} and {rng.choice(words)}"
 
 

@@ -1,0 +1,1 @@
+"""Training adapters from recipes: the model, the data, the loop and what it writes."""

@@ -1,0 +1,195 @@
+"""Turning a recipe's data section into tokenized train and validation examples.
+
+Three row formats are understood: ``{"prompt", "completion"}`` (loss on the completion),
+``{"messages": [...]}`` (chat template applied, loss on assistant turns only) and ``{"text"}``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from transformers import PreTrainedTokenizerBase
+
+from adapterhub.errors import UserError
+from adapterhub.recipe import DataArgs
+
+FORMAT_COLUMNS = {"prompt_completion": ("prompt", "completion"), "messages": ("messages",), "text": ("text",)}
+MAX_LABELS = 32  # at most this many distinct completions make a dataset "label-style" (accuracy is reported)
+IGNORE = -100
+
+
+@dataclass
+class Splits:
+    train: list[dict[str, Any]]
+    validation: list[dict[str, Any]]
+    format: str
+
+    @property
+    def labels(self) -> list[str] | None:
+        """The distinct completions when the task is classification-like, else None."""
+        if self.format != "prompt_completion":
+            return None
+        values = {row["completion"] for row in self.train + self.validation}
+        return sorted(values) if len(values) <= MAX_LABELS else None
+
+
+def read_file(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        raise UserError(f"data file {path} not found: fix data.path in the recipe")
+    suffix = path.suffix.lower()
+    try:
+        if suffix in (".jsonl", ".json"):
+            text = path.read_text()
+            if suffix == ".json" and text.lstrip().startswith("["):
+                return json.loads(text)
+            return [json.loads(line) for line in text.splitlines() if line.strip()]
+        if suffix == ".csv":
+            with path.open(newline="") as handle:
+                return list(csv.DictReader(handle))
+        if suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            return pq.read_table(path).to_pylist()
+    except (json.JSONDecodeError, ValueError, OSError) as err:
+        raise UserError(f"data file {path} could not be read: {str(err).splitlines()[0]}") from err
+    raise UserError(f"data file {path}: unsupported type '{suffix}': use .jsonl, .json, .csv or .parquet")
+
+
+def read_hub_dataset(name: str, config: str | None, split: str) -> list[dict[str, Any]]:
+    import datasets
+
+    try:
+        return datasets.load_dataset(name, config, split=split).to_list()
+    except Exception as err:  # datasets raises many types for a missing id, config or split
+        raise UserError(
+            f"dataset '{name}' (config {config}, split {split}) could not be loaded: "
+            f"{str(err).splitlines()[0][:160]}"
+        ) from err
+
+
+def read_rows(args: DataArgs, *, validation: bool = False) -> list[dict[str, Any]]:
+    if validation:
+        if args.validation_path:
+            return read_file(Path(args.validation_path))
+        return read_hub_dataset(args.dataset, args.config, args.validation_split)
+    if args.path:
+        return read_file(Path(args.path))
+    return read_hub_dataset(args.dataset, args.config, args.split)
+
+
+def detect_format(row: dict[str, Any], where: str) -> str:
+    for name, columns in FORMAT_COLUMNS.items():
+        if all(column in row for column in columns):
+            return name
+    raise UserError(
+        f"{where}: rows need columns prompt+completion, messages or text (found "
+        f"{', '.join(row)}): map yours with data.columns"
+    )
+
+
+def normalize(rows: list[dict[str, Any]], args: DataArgs, where: str) -> tuple[list[dict[str, Any]], str]:
+    """Rename mapped columns, apply label names and the prompt template, and check every row."""
+    if not rows:
+        raise UserError(f"{where}: the dataset is empty")
+    mapping = {source: target for target, source in args.columns.items()}
+    rows = [{mapping.get(key, key): value for key, value in row.items()} for row in rows]
+    fmt = detect_format(rows[0], where) if args.format == "auto" else args.format
+    required = FORMAT_COLUMNS[fmt]
+    out = []
+    for index, row in enumerate(rows):
+        missing = [column for column in required if row.get(column) in (None, "")]
+        if missing:
+            raise UserError(
+                f"{where}: row {index} has no '{missing[0]}' column (format {fmt}); "
+                "map yours with data.columns"
+            )
+        if fmt == "prompt_completion":
+            completion = row["completion"]
+            if args.label_names is not None and isinstance(completion, int):
+                completion = args.label_names[completion]
+            prompt = args.prompt_template.format(**{**row, "prompt": row["prompt"]})
+            out.append({"prompt": str(prompt), "completion": str(completion)})
+        else:
+            out.append({column: row[column] for column in required})
+    return out[: args.max_samples] if args.max_samples else out, fmt
+
+
+def load_splits(args: DataArgs) -> Splits:
+    where = args.path or args.dataset
+    train, fmt = normalize(read_rows(args), args, where)
+    if args.validation_path or args.validation_split:
+        validation, _ = normalize(read_rows(args, validation=True), args, f"{where} (validation)")
+    else:
+        shuffled = train[:]
+        random.Random(args.split_seed).shuffle(shuffled)
+        cut = max(1, int(len(shuffled) * args.validation_fraction)) if len(shuffled) > 1 else 0
+        validation, train = shuffled[:cut], shuffled[cut:]
+    return Splits(train, validation, fmt)
+
+
+class Tokenize:
+    """Row -> ``{"input_ids", "attention_mask", "labels"}`` for a causal or a seq2seq model."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, args: DataArgs, *, seq2seq: bool) -> None:
+        self.tokenizer, self.args, self.seq2seq = tokenizer, args, seq2seq
+
+    def __call__(self, row: dict[str, Any], fmt: str) -> dict[str, list[int]]:
+        if fmt == "prompt_completion":
+            return self.prompt_completion(row["prompt"], row["completion"])
+        if fmt == "messages":
+            return self.messages(row["messages"])
+        if self.seq2seq:
+            raise UserError("data.format text needs a causal LM; seq2seq models need prompt/completion rows")
+        ids = self.tokenizer(row["text"], truncation=True, max_length=self.args.max_length).input_ids
+        return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": list(ids)}
+
+    def prompt_completion(self, prompt: str, completion: str) -> dict[str, list[int]]:
+        tok, args = self.tokenizer, self.args
+        # The target always ends in EOS so the model learns where to stop, whatever the tokenizer adds.
+        target = [
+            *tok(completion, add_special_tokens=False).input_ids[: args.max_target_length - 1],
+            tok.eos_token_id,
+        ]
+        if self.seq2seq:
+            ids = tok(prompt, truncation=True, max_length=args.max_length).input_ids
+            return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": target}
+        prompt_ids = tok(prompt).input_ids[: max(1, args.max_length - len(target))]
+        ids = prompt_ids + target
+        return {
+            "input_ids": ids,
+            "attention_mask": [1] * len(ids),
+            "labels": [IGNORE] * len(prompt_ids) + target,
+        }
+
+    def messages(self, messages: list[dict[str, str]]) -> dict[str, list[int]]:
+        tok = self.tokenizer
+        if self.seq2seq:
+            *context, last = messages
+            prompt = tok.apply_chat_template(context, tokenize=False, add_generation_prompt=True)
+            return self.prompt_completion(prompt, last["content"])
+        text = tok.apply_chat_template(messages, tokenize=False)
+        spans = []
+        for index, message in enumerate(messages):
+            if message["role"] != "assistant":
+                continue
+            start = len(tok.apply_chat_template(messages[:index], tokenize=False, add_generation_prompt=True))
+            end = len(tok.apply_chat_template(messages[: index + 1], tokenize=False))
+            spans.append((start, end))
+        encoded = tok(
+            text,
+            add_special_tokens=False,
+            return_offsets_mapping=True,
+            truncation=True,
+            max_length=self.args.max_length,
+        )
+        labels = [
+            token if any(s <= begin and end <= e for s, e in spans) and end > begin else IGNORE
+            for token, (begin, end) in zip(encoded.input_ids, encoded.offset_mapping, strict=True)
+        ]
+        ids = encoded.input_ids
+        return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}
