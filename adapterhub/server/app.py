@@ -6,33 +6,27 @@ The app never starts or stops the engine: whoever runs it owns the engine's life
 
 from __future__ import annotations
 
-import asyncio
-import json
 import secrets
 import time
-import uuid
-from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 from typing import TYPE_CHECKING, Annotated, Any
 
 import anyio
 from fastapi import Depends, FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from adapterhub.errors import UserError
-from adapterhub.runtime.api import AdapterInfo, GenerationResult, RequestError, SamplingParams
-from adapterhub.server.bridge import Finished, Generations, TextDelta
+from adapterhub.runtime.api import AdapterInfo, RequestError, SamplingParams
+from adapterhub.server.bridge import Generations
+from adapterhub.server.errors import ERROR_RESPONSES, ApiError, add_error_handlers
 from adapterhub.server.metrics import ServerMetrics
+from adapterhub.server.middleware import BodySizeLimit, RecordRequests
+from adapterhub.server.replies import GenerationStream, Reply, collect_cancelling_on_disconnect, sse_events
 from adapterhub.server.schemas import (
     AdapterLoadRequest,
     ChatCompletionRequest,
     CompletionRequest,
-    ErrorBody,
     SamplingFields,
 )
 
@@ -44,133 +38,9 @@ DEFAULT_MAX_TOKENS_CAP = 2048
 DEFAULT_MAX_BODY_BYTES = 1 << 20
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 
-REQUEST_ERROR_STATUS = {
-    "unknown_adapter": 404,
-    "prompt_too_long": 400,
-    "bad_request": 400,
-    "incompatible_adapter": 400,
-    "unsupported_adapter": 400,
-    "corrupt_adapter": 400,
-    "slot_capacity": 503,
-    "cancelled": 503,
-    "overloaded": 429,
-}
-ERROR_TYPES = {
-    400: "invalid_request_error",
-    401: "authentication_error",
-    404: "not_found_error",
-    409: "invalid_request_error",
-    413: "invalid_request_error",
-    422: "invalid_request_error",
-    429: "rate_limit_error",
-}
-ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    status: {"model": ErrorBody} for status in (400, 401, 404, 409, 413, 422, 429, 503)
-}
-
 
 # Module level: FastAPI resolves postponed annotations in the module's namespace, not a closure's.
 BearerCredentials = Annotated[HTTPAuthorizationCredentials | None, Depends(HTTPBearer(auto_error=False))]
-
-
-class ApiError(Exception):
-    """An error answered with an OpenAI-style body; ``code`` is machine-readable."""
-
-    def __init__(self, status: int, message: str, code: str, param: str | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.code, self.param = status, message, code, param
-
-
-def error_body(status: int, message: str, code: str | None, param: str | None = None) -> dict[str, Any]:
-    error_type = ERROR_TYPES.get(status, "server_error")
-    return {"error": {"message": message, "type": error_type, "code": code, "param": param}}
-
-
-def error_response(status: int, message: str, code: str | None, param: str | None = None) -> JSONResponse:
-    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
-    return JSONResponse(error_body(status, message, code, param), status_code=status, headers=headers)
-
-
-def request_error_status(err: RequestError) -> int:
-    return REQUEST_ERROR_STATUS.get(err.code, 500)
-
-
-class GenerationStream(StreamingResponse):
-    """An SSE response that runs ``on_close`` however it ends, even if its body never started."""
-
-    def __init__(self, content: AsyncIterator[str], on_close: Callable[[], None]) -> None:
-        super().__init__(content, media_type="text/event-stream")
-        self.on_close = on_close
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            self.on_close()
-
-
-class BodySizeLimit:
-    """Answers 413 to a body over ``max_bytes`` before any route parses it."""
-
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
-        self.app, self.max_bytes = app, max_bytes
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            await self._refuse(scope, receive, send)
-            return
-        chunks, size = [], 0
-        while True:
-            message = await receive()
-            if message["type"] != "http.request":
-                break
-            chunks.append(message.get("body", b""))
-            size += len(chunks[-1])
-            if size > self.max_bytes:
-                await self._refuse(scope, receive, send)
-                return
-            if not message.get("more_body", False):
-                break
-        replay: list[Message] = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
-
-        async def replaying_receive() -> Message:
-            return replay.pop() if replay else await receive()
-
-        await self.app(scope, replaying_receive, send)
-
-    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
-        message = f"request body is over this server's limit of {self.max_bytes} bytes: send a smaller body"
-        await error_response(413, message, "body_too_large")(scope, receive, send)
-
-
-class RecordRequests:
-    """Counts every response by route and status and times it to its last body byte."""
-
-    def __init__(self, app: ASGIApp, metrics: ServerMetrics) -> None:
-        self.app, self.metrics = app, metrics
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        started = time.perf_counter()
-        status = [500]
-
-        async def recording_send(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                status[0] = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, recording_send)
-        finally:
-            route = getattr(scope.get("route"), "path", "unmatched")
-            self.metrics.requests.labels(route, str(status[0])).inc()
-            self.metrics.latency.labels(route).observe(time.perf_counter() - started)
 
 
 def create_app(
@@ -191,7 +61,7 @@ def create_app(
     app.state.server = server
     app.state.metrics = server.metrics
 
-    _add_error_handlers(app)
+    add_error_handlers(app)
     _add_v1_routes(app, server, api_key)
 
     @app.get("/health")
@@ -205,34 +75,6 @@ def create_app(
     app.add_middleware(RecordRequests, metrics=server.metrics)
     app.add_middleware(BodySizeLimit, max_bytes=max_body_bytes)
     return app
-
-
-def _add_error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(ApiError)
-    async def api_error(request: Request, err: ApiError) -> JSONResponse:
-        return error_response(err.status, err.message, err.code, err.param)
-
-    @app.exception_handler(RequestError)
-    async def request_error(request: Request, err: RequestError) -> JSONResponse:
-        return error_response(request_error_status(err), str(err), err.code)
-
-    @app.exception_handler(UserError)
-    async def user_error(request: Request, err: UserError) -> JSONResponse:
-        return error_response(400, str(err), "invalid_request")
-
-    @app.exception_handler(RequestValidationError)
-    async def validation_error(request: Request, err: RequestValidationError) -> JSONResponse:
-        first = err.errors()[0]
-        param = ".".join(str(part) for part in first["loc"] if part != "body")
-        message = f"{param or 'body'}: {first['msg']}"
-        more = len(err.errors()) - 1
-        if more:
-            message += f" (and {more} more problem{'s' if more > 1 else ''})"
-        return error_response(422, message, "invalid_value", param or None)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
-        return error_response(err.status_code, str(err.detail), None)
 
 
 def _add_v1_routes(app: FastAPI, server: _Server, api_key: str | None) -> None:
@@ -361,7 +203,7 @@ class _Server:
             for choice in range(body.n):
                 seed = None if params.seed is None else params.seed + choice
                 generations.submit(prompt, adapter, replace(params, seed=seed))
-        reply = _Reply(body.model, chat=chat, started=time.perf_counter(), metrics=self.metrics)
+        reply = Reply(body.model, chat=chat, started=time.perf_counter(), metrics=self.metrics)
         self._track(count)
         if body.stream:
             usage = body.stream_options is not None and body.stream_options.include_usage
@@ -370,9 +212,9 @@ class _Server:
                 generations.cancel()
                 self._track(-count)
 
-            return GenerationStream(_stream(generations, reply, count, usage=usage), close)
+            return GenerationStream(sse_events(generations, reply, usage=usage), close)
         try:
-            results = await _collect_cancelling_on_disconnect(request, generations, reply)
+            results = await collect_cancelling_on_disconnect(request, generations, reply)
         finally:
             self._track(-count)
         return JSONResponse(reply.full(results))
@@ -414,129 +256,10 @@ class _Server:
         }
 
 
-class _Reply:
-    """Builds the OpenAI response bodies of one request and records its tokens and latency."""
-
-    def __init__(self, model: str, *, chat: bool, started: float, metrics: ServerMetrics) -> None:
-        self.model, self.chat, self.started, self.metrics = model, chat, started, metrics
-        self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
-        self.created = int(time.time())
-        self.route = "/v1/chat/completions" if chat else "/v1/completions"
-        self.saw_first_token = False
-
-    def first_token(self) -> None:
-        if not self.saw_first_token:
-            self.saw_first_token = True
-            self.metrics.first_token.labels(self.route).observe(time.perf_counter() - self.started)
-
-    def finished(self, event: Finished) -> GenerationResult:
-        result = event.result
-        assert result is not None
-        self.metrics.prompt_tokens.labels(self.model).inc(result.prompt_tokens)
-        self.metrics.completion_tokens.labels(self.model).inc(result.completion_tokens)
-        return result
-
-    def chunk(self, index: int, text: str, *, finish_reason: str | None = None, role: bool = False) -> dict:
-        if self.chat:
-            delta: dict[str, str] = {"role": "assistant", "content": ""} if role else {}
-            if text:
-                delta["content"] = text
-            choice = {"index": index, "delta": delta, "finish_reason": finish_reason, "logprobs": None}
-        else:
-            choice = {"index": index, "text": text, "finish_reason": finish_reason, "logprobs": None}
-        return self._envelope([choice], stream=True)
-
-    def usage_chunk(self, results: list[GenerationResult]) -> dict:
-        return {**self._envelope([], stream=True), "usage": _usage(results)}
-
-    def full(self, results: list[GenerationResult]) -> dict:
-        if self.chat:
-            choices = [
-                {
-                    "index": i,
-                    "message": {"role": "assistant", "content": r.text},
-                    "finish_reason": r.finish_reason,
-                    "logprobs": None,
-                }
-                for i, r in enumerate(results)
-            ]
-        else:
-            choices = [
-                {"index": i, "text": r.text, "finish_reason": r.finish_reason, "logprobs": None}
-                for i, r in enumerate(results)
-            ]
-        return {**self._envelope(choices, stream=False), "usage": _usage(results)}
-
-    def _envelope(self, choices: list[dict], *, stream: bool) -> dict:
-        kind = "chat.completion" if self.chat else "text_completion"
-        return {
-            "id": self.id,
-            "object": f"{kind}.chunk" if stream and self.chat else kind,
-            "created": self.created,
-            "model": self.model,
-            "choices": choices,
-        }
-
-
-async def _stream(generations: Generations, reply: _Reply, count: int, *, usage: bool) -> AsyncIterator[str]:
-    """SSE events: text deltas per choice, each choice's finish, optional usage, then ``[DONE]``."""
-    results: list[GenerationResult] = []
-    sent = [""] * count
-    if reply.chat:
-        for index in range(count):
-            yield _sse(reply.chunk(index, "", role=True))
-    async for event in generations.events_until_finished():
-        if isinstance(event, TextDelta):
-            reply.first_token()
-            sent[event.index] += event.text
-            yield _sse(reply.chunk(event.index, event.text))
-        elif event.error is not None:
-            generations.cancel()
-            err = event.error
-            yield _sse(error_body(request_error_status(err), str(err), err.code))
-            yield "data: [DONE]\n\n"
-            return
-        else:
-            result = reply.finished(event)
-            results.append(result)
-            already = sent[event.index]
-            if len(result.text) > len(already) and result.text.startswith(already):
-                # Deltas add up to the text by contract; this covers a last callback that lost the race.
-                yield _sse(reply.chunk(event.index, result.text[len(already) :]))
-            yield _sse(reply.chunk(event.index, "", finish_reason=result.finish_reason))
-    if usage:
-        yield _sse(reply.usage_chunk(results))
-    yield "data: [DONE]\n\n"
-
-
-async def _collect_cancelling_on_disconnect(
-    request: Request, generations: Generations, reply: _Reply
-) -> list[GenerationResult]:
-    """All results in submission order; a client that hangs up cancels its generations."""
-    watcher = asyncio.create_task(_cancel_on_disconnect(request, generations))
-    results: dict[int, GenerationResult] = {}
-    try:
-        async for event in generations.events_until_finished():
-            if isinstance(event, TextDelta):
-                reply.first_token()
-            elif event.error is not None:
-                generations.cancel()
-                raise event.error
-            else:
-                results[event.index] = reply.finished(event)
-    finally:
-        watcher.cancel()
-    return [results[i] for i in sorted(results)]
-
-
-async def _cancel_on_disconnect(request: Request, generations: Generations) -> None:
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
-    generations.cancel()
-
-
 def _refuse_unsupported(body: SamplingFields) -> None:
-    for name in body.unsupported_fields():
+    unsupported = body.unsupported_fields()
+    if unsupported:
+        name = unsupported[0]
         raise ApiError(400, f"'{name}' is not supported by this server: leave it out", "unsupported", name)
 
 
@@ -556,13 +279,3 @@ def _message_text(content: Any) -> str:
     if isinstance(content, str):
         return content
     return "".join(part.text for part in content)
-
-
-def _usage(results: list[GenerationResult]) -> dict[str, int]:
-    prompt = sum(r.prompt_tokens for r in results)
-    completion = sum(r.completion_tokens for r in results)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
-
-
-def _sse(payload: dict) -> str:
-    return f"data: {json.dumps(payload)}\n\n"
