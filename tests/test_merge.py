@@ -242,6 +242,22 @@ def test_nf4_trained_adapter_merges_into_dequantized_nf4_weights(
 
 
 @pytest.mark.slow
+def test_merges_adapter_trained_by_adapterhub_on_nf4(tmp_path: Path, monkeypatch):
+    from adapterhub.recipe import load_recipe
+    from adapterhub.train.trainer import train
+
+    repo = Path(__file__).parents[1]
+    monkeypatch.chdir(repo)  # the recipe names its data relative to the repository
+    run = tmp_path / "run"
+    overrides = ["model.quantization=nf4", "training.max_steps=2", "training.eval_max_samples=4"]
+    train(load_recipe(repo / "recipes" / "quickstart.yaml", [*overrides, f"output.dir={run}"]))
+    plan = merge(MergeRequest(adapters=[str(run)], out=tmp_path / "merged"))
+    assert plan.base == "builtin:tiny-llama" and plan.base_weights == "nf4"
+    expected = peft_logits("builtin:tiny-llama", [run], quantization="nf4")
+    assert max_error(merged_logits(tmp_path / "merged"), expected) < FP32_BOUND
+
+
+@pytest.mark.slow
 def test_export_loads_without_peft(adapters: dict[str, Path], tiny_llama: Path, tmp_path: Path):
     out = tmp_path / "merged"
     merge(MergeRequest(adapters=[str(adapters["lora_a"])], out=out))
