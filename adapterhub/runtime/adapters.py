@@ -56,6 +56,7 @@ class NativeAdapter:
     ia3: dict[tuple[int, str], tuple[torch.Tensor, bool]] = field(default_factory=dict)  # (vector, on input)
     virtual_tokens: torch.Tensor | None = None  # (n, hidden)
     prefix_kv: torch.Tensor | None = None  # (layers, 2, kv heads, n, head dim)
+    flat: torch.Tensor | None = None  # the one buffer all tensors view, once packed
 
     @property
     def rank(self) -> int | None:
@@ -71,16 +72,41 @@ class NativeAdapter:
         found = [t for pair in self.lora.values() for t in pair] + [v for v, _ in self.ia3.values()]
         return found + [t for t in (self.virtual_tokens, self.prefix_kv) if t is not None]
 
-    def pin_memory(self) -> NativeAdapter:
-        """The CPU tier on CUDA hosts: page-locked so a swap into a device slot is one fast DMA."""
-        pin = torch.Tensor.pin_memory
+    def with_tensors(self, tensors: list[torch.Tensor], flat: torch.Tensor | None = None) -> NativeAdapter:
+        """The same adapter with ``tensors`` (in ``tensors()`` order) in place of its own."""
+        replacements = iter(tensors)
         return NativeAdapter(
             method=self.method,
-            lora={key: (pin(a), pin(b)) for key, (a, b) in self.lora.items()},
-            ia3={key: (pin(v), on_input) for key, (v, on_input) in self.ia3.items()},
-            virtual_tokens=None if self.virtual_tokens is None else pin(self.virtual_tokens),
-            prefix_kv=None if self.prefix_kv is None else pin(self.prefix_kv),
+            lora={key: (next(replacements), next(replacements)) for key in self.lora},
+            ia3={key: (next(replacements), on_input) for key, (_, on_input) in self.ia3.items()},
+            virtual_tokens=None if self.virtual_tokens is None else next(replacements),
+            prefix_kv=None if self.prefix_kv is None else next(replacements),
+            flat=flat,
         )
+
+    def packed(self, dtype: torch.dtype, pin: bool) -> NativeAdapter:
+        """All tensors as views of one flat CPU buffer, page-locked when ``pin`` (the CUDA CPU tier),
+        so moving the adapter to the device is a single DMA."""
+        tensors = self.tensors()
+        flat = torch.empty(sum(t.numel() for t in tensors), dtype=dtype, pin_memory=pin)
+        return self.with_tensors(_views(flat, tensors, copy=True), flat)
+
+    def to(self, device: str | torch.device) -> NativeAdapter:
+        if self.flat is None:
+            return self.with_tensors([t.to(device) for t in self.tensors()])
+        flat = self.flat.to(device, non_blocking=True)
+        return self.with_tensors(_views(flat, self.tensors(), copy=False), flat)
+
+
+def _views(flat: torch.Tensor, like: list[torch.Tensor], *, copy: bool) -> list[torch.Tensor]:
+    views, offset = [], 0
+    for tensor in like:
+        view = flat[offset : offset + tensor.numel()].view(tensor.shape)
+        if copy:
+            view.copy_(tensor)
+        views.append(view)
+        offset += tensor.numel()
+    return views
 
 
 def read_config(folder: Path) -> dict:
@@ -120,9 +146,10 @@ def read_weights(folder: Path) -> dict[str, torch.Tensor]:
 
 
 def load_native(
-    folder: Path, base: BaseShape, *, max_rank: int, max_virtual_tokens: int, dtype: torch.dtype
+    folder: Path, base: BaseShape, *, max_rank: int, max_virtual_tokens: int, dtype: torch.dtype, pin: bool
 ) -> NativeAdapter:
-    """Read a PEFT adapter folder, check it against the base and the slot capacity, and convert it."""
+    """Read a PEFT adapter folder, check it against the base and the slot capacity, and convert it
+    into one packed CPU-tier buffer (page-locked when ``pin``)."""
     folder = Path(folder)
     config = read_config(folder)
     peft_type = str(config["peft_type"])
@@ -152,17 +179,7 @@ def load_native(
     for tensor in adapter.tensors():
         if not torch.isfinite(tensor).all():
             raise RequestError(f"adapter {folder} holds NaN or inf weights: retrain it", "corrupt_adapter")
-    return _cast(adapter, dtype)
-
-
-def _cast(adapter: NativeAdapter, dtype: torch.dtype) -> NativeAdapter:
-    return NativeAdapter(
-        method=adapter.method,
-        lora={key: (a.to(dtype), b.to(dtype)) for key, (a, b) in adapter.lora.items()},
-        ia3={key: (v.to(dtype), on_input) for key, (v, on_input) in adapter.ia3.items()},
-        virtual_tokens=None if adapter.virtual_tokens is None else adapter.virtual_tokens.to(dtype),
-        prefix_kv=None if adapter.prefix_kv is None else adapter.prefix_kv.to(dtype),
-    )
+    return adapter.packed(dtype, pin=pin)
 
 
 def _module_tensors(

@@ -226,9 +226,8 @@ class Engine:
             max_rank=self.config.max_lora_rank,
             max_virtual_tokens=self.config.max_virtual_tokens,
             dtype=self.dtype,
+            pin=self.device.startswith("cuda"),
         )
-        if self.device.startswith("cuda"):
-            native = native.pin_memory()
         info = AdapterInfo(
             name=name,
             method=native.method,
@@ -368,6 +367,8 @@ class Engine:
         if self._thread is not None:
             self._thread.join()
             self._thread = None
+        with self._lock:
+            self._accepting = True  # stopped, not closed: generate() and start() work again
 
     def _busy(self) -> bool:
         with self._lock:

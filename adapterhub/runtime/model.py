@@ -190,6 +190,7 @@ class SlottedDecoder:
     def load_slot(self, slot: int, adapter: NativeAdapter) -> None:
         """Copy an adapter into slot ``slot``'s preallocated rows; every other slot is untouched."""
         self.clear_slot(slot)
+        adapter = adapter.to(self.device)
         destinations, sources = [], []
         for (layer, proj), (a, b) in adapter.lora.items():
             slot_a, slot_b = self.projections[layer][proj].slot_views(slot)
@@ -208,7 +209,7 @@ class SlottedDecoder:
             destinations.append(self.prefix_kv[:, :, slot, :, : adapter.prefix_kv.shape[3]])
             sources.append(adapter.prefix_kv)
         if destinations:
-            torch._foreach_copy_(destinations, [s.to(self.device, non_blocking=True) for s in sources])
+            torch._foreach_copy_(destinations, sources)
         self.slot_rank[slot] = adapter.rank or 0
 
     def clear_slot(self, slot: int) -> None:

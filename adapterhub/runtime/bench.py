@@ -1,0 +1,292 @@
+"""``adapterhub bench serve``: one base, one batch; the engine's base, one-adapter and mixed-family
+throughput against plain PEFT doing the same work, plus adapter load and swap latency.
+
+Adapters are made on the fly with random non-zero weights (no download). Every phase generates
+exactly ``--new-tokens`` per row (EOS is ignored) so the token counts of all phases are equal.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import click
+import torch
+
+from adapterhub.runtime.api import FAMILIES, GenerationRequest, SamplingParams
+from adapterhub.runtime.engine import Engine, EngineConfig
+from adapterhub.runtime.random_adapters import peft_config, write_random_adapter
+
+VIRTUAL_TOKENS = 16
+SWAP_REPEATS = 5
+
+
+@dataclass
+class Workload:
+    prompts: list[list[int]]
+    adapters: list[str | None]  # per row
+    new_tokens: int
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _timed(device: str, run: Callable[[], int]) -> tuple[float, int]:
+    """Seconds and tokens of one run (after the device has finished its work)."""
+    _sync(device)
+    start = time.perf_counter()
+    tokens = run()
+    _sync(device)
+    return time.perf_counter() - start, tokens
+
+
+def engine_run(engine: Engine, work: Workload) -> int:
+    """Submit the whole batch before the loop starts, so it is admitted as one batch."""
+    params = SamplingParams(max_tokens=work.new_tokens)
+    handles = [
+        engine.submit(GenerationRequest(prompt, adapter=adapter, params=params))
+        for prompt, adapter in zip(work.prompts, work.adapters, strict=True)
+    ]
+    engine.start()
+    try:
+        return sum(handle.result().completion_tokens for handle in handles)
+    finally:
+        engine.stop()
+
+
+def peft_run(engine: Engine, folders: dict[str, Path], families: dict[str, str], work: Workload) -> int:
+    """Plain PEFT on the engine's own base: all LoRA rows in one ``adapter_names`` batch, other rows
+    grouped per adapter (one PeftModel holds one PEFT type, and only LoRA honours per-row names)."""
+    from peft import PeftModel
+
+    model = engine.model
+    ids = torch.tensor(work.prompts, device=engine.device)
+    kwargs = dict(
+        max_new_tokens=work.new_tokens, min_new_tokens=work.new_tokens, do_sample=False, pad_token_id=0
+    )
+    tokens = 0
+    lora_rows = [i for i, a in enumerate(work.adapters) if a is not None and families[a] == "lora"]
+    loras = sorted({work.adapters[i] for i in lora_rows})
+    if loras:
+        peft_model = PeftModel.from_pretrained(model, str(folders[loras[0]]), adapter_name=loras[0])
+        for name in loras[1:]:
+            peft_model.load_adapter(str(folders[name]), adapter_name=name)
+        with torch.inference_mode():
+            out = peft_model.generate(
+                input_ids=ids[lora_rows],
+                attention_mask=torch.ones_like(ids[lora_rows]),
+                adapter_names=[work.adapters[i] for i in lora_rows],
+                **kwargs,
+            )
+        tokens += (out.shape[1] - ids.shape[1]) * len(lora_rows)
+        peft_model.unload()
+    for name in sorted({a for a in work.adapters if a is not None and families[a] != "lora"}):
+        rows = [i for i, a in enumerate(work.adapters) if a == name]
+        peft_model = PeftModel.from_pretrained(model, str(folders[name]))
+        with torch.inference_mode():
+            out = peft_model.generate(
+                input_ids=ids[rows], attention_mask=torch.ones_like(ids[rows]), **kwargs
+            )
+        tokens += (out.shape[1] - ids.shape[1]) * len(rows)
+        if families[name] == "ia3":
+            peft_model.unload()
+    base_rows = [i for i, a in enumerate(work.adapters) if a is None]
+    if base_rows:
+        with torch.inference_mode():
+            out = model.generate(
+                input_ids=ids[base_rows], attention_mask=torch.ones_like(ids[base_rows]), **kwargs
+            )
+        tokens += (out.shape[1] - ids.shape[1]) * len(base_rows)
+    return tokens
+
+
+def transformers_run(engine: Engine, work: Workload) -> int:
+    ids = torch.tensor(work.prompts, device=engine.device)
+    with torch.inference_mode():
+        out = engine.model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=work.new_tokens,
+            min_new_tokens=work.new_tokens,
+            do_sample=False,
+            pad_token_id=0,
+        )
+    return (out.shape[1] - ids.shape[1]) * ids.shape[0]
+
+
+def load_and_swap_ms(engine: Engine, folder: Path, resident: list[str]) -> tuple[float, float]:
+    """Median ms to register a LoRA and copy it into a free slot, and to swap a CPU-tier adapter in
+    (evicting the least recently used) once every slot is taken."""
+    loads = []
+    for repeat in range(SWAP_REPEATS):
+        name = f"load-{repeat}"
+        _sync(engine.device)
+        start = time.perf_counter()
+        engine.register(name, str(folder))
+        engine.make_resident(name)
+        _sync(engine.device)
+        loads.append(time.perf_counter() - start)
+        engine.unregister(name)
+    for name in resident:
+        engine.make_resident(name)
+    engine.register("swap", str(folder))
+    swaps = []
+    for repeat in range(SWAP_REPEATS):
+        name = "swap" if repeat % 2 == 0 else resident[0]
+        _sync(engine.device)
+        start = time.perf_counter()
+        engine.make_resident(name)
+        _sync(engine.device)
+        swaps.append(time.perf_counter() - start)
+    engine.unregister("swap")
+    return 1000 * statistics.median(loads), 1000 * statistics.median(swaps)
+
+
+def run_bench(
+    *,
+    device: str,
+    base: str,
+    adapters: int,
+    batch: int,
+    prompt_len: int,
+    new_tokens: int,
+    quantize: str,
+    rank: int,
+    progress: Callable[[str], None],
+) -> dict:
+    progress(f"loading {base}")
+    engine = Engine(
+        EngineConfig(
+            base=base,
+            quantization=quantize,
+            device=device,
+            max_adapters=adapters,
+            max_lora_rank=rank,
+            max_batch_size=batch,
+            max_context=prompt_len + VIRTUAL_TOKENS + new_tokens + 1,
+            max_virtual_tokens=VIRTUAL_TOKENS,
+        )
+    )
+    engine.eos_ids = set()  # every phase generates exactly new_tokens per row
+    families = {f"{FAMILIES[i % len(FAMILIES)]}-{i}": FAMILIES[i % len(FAMILIES)] for i in range(adapters)}
+    generator = torch.Generator().manual_seed(0)
+    vocab = engine.model.config.vocab_size
+    prompts = torch.randint(3, vocab, (batch, prompt_len), generator=generator).tolist()
+    with tempfile.TemporaryDirectory(prefix="adapterhub-bench-") as tmp:
+        progress(f"writing {adapters} random adapters with PEFT")
+        folders = {}
+        for seed, (name, family) in enumerate(families.items(), start=1):
+            config = peft_config(family, rank=rank, num_virtual_tokens=VIRTUAL_TOKENS)
+            folders[name] = write_random_adapter(engine.model, config, Path(tmp) / name, seed=seed)
+        for name, folder in folders.items():
+            engine.register(name, str(folder))
+        names = list(families)
+        first_lora = next(name for name, family in families.items() if family == "lora")
+        phases = {
+            "base": Workload(prompts, [None] * batch, new_tokens),
+            "one_adapter": Workload(prompts, [first_lora] * batch, new_tokens),
+            "mixed": Workload(prompts, [names[i % len(names)] for i in range(batch)], new_tokens),
+        }
+        progress("warming up")
+        engine_run(engine, Workload(prompts, phases["mixed"].adapters, 2))
+        results: dict[str, float] = {}
+        for phase, work in phases.items():
+            progress(f"engine: {phase}")
+            seconds, tokens = _timed(engine.device, lambda work=work: engine_run(engine, work))
+            results[f"{phase}_tok_s"] = tokens / seconds
+            prefill, _ = _timed(
+                engine.device, lambda work=work: engine_run(engine, Workload(work.prompts, work.adapters, 1))
+            )
+            results[f"{phase}_prefill_ms"] = 1000 * prefill
+            results[f"{phase}_decode_step_ms"] = 1000 * (seconds - prefill) / max(new_tokens - 1, 1)
+        progress("transformers generate: base")
+        seconds, tokens = _timed(engine.device, lambda: transformers_run(engine, phases["base"]))
+        results["transformers_base_tok_s"] = tokens / seconds
+        progress("plain PEFT: the mixed batch")
+        seconds, tokens = _timed(engine.device, lambda: peft_run(engine, folders, families, phases["mixed"]))
+        results["peft_tok_s"] = tokens / seconds
+        progress("adapter load and swap")
+        load_ms, swap_ms = load_and_swap_ms(engine, folders[first_lora], names)
+    return {
+        **{key: round(value, 2) for key, value in results.items()},
+        "mixed_over_base": round(results["mixed_tok_s"] / results["base_tok_s"], 3),
+        "speedup_vs_peft": round(results["mixed_tok_s"] / results["peft_tok_s"], 2),
+        "adapter_load_ms": round(load_ms, 3),
+        "adapter_swap_ms": round(swap_ms, 3),
+        "device": engine.device,
+        "device_name": torch.cuda.get_device_name() if engine.device.startswith("cuda") else "cpu",
+        "base": base,
+        "dtype": str(engine.dtype).removeprefix("torch."),
+        "quantization": engine.quantization,
+        "batch": batch,
+        "prompt_len": prompt_len,
+        "new_tokens": new_tokens,
+        "adapters": adapters,
+        "families": families,
+        "lora_rank": rank,
+        "lora_targets": "q,k,v,o,gate,up,down",
+        "virtual_tokens": VIRTUAL_TOKENS,
+        "versions": _versions(),
+    }
+
+
+def _versions() -> dict[str, str]:
+    import peft
+    import transformers
+
+    return {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__}
+
+
+@click.command("serve")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option(
+    "--base",
+    default="builtin:tiny-llama",
+    show_default=True,
+    help="builtin:tiny-llama, a folder or random:<hub-id>",
+)
+@click.option("--adapters", default=8, show_default=True, help="adapters, families round-robin over all five")
+@click.option("--batch", default=32, show_default=True)
+@click.option("--prompt-len", default=128, show_default=True)
+@click.option("--new-tokens", default=64, show_default=True)
+@click.option(
+    "--quantize", type=click.Choice(["auto", "nf4", "int8", "none"]), default="auto", show_default=True
+)
+@click.option("--rank", default=16, show_default=True, help="LoRA rank (all 7 projections)")
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object")
+def bench_serve(**options) -> None:
+    """Base vs one adapter vs all five families mixed in one batch, against plain PEFT."""
+    from rich.console import Console
+
+    from adapterhub.errors import UserError
+
+    as_json = options.pop("as_json")
+    if options["adapters"] < len(FAMILIES):
+        raise UserError(f"--adapters {options['adapters']} cannot cover all five families: use 5 or more")
+    console = Console(stderr=True)
+    with console.status("benchmark") as status:
+        result = run_bench(**options, progress=lambda message: status.update(message))
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+        return
+    _print_table(result)
+
+
+def _print_table(result: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"serve bench: {result['base']} {result['quantization']} on {result['device_name']}")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, value in result.items():
+        if not isinstance(value, dict):
+            table.add_row(key, str(value))
+    Console().print(table)

@@ -1,0 +1,40 @@
+"""The serving benchmark runs end to end on CPU with tiny shapes and reports every documented key."""
+
+from __future__ import annotations
+
+import json
+
+from click.testing import CliRunner
+
+from adapterhub.runtime.api import FAMILIES
+from adapterhub.runtime.bench import bench_serve
+
+KEYS = (
+    "base_tok_s",
+    "one_adapter_tok_s",
+    "mixed_tok_s",
+    "mixed_over_base",
+    "peft_tok_s",
+    "speedup_vs_peft",
+    "adapter_load_ms",
+    "adapter_swap_ms",
+    "transformers_base_tok_s",
+)
+
+
+def test_bench_serve_prints_json_with_all_metrics(tiny_llama) -> None:
+    args = (
+        "--device cpu --base builtin:tiny-llama --adapters 6 --batch 3 --prompt-len 16 --new-tokens 4 --json"
+    )
+    outcome = CliRunner().invoke(bench_serve, args.split())
+    assert outcome.exit_code == 0, outcome.output
+    result = json.loads(outcome.stdout)
+    assert all(result[key] > 0 for key in KEYS)
+    assert set(result["families"].values()) == set(FAMILIES)
+    assert (result["batch"], result["new_tokens"], result["quantization"]) == (3, 4, "none")
+
+
+def test_bench_serve_refuses_too_few_adapters_for_five_families() -> None:
+    outcome = CliRunner().invoke(bench_serve, ["--adapters", "3", "--json"])
+    assert outcome.exit_code != 0
+    assert "all five families" in str(outcome.exception)
