@@ -340,6 +340,8 @@ def pull(
             f"pass --name to pull {repo_id} under another name, or `adapterhub rm {name}`"
         )
     if held is not None and held.revision == info.sha:
+        if base_model:
+            check_base_model(store.entry_path(name), base_model, strict=strict_base)
         return PullResult(name, store.entry_path(name), info.sha, True, held)
     sizes = {sibling.rfilename[len(prefix) :]: sibling.size or 0 for sibling in info.siblings or []}
     wanted = [file_name for file_name in ADAPTER_FILES if file_name in sizes]

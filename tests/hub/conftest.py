@@ -128,3 +128,16 @@ def run_cli(args: list[str], env: dict[str, str], cwd: Path | None = None) -> su
         text=True,
         timeout=300,
     )
+
+
+def run_main(
+    args: list[str], capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> tuple[int, str]:
+    """Run the real CLI entry point in this process; return its exit status and its stderr."""
+    from adapterhub.cli import main
+
+    capsys.readouterr()
+    monkeypatch.setattr(sys, "argv", ["adapterhub", *args])
+    with pytest.raises(SystemExit) as done:
+        main()
+    return done.value.code, capsys.readouterr().err

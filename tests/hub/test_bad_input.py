@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -11,21 +10,8 @@ from huggingface_hub import HfApi
 
 from adapterhub.hub import pull, push_folder, store
 
-from .conftest import DEAD_ENDPOINT, TOKENS
+from .conftest import DEAD_ENDPOINT, TOKENS, run_main
 from .fake_hub import FakeHub
-
-
-def run_main(
-    args: list[str], capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
-) -> tuple[int, str]:
-    """Run the real CLI entry point in this process; return its exit status and its stderr."""
-    from adapterhub.cli import main
-
-    capsys.readouterr()
-    monkeypatch.setattr(sys, "argv", ["adapterhub", *args])
-    with pytest.raises(SystemExit) as done:
-        main()
-    return done.value.code, capsys.readouterr().err
 
 
 def store_listing() -> dict[str, bytes]:

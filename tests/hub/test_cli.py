@@ -29,6 +29,7 @@ def _peft_logits(base: Path, adapter: Path):
         return model(torch.tensor([[1, 7, 42, 99, 3]])).logits
 
 
+@pytest.mark.slow
 def test_plain_peft_adapter_push_pull_list_show_rm(hub: FakeHub, adapter_copy, tmp_path: Path) -> None:
     source = adapter_copy("prompt")
     pusher = hub_env(hub, tmp_path)

@@ -11,6 +11,7 @@ import yaml
 
 from adapterhub.hub import pull, push_folder, resolve, store
 
+from .conftest import run_main
 from .fake_hub import FakeHub
 
 
@@ -207,3 +208,16 @@ def test_base_model_mismatch_warns_by_default_and_refuses_when_strict(
     with pytest.raises(UserError, match="not 'other/model'"):
         pull("alice/based", name="strict", base_model="other/model", strict_base=True)
     assert not store.exists("strict")
+    assert pull("alice/based", base_model="other/model").no_op
+    assert "not 'other/model'" in capsys.readouterr().err
+
+
+def test_push_a_store_name(hub: FakeHub, adapter_copy, capsys, monkeypatch: pytest.MonkeyPatch) -> None:
+    first = push_folder(adapter_copy("ia3"), "alice/ia3")
+    pulled = pull("alice/ia3", name="stored-ia3")
+    code, _ = run_main(["push", "stored-ia3", "alice/ia3-copy", "--json"], capsys, monkeypatch)
+    assert code == 0
+    copy = json.loads(capsys.readouterr().out)
+    original = hub.repos["alice/ia3"].commits[first.commit].files
+    assert hub.repos["alice/ia3-copy"].commits[copy["commit"]].files == original
+    assert "manifest.json" in {path.name for path in pulled.path.iterdir()}
