@@ -79,15 +79,14 @@ def create_app(
 
 def _add_v1_routes(app: FastAPI, server: _Server, api_key: str | None) -> None:
     def check_key(credentials: BearerCredentials) -> None:
-        if api_key is None:
-            return
         given = credentials.credentials if credentials is not None else ""
-        if not secrets.compare_digest(given.encode(), api_key.encode()):
+        if not secrets.compare_digest(given.encode(), (api_key or "").encode()):
             message = "missing or wrong API key: send the header 'Authorization: Bearer <key>'"
             raise ApiError(401, message, "invalid_api_key")
 
     # Routes go on the app itself (no sub-router) so that metrics see their full path templates.
-    guarded = {"dependencies": [Depends(check_key)], "responses": ERROR_RESPONSES}
+    # Without a key the OpenAPI document must not claim Bearer auth, so the check is left out entirely.
+    guarded = {"dependencies": [Depends(check_key)] if api_key else [], "responses": ERROR_RESPONSES}
     app.add_api_route("/v1/models", server.list_models, methods=["GET"], **guarded)
     app.add_api_route("/v1/models/{model:path}", server.get_model, methods=["GET"], **guarded)
     app.add_api_route("/v1/completions", server.completions, methods=["POST"], **guarded)
