@@ -16,7 +16,7 @@ import json
 import re
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -91,17 +91,27 @@ class MergePlan:
     density: float | None
     seed: int
     overwrite: bool = False
-    settings: dict = field(init=False)
 
-    def __post_init__(self) -> None:
-        self.settings = {
+    @property
+    def weighted_adapters(self) -> list[tuple[AdapterSource, float]]:
+        """Each adapter with its combination weight (1 for a single adapter merged as it is)."""
+        return list(zip(self.adapters, self.weights or [1.0] * len(self.adapters), strict=True))
+
+    @property
+    def dare_seed(self) -> int | None:
+        return self.seed if self.combine in ("dare_linear", "dare_ties") else None
+
+    @property
+    def settings(self) -> dict:
+        """What the model card and ``--json`` record."""
+        return {
             "base_model": self.base,
             "base_weights": self.base_weights,
             "method": self.method,
             "combine": self.combine,
             "weights": self.weights,
             "density": self.density,
-            "seed": self.seed if self.combine in ("dare_linear", "dare_ties") else None,
+            "seed": self.dare_seed,
             "dtype": self.dtype,
             "adapters": [
                 {
@@ -134,6 +144,7 @@ def plan_merge(request: MergeRequest) -> MergePlan:
         )
     if not request.adapters:
         raise UserError("no adapter given: name at least one adapter (store name, folder or REPO_ID[@REV])")
+    _check_choices(request)
     adapters = [read_adapter(spec) for spec in request.adapters]
     method = _common_method(adapters)
     combine = _combine_method(request, method, len(adapters))
@@ -242,21 +253,28 @@ def _choose_base(adapters: list[AdapterSource], base: str | None) -> str:
     return first
 
 
+def _check_choices(request: MergeRequest) -> None:
+    """Refuse unknown option values before any adapter is resolved (which may download it)."""
+    for option, value, choices in (
+        ("--dtype", request.dtype, OUTPUT_DTYPES),
+        ("--base-weights", request.base_weights, BASE_WEIGHT_POLICIES),
+        ("--combine", request.combine or ALL_COMBINE_METHODS[0], ALL_COMBINE_METHODS),
+    ):
+        if value not in choices:
+            raise UserError(f"unknown {option} '{value}': use one of {', '.join(choices)}")
+
+
 def _output_dtype(choice: str, base: str) -> str:
     from adapterhub.models import DTYPE_ALIASES, DTYPES, raw_config_dict
 
-    if choice == "auto":
-        stored = raw_config_dict(base)
-        stored_dtype = stored.get("dtype") or stored.get("torch_dtype")
-        return stored_dtype if stored_dtype in DTYPES else "float32"
-    if choice not in DTYPE_ALIASES:
-        raise UserError(f"unknown --dtype '{choice}': use one of {', '.join(OUTPUT_DTYPES)}")
-    return DTYPE_ALIASES[choice]
+    if choice != "auto":
+        return DTYPE_ALIASES[choice]
+    stored = raw_config_dict(base)
+    stored_dtype = stored.get("dtype") or stored.get("torch_dtype")
+    return stored_dtype if stored_dtype in DTYPES else "float32"
 
 
 def _base_weight_policy(adapters: list[AdapterSource], policy: str) -> str:
-    if policy not in BASE_WEIGHT_POLICIES:
-        raise UserError(f"unknown --base-weights '{policy}': use one of {', '.join(BASE_WEIGHT_POLICIES)}")
     if policy != "auto":
         return policy
     on_nf4 = {adapter.trained_quantization == "nf4" for adapter in adapters}
@@ -272,8 +290,6 @@ def _combine_method(request: MergeRequest, method: str, count: int) -> str | Non
     combine = request.combine
     if combine is None:
         return "linear" if count > 1 or request.weights is not None else None
-    if combine not in ALL_COMBINE_METHODS:
-        raise UserError(f"unknown --combine '{combine}': use one of {', '.join(ALL_COMBINE_METHODS)}")
     if combine not in COMBINE_METHODS[method]:
         raise UserError(
             f"--combine {combine} works for LoRA only: IA3 adapters combine with --combine linear"
@@ -425,12 +441,12 @@ def model_card(plan: MergePlan) -> str:
     rows = [
         f"| `{adapter.spec}` | {adapter.method} | {adapter.rank or '-'} | {weight} | "
         f"{adapter.trained_quantization or 'unknown'} |"
-        for adapter, weight in zip(plan.adapters, plan.weights or [1.0], strict=False)
+        for adapter, weight in plan.weighted_adapters
     ]
     combination = (
         f"{plan.combine}, weights {', '.join(f'{w:g}' for w in plan.weights or [])}"
         + (f", density {plan.density:g}" if plan.density is not None else "")
-        + (f", seed {plan.seed}" if plan.settings["seed"] is not None else "")
+        + (f", seed {plan.dare_seed}" if plan.dare_seed is not None else "")
         if plan.combine
         else "none (one adapter merged as trained)"
     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
@@ -17,6 +18,9 @@ from adapterhub.merge import (
     merge,
     parse_weights,
 )
+
+if TYPE_CHECKING:
+    from adapterhub.hub import PushResult
 
 
 def _choices(values: tuple[str, ...]) -> str:
@@ -82,7 +86,9 @@ def merge_command(
         overwrite=overwrite,
     )
     columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=Console(stderr=True), transient=True) as progress:
+    console = Console(stderr=True)
+    # Off a terminal rich would print nothing but a stray blank line before errors.
+    with Progress(*columns, console=console, transient=True, disable=not console.is_terminal) as progress:
         task = progress.add_task("checking adapters", total=len(STEPS))
 
         def on_step(step: str) -> None:
@@ -102,18 +108,18 @@ def merge_command(
         _print_summary(plan, pushed)
 
 
-def _pushed_json(pushed) -> dict | None:
+def _pushed_json(pushed: PushResult | None) -> dict | None:
     return None if pushed is None else {"url": pushed.url, "commit": pushed.commit, "no_op": pushed.no_op}
 
 
-def _print_summary(plan: MergePlan, pushed) -> None:
+def _print_summary(plan: MergePlan, pushed: PushResult | None) -> None:
     from rich.console import Console
     from rich.table import Table
 
     table = Table(title=f"merged into {plan.out}")
     for column in ("adapter", "method", "rank", "weight", "trained on"):
         table.add_column(column)
-    for adapter, weight in zip(plan.adapters, plan.weights or [1.0], strict=False):
+    for adapter, weight in plan.weighted_adapters:
         table.add_row(
             adapter.spec,
             adapter.method,
@@ -123,10 +129,9 @@ def _print_summary(plan: MergePlan, pushed) -> None:
         )
     console = Console()
     console.print(table)
-    settings = plan.settings
     console.print(
-        f"base {plan.base} ({plan.base_weights} weights), combine {settings['combine'] or 'none'}, "
-        f"density {settings['density'] or '-'}, dtype {plan.dtype}"
+        f"base {plan.base} ({plan.base_weights} weights), combine {plan.combine or 'none'}, "
+        f"density {plan.density or '-'}, dtype {plan.dtype}"
     )
     if pushed is not None:
         console.print(f"pushed {pushed.url} at {pushed.commit}" + (" (unchanged)" if pushed.no_op else ""))

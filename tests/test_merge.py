@@ -367,6 +367,8 @@ def test_refuses_unknown_combine_method(adapters: dict[str, Path], tmp_path: Pat
     argv = [str(adapters["lora_a"]), str(adapters["lora_b"]), "--combine", "median", "--out", str(out)]
     assert_one_line_cli_error(argv, monkeypatch, capsys, "median", "dare_ties")
     assert_nothing_written(tmp_path, out)
+    with pytest.raises(UserError, match="unknown --combine 'median'"):  # before any download is tried
+        merge(MergeRequest(adapters=["org/not-pulled"], out=out, combine="median"))
 
 
 def test_refuses_existing_out_without_overwrite(
