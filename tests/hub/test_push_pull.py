@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
+from adapterhub.cli import main
 from adapterhub.hub import pull, push_folder, resolve, store
 
-from .conftest import run_main
 from .fake_hub import FakeHub
 
 
@@ -215,8 +216,9 @@ def test_base_model_mismatch_warns_by_default_and_refuses_when_strict(
 def test_push_a_store_name(hub: FakeHub, adapter_copy, capsys, monkeypatch: pytest.MonkeyPatch) -> None:
     first = push_folder(adapter_copy("ia3"), "alice/ia3")
     pulled = pull("alice/ia3", name="stored-ia3")
-    code, _ = run_main(["push", "stored-ia3", "alice/ia3-copy", "--json"], capsys, monkeypatch)
-    assert code == 0
+    capsys.readouterr()
+    monkeypatch.setattr(sys, "argv", ["adapterhub", "push", "stored-ia3", "alice/ia3-copy", "--json"])
+    main()
     copy = json.loads(capsys.readouterr().out)
     original = hub.repos["alice/ia3"].commits[first.commit].files
     assert hub.repos["alice/ia3-copy"].commits[copy["commit"]].files == original
