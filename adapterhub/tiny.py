@@ -5,6 +5,7 @@ Every width is a multiple of 64: bitsandbytes' CPU 4-bit kernels crash on other 
 
 from __future__ import annotations
 
+import fcntl
 from pathlib import Path
 
 import torch
@@ -88,18 +89,18 @@ def tiny_config(arch: str) -> PretrainedConfig:
     raise UserError(f"unknown tiny architecture '{arch}': choose one of {', '.join(ARCHES)}")
 
 
-def write_tiny(out_dir: Path, arch: str = "llama", seed: int = 0) -> Path:
+def write_tiny(out_dir: Path, arch: str = "llama", seed: int = 0, *, replace: bool = False) -> Path:
     """Write a tiny random model and its tokenizer to ``out_dir`` (atomically) and return the path."""
     config = tiny_config(arch)
     out_dir = Path(out_dir)
-    if out_dir.exists():
+    if out_dir.exists() and not replace:
         raise UserError(f"output folder {out_dir} already exists: choose a new path or remove it")
     auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
     torch.manual_seed(seed)
     model = auto.from_config(config)
     model.generation_config.pad_token_id = 0
     model.generation_config.eos_token_id = 2
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, replace=replace) as tmp:
         model.save_pretrained(tmp)
         build_tokenizer().save_pretrained(tmp)
     return out_dir
@@ -111,10 +112,12 @@ def builtin_path(name: str) -> Path:
     if arch not in ARCHES:
         raise UserError(f"unknown builtin model '{name}': use builtin:tiny-llama or builtin:tiny-mt5")
     path = home() / "builtin" / f"tiny-{arch}"
-    if not (path / "config.json").exists():
-        try:
-            write_tiny(path, arch)
-        except UserError:
-            if not (path / "config.json").exists():
-                raise
+    if (path / "config.json").exists():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Several processes (torchrun ranks, parallel tests) may ask at once: one builds, the others wait.
+    with open(path.parent / f".tiny-{arch}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (path / "config.json").exists():
+            write_tiny(path, arch, replace=True)
     return path

@@ -102,6 +102,7 @@ def training_arguments(
         remove_unused_columns=False,
         dataloader_num_workers=0,
         ddp_find_unused_parameters=False,
+        use_cpu=device.type == "cpu",
         **precision_flags(t.precision, device),
     )
 
@@ -122,7 +123,8 @@ def tokenized(splits: Splits, tokenize: Tokenize, limit: int | None = None) -> t
 def train(recipe: Recipe, console: Console | None = None) -> TrainResult:
     """Train the adapter ``recipe`` describes; return where it was written and its metrics."""
     console = console or Console(stderr=True)
-    state = PartialState()
+    # On CPU, accelerate only sets up gloo data parallelism (torchrun/accelerate launch) when told cpu=True.
+    state = PartialState(cpu=not torch.cuda.is_available())
     output_dir = check_output_dir(recipe)
     work_dir = work_dir_for(output_dir)
     if not recipe.training.resume and state.is_main_process and work_dir.exists():
