@@ -133,8 +133,9 @@ def serve(options: ServeOptions) -> None:
         log_level="info",
     )
     engine.start()
+    url = f"http://{options.host}:{options.port}/v1"
     console.print(
-        f"serving {base} with {len(options.adapters)} adapter(s) on http://{options.host}:{options.port}/v1"
+        f"serving {base} with {len(options.adapters)} adapter(s) on {url}", markup=False, soft_wrap=True
     )
     # uvicorn drains in-flight requests on SIGTERM, then re-raises the signal to its previous handler:
     # ours turns it into an exception so the engine is stopped and the process exits 0.

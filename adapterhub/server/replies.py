@@ -107,8 +107,9 @@ async def sse_events(generations: Generations, reply: Reply, *, usage: bool) -> 
     async for event in generations.events_until_finished():
         if isinstance(event, TextDelta):
             reply.first_token()
-            sent[event.index] += event.text
-            yield sse(reply.chunk(event.index, event.text))
+            if event.text:  # the engine holds text back (a partial character, a possible stop string)
+                sent[event.index] += event.text
+                yield sse(reply.chunk(event.index, event.text))
         elif event.error is not None:
             generations.cancel()
             err = event.error

@@ -89,6 +89,7 @@ def complete(api: openai.OpenAI, adapter: str | None, prompt: str, max_tokens: i
         choice = (done := api.completions.create(**kwargs)).choices[0]
         return choice.text, choice.finish_reason, done.usage.completion_tokens
     chunks = list(api.completions.create(stream=True, **kwargs))
+    assert all(c.choices[0].text for c in chunks[:-1])  # no empty deltas; only the finish chunk is empty
     return "".join(c.choices[0].text for c in chunks), chunks[-1].choices[0].finish_reason, None
 
 
