@@ -6,10 +6,12 @@ embedding); this module runs them in its own loop so it controls the KV cache, m
 Every adapter that is resident on the device lives in a numbered *slot* (slot 0 is the base and
 stays identity). Per projection, the slot tables hold:
 
-- LoRA: ``lora_a`` (rank·slots × in) and ``lora_b`` (rank·slots × out), laid out rank-major
-  (row ``k·slots + s`` is rank ``k`` of slot ``s``) so the first ``r·slots`` rows cover every slot up to
-  rank ``r``. A row's delta is ``((x Aᵀ) ⊙ onehot(slot)) B``: two dense GEMMs for the whole batch,
-  no Python loop over adapters, and columns of other slots are zeroed by the one-hot mask.
+- LoRA: projections reading the same input (q/k/v, gate/up) share one A table
+  (rank·slots·members × in, rank-major so the first ``r·slots·members`` rows cover every slot up to
+  rank ``r``); each projection has a B table with a row per A row. A row's delta is
+  ``((x Aᵀ) ⊙ onehot(slot)) B``: one shrink GEMM per group and one expand GEMM (fused with the add)
+  per projection for the whole batch, no Python loop over adapters; the one-hot mask zeroes the
+  columns of every other slot.
 - IA3: ``ia3_in`` / ``ia3_out`` (slots × width), gathered per row by slot id; ones for identity.
 
 Prompt families live in model-wide tables: ``virtual_tokens`` (slots × n × hidden) replace the
@@ -30,9 +32,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from adapterhub.errors import UserError
-from adapterhub.runtime.adapters import PROJECTIONS, BaseShape, NativeAdapter
+from adapterhub.runtime.adapters import BaseShape, NativeAdapter
 
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
+# Projections that read the same input share one LoRA A table (one shrink GEMM per group).
+LORA_GROUPS = (("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",))
 
 
 def check_architecture(model: nn.Module, base_name: str) -> None:
@@ -78,23 +82,50 @@ class Batch:
     prefix_write: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
 
-class SlotLinear:
-    """A base projection plus every slot's LoRA and IA3 weights for it."""
+class LoraShrink:
+    """The LoRA A table shared by the projections that read one input (q/k/v, gate/up, o, down).
+
+    Rows are ordered (rank, slot, member) so the first ``r·slots·members`` rows cover every slot and
+    member up to rank ``r``: one GEMM and one one-hot mask serve the whole group.
+    """
 
     def __init__(
-        self, base: nn.Module, num_slots: int, max_rank: int, dtype: torch.dtype, device: str
+        self, in_features: int, members: int, num_slots: int, max_rank: int, dtype: torch.dtype, device: str
+    ) -> None:
+        self.members, self.num_slots, self.max_rank = members, num_slots, max_rank
+        self.lora_a = torch.zeros(max_rank * num_slots * members, in_features, dtype=dtype, device=device)
+
+    def __call__(self, x: torch.Tensor, masks: dict[int, torch.Tensor] | None) -> torch.Tensor | None:
+        if masks is None:
+            return None
+        mask = masks[self.members]
+        return F.linear(x.to(self.lora_a.dtype), self.lora_a[: mask.shape[-1]]) * mask
+
+    def slot_view(self, slot: int, member: int) -> torch.Tensor:
+        return self.lora_a.view(self.max_rank, self.num_slots, self.members, -1)[:, slot, member]
+
+
+class SlotLinear:
+    """A base projection plus every slot's LoRA B rows and IA3 vectors for it.
+
+    Its B table has a row for every row of its group's A table; rows of the other members stay zero,
+    so the shrunk activations of the whole group multiply straight into this projection's output.
+    """
+
+    def __init__(
+        self, base: nn.Module, shrink: LoraShrink, member: int, dtype: torch.dtype, device: str
     ) -> None:
         self.base = base
-        self.num_slots = num_slots
+        self.shrink, self.member = shrink, member
         self.in_features, self.out_features = base.in_features, base.out_features
-        self.lora_a = torch.zeros(max_rank * num_slots, self.in_features, dtype=dtype, device=device)
-        self.lora_b = torch.zeros(max_rank * num_slots, self.out_features, dtype=dtype, device=device)
+        num_slots = shrink.num_slots
+        self.lora_b = torch.zeros(shrink.lora_a.shape[0], self.out_features, dtype=dtype, device=device)
         self.ia3_in = torch.ones(num_slots, self.in_features, dtype=dtype, device=device)
         self.ia3_out = torch.ones(num_slots, self.out_features, dtype=dtype, device=device)
         self.uses_ia3_in = self.uses_ia3_out = False
         self.merged_weight: torch.Tensor | None = None  # a dense merged copy standing in for a 4-bit base
 
-    def __call__(self, x: torch.Tensor, batch: Batch, lora_mask: torch.Tensor | None) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, batch: Batch, shrunk: torch.Tensor | None) -> torch.Tensor:
         if batch.any_ia3 and self.uses_ia3_in:
             x = x * self.ia3_in[batch.slots].unsqueeze(1)
         if self.merged_weight is not None:
@@ -103,15 +134,21 @@ class SlotLinear:
             out = self.base(x)
         if batch.any_ia3 and self.uses_ia3_out:
             out = out * self.ia3_out[batch.slots].unsqueeze(1)
-        if lora_mask is not None:
-            width = lora_mask.shape[-1]
-            hidden = F.linear(x.to(self.lora_a.dtype), self.lora_a[:width]) * lora_mask
-            out = out + (hidden @ self.lora_b[:width]).to(out.dtype)
-        return out
+        if shrunk is None:
+            return out
+        width = shrunk.shape[-1]
+        flat = torch.addmm(
+            out.reshape(-1, self.out_features).to(shrunk.dtype),
+            shrunk.reshape(-1, width),
+            self.lora_b[:width],
+        )
+        return flat.view(out.shape).to(out.dtype)
 
     def slot_views(self, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Slot ``slot``'s LoRA rows, rank-major: (max rank × in) and (max rank × out) strided views."""
-        return self.lora_a[slot :: self.num_slots], self.lora_b[slot :: self.num_slots]
+        """Slot ``slot``'s LoRA rows: (max rank × in) and (max rank × out) strided views."""
+        shrink = self.shrink
+        b_rows = self.lora_b.view(shrink.max_rank, shrink.num_slots, shrink.members, -1)[:, slot, self.member]
+        return shrink.slot_view(slot, self.member), b_rows
 
 
 class SlottedDecoder:
@@ -139,13 +176,15 @@ class SlottedDecoder:
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         self.scaling = self.head_dim**-0.5
         layers = self.decoder.layers
-        self.projections: list[dict[str, SlotLinear]] = [
-            {
-                name: SlotLinear(getattr(self._parent(layer, name), name), num_slots, max_rank, dtype, device)
-                for name in PROJECTIONS
-            }
-            for layer in layers
-        ]
+        self.projections: list[dict[str, SlotLinear]] = []
+        for layer in layers:
+            projections: dict[str, SlotLinear] = {}
+            for group in LORA_GROUPS:
+                modules = [getattr(self._parent(layer, name), name) for name in group]
+                shrink = LoraShrink(modules[0].in_features, len(group), num_slots, max_rank, dtype, device)
+                for member, (name, module) in enumerate(zip(group, modules, strict=True)):
+                    projections[name] = SlotLinear(module, shrink, member, dtype, device)
+            self.projections.append(projections)
         first = self.projections[0]
         self.shape = BaseShape(
             num_layers=len(layers),
@@ -154,8 +193,13 @@ class SlottedDecoder:
             head_dim=self.head_dim,
             features={name: (p.in_features, p.out_features) for name, p in first.items()},
         )
-        # The one-hot LoRA column selector compares each column's slot with the row's slot.
-        self.column_slot = torch.arange(num_slots, device=device).repeat(max_rank)
+        # The one-hot LoRA column selectors compare each A-table row's slot with the batch row's slot.
+        self.column_slot = {
+            len(group): torch.arange(max_rank * num_slots * len(group), device=device)
+            // len(group)
+            % num_slots
+            for group in LORA_GROUPS
+        }
         self.virtual_tokens = torch.zeros(
             num_slots, max_virtual_tokens, config.hidden_size, dtype=dtype, device=device
         )
@@ -295,11 +339,13 @@ class SlottedDecoder:
         if batch.prefix_write is not None:
             rows, positions, slots, indices = batch.prefix_write
             self.kv[:, :, rows, :, positions] = self.prefix_kv[:, :, slots, :, indices]
-        lora_mask = None
+        masks = None
         if batch.lora_rank:
-            width = batch.lora_rank * self.num_slots
-            selected = self.column_slot[:width].unsqueeze(0) == batch.slots.unsqueeze(1)
-            lora_mask = selected.to(self.dtype).unsqueeze(1)
+            masks = {}
+            for members, column_slot in self.column_slot.items():
+                width = batch.lora_rank * self.num_slots * members
+                selected = column_slot[:width].unsqueeze(0) == batch.slots.unsqueeze(1)
+                masks[members] = selected.to(self.dtype).unsqueeze(1)
         keys_visible = torch.arange(batch.kv_len, device=self.device).view(
             1, 1, -1
         ) <= batch.cache_pos.unsqueeze(-1)
@@ -311,9 +357,10 @@ class SlottedDecoder:
             attn = layer.self_attn
             x = layer.input_layernorm(hidden)
             size, length, _ = x.shape
-            q = proj["q_proj"](x, batch, lora_mask).view(size, length, -1, self.head_dim)
-            k = proj["k_proj"](x, batch, lora_mask).view(size, length, -1, self.head_dim)
-            v = proj["v_proj"](x, batch, lora_mask).view(size, length, -1, self.head_dim)
+            shrunk = proj["q_proj"].shrink(x, masks)
+            q = proj["q_proj"](x, batch, shrunk).view(size, length, -1, self.head_dim)
+            k = proj["k_proj"](x, batch, shrunk).view(size, length, -1, self.head_dim)
+            v = proj["v_proj"](x, batch, shrunk).view(size, length, -1, self.head_dim)
             if hasattr(attn, "q_norm"):
                 q, k = attn.q_norm(q), attn.k_norm(k)
             q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
@@ -327,12 +374,11 @@ class SlottedDecoder:
                 q, keys, values, attn_mask=attention_mask, scale=self.scaling, enable_gqa=True
             )
             out = out.transpose(1, 2).reshape(size, length, -1)
-            hidden = hidden + proj["o_proj"](out, batch, lora_mask)
+            hidden = hidden + proj["o_proj"](out, batch, proj["o_proj"].shrink(out, masks))
             x = layer.post_attention_layernorm(hidden)
-            gate = layer.mlp.act_fn(proj["gate_proj"](x, batch, lora_mask)) * proj["up_proj"](
-                x, batch, lora_mask
-            )
-            hidden = hidden + proj["down_proj"](gate, batch, lora_mask)
+            shrunk = proj["gate_proj"].shrink(x, masks)
+            gate = layer.mlp.act_fn(proj["gate_proj"](x, batch, shrunk)) * proj["up_proj"](x, batch, shrunk)
+            hidden = hidden + proj["down_proj"](gate, batch, proj["down_proj"].shrink(gate, masks))
         picked = hidden[torch.arange(hidden.shape[0], device=self.device), last]
         return self.model.lm_head(self.decoder.norm(picked)).float()
 

@@ -17,7 +17,7 @@ def _slot_tensors(engine: Engine) -> list:
     decoder = engine.decoder
     tables = [decoder.virtual_tokens, decoder.prefix_kv, decoder.kv]
     for layer in decoder.projections:
-        tables += [t for target in layer.values() for t in (target.lora_a, target.lora_b, target.ia3_in)]
+        tables += [t for target in layer.values() for t in (target.shrink.lora_a, target.lora_b, target.ia3_in)]
     return tables
 
 
