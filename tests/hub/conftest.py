@@ -54,6 +54,17 @@ def hub(hub_server: FakeHub, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) ->
     return hub_server
 
 
+@pytest.fixture(params=["regular", "lfs"])
+def any_hub(request: pytest.FixtureRequest, hub: FakeHub, monkeypatch: pytest.MonkeyPatch) -> FakeHub:
+    """The fake Hub in both upload modes: files inline in commits, or weights through git-LFS."""
+    import huggingface_hub.constants as hf_constants
+
+    if request.param == "lfs":
+        hub.lfs = True
+        monkeypatch.setattr(hf_constants, "HF_HUB_DISABLE_XET", True)
+    return hub
+
+
 def save_peft_adapter(base: Path, out: Path, config, *, base_model_name: str | None = None) -> Path:
     """Save a freshly initialised PEFT adapter on ``base``; optionally record another base model name."""
     import torch

@@ -3,14 +3,18 @@
 It speaks the routes huggingface_hub 2.4 uses for model repos (create/delete, info, tree, refs,
 preupload, ndjson commits, tags, branches, commits, paths-info, resolve downloads with Range),
 keeps repos in memory as git-like commits, maps tokens to users, and only lets a user write to
-their own namespace. Every file is uploaded in "regular" mode: the real Hub's Xet/LFS storage of
-large files is not exercised.
+their own namespace.
+
+By default every file is uploaded in "regular" mode (inline in the commit). With ``lfs = True`` the
+server asks for weights (``*.safetensors``, ``*.bin``) through the git-LFS batch API, as the real Hub
+does for a client with ``HF_HUB_DISABLE_XET=1``. The real Hub's Xet storage is never exercised.
 """
 
 from __future__ import annotations
 
 import base64
 import contextlib
+import fnmatch
 import hashlib
 import json
 import re
@@ -25,10 +29,21 @@ GITATTRIBUTES = (
     b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n*.bin filter=lfs diff=lfs merge=lfs -text\n"
 )
 COMMIT_SHA = re.compile(r"^[0-9a-f]{40}$")
+LFS_PATTERNS = ("*.safetensors", "*.bin")
 
 
 def git_blob_sha(data: bytes) -> str:
     return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def lfs_pointer(data: bytes) -> bytes:
+    return (
+        f"version https://git-lfs.github.com/spec/v1\noid sha256:{sha256(data)}\nsize {len(data)}\n".encode()
+    )
 
 
 @dataclass
@@ -38,6 +53,16 @@ class Commit:
     files: dict[str, bytes]
     title: str
     date: str
+    lfs: set[str] = field(default_factory=set)  # paths stored through git-LFS
+
+    def entry(self, path: str) -> dict:
+        """The file as the tree and paths-info routes describe it; LFS files point at their sha256."""
+        data = self.files[path]
+        if path not in self.lfs:
+            return {"type": "file", "oid": git_blob_sha(data), "size": len(data), "path": path}
+        pointer = lfs_pointer(data)
+        lfs = {"oid": sha256(data), "size": len(data), "pointerSize": len(pointer)}
+        return {"type": "file", "oid": git_blob_sha(pointer), "size": len(data), "path": path, "lfs": lfs}
 
 
 @dataclass
@@ -66,6 +91,8 @@ class FakeHub:
     requests: list[tuple[str, str]] = field(default_factory=list)
     # Path suffixes whose next GET is cut off halfway, to exercise resumed (Range) downloads.
     cut_next_download: set[str] = field(default_factory=set)
+    lfs: bool = False
+    lfs_objects: dict[str, bytes] = field(default_factory=dict)  # sha256 -> content
     lock: threading.RLock = field(default_factory=threading.RLock)
     url: str = ""
 
@@ -74,6 +101,8 @@ class FakeHub:
             self.repos.clear()
             self.requests.clear()
             self.cut_next_download.clear()
+            self.lfs = False
+            self.lfs_objects.clear()
 
     # -- repository model -------------------------------------------------------------------------
 
@@ -84,7 +113,13 @@ class FakeHub:
         return repo
 
     def commit(
-        self, repo: Repo, branch: str | None, added: dict[str, bytes], deleted: list[str], title: str
+        self,
+        repo: Repo,
+        branch: str | None,
+        added: dict[str, bytes],
+        deleted: list[str],
+        title: str,
+        lfs: set[str] = frozenset(),
     ) -> Commit:
         branch = branch or "main"
         parent = repo.branches.get(branch)
@@ -94,8 +129,9 @@ class FakeHub:
                 name: data for name, data in files.items() if name != path and not name.startswith(path + "/")
             }
         files.update(added)
+        lfs_paths = (repo.commits[parent].lfs - set(added) if parent else set()) | set(lfs)
         seed = f"{repo.repo_id}{parent}{title}{time.time_ns()}{sorted(files)}".encode()
-        commit = Commit(hashlib.sha1(seed).hexdigest(), parent, files, title, _now())
+        commit = Commit(hashlib.sha1(seed).hexdigest(), parent, files, title, _now(), lfs_paths & set(files))
         repo.commits[commit.sha] = commit
         repo.branches[branch] = commit.sha
         return commit
@@ -172,8 +208,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _dispatch(self, method: str) -> None:
         # Read the body even when the route ignores it: with keep-alive an unread body corrupts the
         # next request on the connection.
-        length = int(self.headers.get("Content-Length") or 0)
-        self.body = self.rfile.read(length) if length else b""
+        self.body = self._read_body()
         parts = urlsplit(self.path)
         self.query = parse_qs(parts.query)
         path = parts.path
@@ -186,6 +221,18 @@ class _Handler(BaseHTTPRequestHandler):
         except HubError as err:
             body = {"error": err.message, **err.extra}
             self._send_json(body, status=err.status, headers={"X-Error-Code": err.code or ""})
+
+    def _read_body(self) -> bytes:
+        if self.headers.get("Transfer-Encoding", "").lower() != "chunked":
+            length = int(self.headers.get("Content-Length") or 0)
+            return self.rfile.read(length) if length else b""
+        chunks = []
+        while size := int(self.rfile.readline().split(b";")[0].strip() or b"0", 16):
+            chunks.append(self.rfile.read(size))
+            self.rfile.readline()
+        while self.rfile.readline().strip():
+            pass  # trailers
+        return b"".join(chunks)
 
     def _route(self, method: str, path: str) -> None:
         routes = [
@@ -204,6 +251,9 @@ class _Handler(BaseHTTPRequestHandler):
             ("DELETE", r"/api/models/(?P<repo>[^/]+/[^/]+)/tag/(?P<tag>.+)", self._delete_tag),
             ("POST", r"/api/models/(?P<repo>[^/]+/[^/]+)/branch/(?P<branch>.+)", self._create_branch),
             ("DELETE", r"/api/models/(?P<repo>[^/]+/[^/]+)/branch/(?P<branch>.+)", self._delete_branch),
+            ("POST", r"/(?P<repo>[^/]+/[^/]+?)\.git/info/lfs/objects/batch", self._lfs_batch),
+            ("PUT", r"/lfs-objects/(?P<oid>[0-9a-f]{64})", self._lfs_put),
+            ("POST", r"/lfs-verify/(?P<oid>[0-9a-f]{64})", self._lfs_verify),
             ("GET", r"/(?P<repo>[^/]+/[^/]+)/resolve/(?P<rev>[^/]+)/(?P<file>.+)", self._download),
             ("HEAD", r"/(?P<repo>[^/]+/[^/]+)/resolve/(?P<rev>[^/]+)/(?P<file>.+)", self._download),
         ]
@@ -298,10 +348,18 @@ class _Handler(BaseHTTPRequestHandler):
     def _info(self, repo: str, rev: str = "main") -> None:
         repository = self._readable(repo)
         commit = self.hub.resolve(repository, rev)
-        siblings = [
-            {"rfilename": path, "size": len(data), "blobId": git_blob_sha(data)}
-            for path, data in sorted(commit.files.items())
-        ]
+        siblings = []
+        for path in sorted(commit.files):
+            entry = commit.entry(path)
+            sibling = {"rfilename": path, "size": entry["size"], "blobId": entry["oid"]}
+            if "lfs" in entry:
+                lfs = entry["lfs"]
+                sibling["lfs"] = {
+                    "size": lfs["size"],
+                    "sha256": lfs["oid"],
+                    "pointerSize": lfs["pointerSize"],
+                }
+            siblings.append(sibling)
         self._send_json(
             {
                 "_id": repo,
@@ -323,14 +381,14 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _entries(self, commit: Commit, prefix: str, recursive: bool) -> list[dict]:
         entries, folders = [], set()
-        for path, data in sorted(commit.files.items()):
+        for path in sorted(commit.files):
             if prefix and not path.startswith(prefix + "/"):
                 continue
             rest = path[len(prefix) + 1 :] if prefix else path
             if "/" in rest and not recursive:
                 folders.add(f"{prefix}/{rest.split('/')[0]}" if prefix else rest.split("/")[0])
                 continue
-            entries.append({"type": "file", "oid": git_blob_sha(data), "size": len(data), "path": path})
+            entries.append(commit.entry(path))
         entries += [
             {"type": "directory", "oid": "0" * 40, "size": 0, "path": path} for path in sorted(folders)
         ]
@@ -381,9 +439,11 @@ class _Handler(BaseHTTPRequestHandler):
         files = self.hub.resolve(repository, rev).files
         answers = []
         for item in self._json_body()["files"]:
-            answer = {"path": item["path"], "uploadMode": "regular", "shouldIgnore": False}
+            lfs = self.hub.lfs and any(fnmatch.fnmatch(item["path"], pattern) for pattern in LFS_PATTERNS)
+            answer = {"path": item["path"], "uploadMode": "lfs" if lfs else "regular", "shouldIgnore": False}
             if item["path"] in files:
-                answer["oid"] = git_blob_sha(files[item["path"]])
+                data = files[item["path"]]
+                answer["oid"] = sha256(data) if lfs else git_blob_sha(data)
             answers.append(answer)
         self._send_json({"files": answers, "commitOid": self.hub.resolve(repository, rev).sha})
 
@@ -393,6 +453,7 @@ class _Handler(BaseHTTPRequestHandler):
         if branch not in repository.branches:
             raise HubError(404, f"Invalid rev id: {branch}", "RevisionNotFound")
         added: dict[str, bytes] = {}
+        lfs: set[str] = set()
         deleted: list[str] = []
         title = "commit"
         for line in self.body.decode().splitlines():
@@ -407,11 +468,16 @@ class _Handler(BaseHTTPRequestHandler):
                     raise HubError(412, "A commit has happened since. Please refresh and try again.")
             elif item["key"] == "file":
                 added[value["path"]] = base64.b64decode(value["content"])
+            elif item["key"] == "lfsFile":
+                if value["oid"] not in self.hub.lfs_objects:
+                    raise HubError(400, f"LFS object {value['oid']} was never uploaded")
+                added[value["path"]] = self.hub.lfs_objects[value["oid"]]
+                lfs.add(value["path"])
             elif item["key"] in ("deletedFile", "deletedFolder"):
                 deleted.append(value["path"].rstrip("/"))
             else:
                 raise HubError(400, f"this test server does not support '{item['key']}' commit entries")
-        commit = self.hub.commit(repository, branch, added, deleted, title)
+        commit = self.hub.commit(repository, branch, added, deleted, title, lfs)
         self._send_json(
             {
                 "success": True,
@@ -455,9 +521,10 @@ class _Handler(BaseHTTPRequestHandler):
         if file not in commit.files:
             raise HubError(404, f"Entry not found: {file}", "EntryNotFound")
         data = commit.files[file]
+        etag = sha256(data) if file in commit.lfs else git_blob_sha(data)
         headers = {
             "X-Repo-Commit": commit.sha,
-            "ETag": f'"{git_blob_sha(data)}"',
+            "ETag": f'"{etag}"',
             "Accept-Ranges": "bytes",
             "Content-Type": "application/octet-stream",
         }
@@ -484,3 +551,30 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(body[: len(body) // 2])
         self.wfile.flush()
         self.close_connection = True
+
+    def _lfs_batch(self, repo: str) -> None:
+        self._writable(repo)
+        body = self._json_body()
+        if body.get("operation") != "upload":
+            raise HubError(400, "this test server only accepts LFS uploads")
+        objects = []
+        for item in body["objects"]:
+            answer = {"oid": item["oid"], "size": item["size"], "authenticated": True}
+            if item["oid"] not in self.hub.lfs_objects:
+                answer["actions"] = {
+                    "upload": {"href": f"{self.hub.url}/lfs-objects/{item['oid']}", "header": {}},
+                    "verify": {"href": f"{self.hub.url}/lfs-verify/{item['oid']}", "header": {}},
+                }
+            objects.append(answer)
+        self._send_json({"transfer": "basic", "objects": objects})
+
+    def _lfs_put(self, oid: str) -> None:
+        if sha256(self.body) != oid:
+            raise HubError(400, f"uploaded bytes do not hash to {oid}")
+        self.hub.lfs_objects[oid] = self.body
+        self._send_json({})
+
+    def _lfs_verify(self, oid: str) -> None:
+        if oid not in self.hub.lfs_objects or self._json_body().get("size") != len(self.hub.lfs_objects[oid]):
+            raise HubError(404, f"LFS object {oid} is missing")
+        self._send_json({})

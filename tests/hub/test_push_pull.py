@@ -25,7 +25,7 @@ def _fresh_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, label: str) ->
 
 
 def test_push_with_tag_then_pull_by_tag_is_byte_identical_and_loads_in_peft(
-    hub: FakeHub, adapter_copy, tiny_llama: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    any_hub: FakeHub, adapter_copy, tiny_llama: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import torch
     from peft import PeftModel
@@ -34,9 +34,11 @@ def test_push_with_tag_then_pull_by_tag_is_byte_identical_and_loads_in_peft(
     source = adapter_copy("lora-builtin")
     pushed = push_folder(source, "alice/tiny-lora", tag="v1", message="first version")
     assert not pushed.no_op
-    assert pushed.url == f"{hub.url}/alice/tiny-lora/tree/v1"
-    assert hub.repos["alice/tiny-lora"].tags["v1"] == pushed.commit
-    card = hub.repos["alice/tiny-lora"].commits[pushed.commit].files["README.md"].decode()
+    assert pushed.url == f"{any_hub.url}/alice/tiny-lora/tree/v1"
+    assert any_hub.repos["alice/tiny-lora"].tags["v1"] == pushed.commit
+    stored_through_lfs = any_hub.repos["alice/tiny-lora"].commits[pushed.commit].lfs
+    assert stored_through_lfs == ({"adapter_model.safetensors"} if any_hub.lfs else set())
+    card = any_hub.repos["alice/tiny-lora"].commits[pushed.commit].files["README.md"].decode()
     assert "library_name: peft" in card and "- lora" in card and "- adapterhub" in card
 
     _fresh_store(tmp_path, monkeypatch, "puller")
@@ -57,7 +59,7 @@ def test_push_with_tag_then_pull_by_tag_is_byte_identical_and_loads_in_peft(
         torch.testing.assert_close(loaded(prompt).logits, expected(prompt).logits, rtol=0, atol=0)
 
 
-def test_pull_by_branch_and_by_commit_sha(hub: FakeHub, adapter_copy) -> None:
+def test_pull_by_branch_and_by_commit_sha(any_hub: FakeHub, adapter_copy) -> None:
     first = push_folder(adapter_copy("lora-builtin"), "alice/multi")
     second = push_folder(adapter_copy("prompt"), "alice/multi", branch="prompt")
     assert second.commit != first.commit
@@ -71,13 +73,13 @@ def test_pull_by_branch_and_by_commit_sha(hub: FakeHub, adapter_copy) -> None:
     assert store.read("from-sha").method == "lora"
 
 
-def test_repushing_an_unchanged_folder_is_a_no_op(hub: FakeHub, adapter_copy) -> None:
+def test_repushing_an_unchanged_folder_is_a_no_op(any_hub: FakeHub, adapter_copy) -> None:
     source = adapter_copy("lora-builtin")
     first = push_folder(source, "alice/same", tag="v1")
-    commits_before = len(hub.repos["alice/same"].commits)
+    commits_before = len(any_hub.repos["alice/same"].commits)
     again = push_folder(source, "alice/same", tag="v1")
     assert again.no_op and again.commit == first.commit
-    assert len(hub.repos["alice/same"].commits) == commits_before
+    assert len(any_hub.repos["alice/same"].commits) == commits_before
 
 
 def test_pulling_the_same_revision_again_is_a_no_op_and_a_new_one_replaces(
@@ -169,15 +171,15 @@ def test_pull_from_a_subfolder(hub: FakeHub, adapter_copy, tmp_path: Path) -> No
     assert store.read("bundled-prompt").subfolder == "adapters/prompt"
 
 
-def test_an_interrupted_transfer_resumes_with_a_range_request(hub: FakeHub, adapter_copy) -> None:
+def test_an_interrupted_transfer_resumes_with_a_range_request(any_hub: FakeHub, adapter_copy) -> None:
     source = adapter_copy("lora-builtin")
     push_folder(source, "alice/flaky")
-    hub.cut_next_download.add("adapter_model.safetensors")
+    any_hub.cut_next_download.add("adapter_model.safetensors")
     pulled = pull("alice/flaky")
     assert (pulled.path / "adapter_model.safetensors").read_bytes() == (
         source / "adapter_model.safetensors"
     ).read_bytes()
-    assert not hub.cut_next_download
+    assert not any_hub.cut_next_download
 
 
 def test_resolve_store_name_local_folder_and_hub_spec(hub: FakeHub, adapter_copy) -> None:
