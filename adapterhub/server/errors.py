@@ -21,7 +21,7 @@ REQUEST_ERROR_STATUS = {
     "incompatible_adapter": 400,
     "unsupported_adapter": 400,
     "corrupt_adapter": 400,
-    "slot_capacity": 503,
+    "slot_capacity": 400,  # a LoRA rank above the slots' capacity: only a restart with more helps
     "cancelled": 503,
     "overloaded": 429,
 }
