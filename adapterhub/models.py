@@ -169,7 +169,7 @@ def load_model(spec: ModelSpec) -> PreTrainedModel:
         kwargs["quantization_config"] = quantization_config(spec.quantization, dtype)
         kwargs["device_map"] = {"": device}
     if random_init:
-        model = _random_model(auto, config, dtype, kwargs)
+        model = _random_model(auto, config, device, kwargs)
     else:
         try:
             model = auto.from_pretrained(local_path(name), **kwargs)
@@ -188,8 +188,10 @@ def record_name(model: PreTrainedModel, name: str) -> None:
     model.name_or_path = name
 
 
-def _random_model(auto: type, config: PretrainedConfig, dtype: torch.dtype, kwargs: dict) -> PreTrainedModel:
-    model = auto.from_config(config, dtype=dtype)
+def _random_model(auto: type, config: PretrainedConfig, device: str, kwargs: dict) -> PreTrainedModel:
+    # Initialising a billion random weights takes seconds on a GPU and minutes on a CPU.
+    with torch.device(device):
+        model = auto.from_config(config, dtype=kwargs["dtype"])
     if "quantization_config" not in kwargs:
         return model
     # bitsandbytes quantizes while loading, so a random model takes a round trip through disk.
