@@ -8,6 +8,8 @@ from collections.abc import Sequence
 
 import yaml
 
+from adapterhub.errors import UserError
+
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 FRONT_MATTER = re.compile(r"\A---\n(.*?)\n---\n?", re.S)
 
@@ -62,7 +64,15 @@ def with_hub_metadata(card: str, *, base_model: str, method: str) -> str:
     path the adapter was trained from as ``base_model``.
     """
     match = FRONT_MATTER.match(card)
-    metadata = (yaml.safe_load(match.group(1)) if match else None) or {}
+    try:
+        metadata = (yaml.safe_load(match.group(1)) if match else None) or {}
+    except yaml.YAMLError as err:
+        raise UserError(
+            "README.md metadata (between the --- lines) is not valid YAML: fix it, or delete the README "
+            "to get a generated card"
+        ) from err
+    if not isinstance(metadata, dict):
+        raise UserError("README.md metadata (between the --- lines) must be a YAML mapping of key: value")
     fixed = _hub_metadata(metadata, base_model, method, ())
     if fixed == metadata:
         return card

@@ -151,8 +151,8 @@ def show(name: str, as_json: bool) -> None:
 @click.argument("name")
 def rm(name: str) -> None:
     """Remove an adapter from the local store."""
-    manifest = store.remove(name)
-    console.print(f"removed {manifest.name} ({manifest.source_at_revision})", highlight=False)
+    store.remove(name)
+    console.print(f"removed {name}", highlight=False)
 
 
 def _human_bytes(size: int) -> str:

@@ -10,7 +10,7 @@ import hashlib
 import json
 import re
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -69,7 +69,14 @@ def read(name: str) -> Manifest:
     path = entry_path(name) / MANIFEST
     if not path.is_file():
         raise UserError(f"no adapter named '{name}' in the store: see `adapterhub list`")
-    return Manifest(**json.loads(path.read_text()))
+    known = {item.name for item in fields(Manifest)}
+    try:
+        data = json.loads(path.read_text())
+        return Manifest(**{key: value for key, value in data.items() if key in known})
+    except (ValueError, TypeError) as err:
+        raise UserError(
+            f"the manifest of '{name}' is unreadable: `adapterhub rm {name}` and add it again"
+        ) from err
 
 
 def entries() -> list[Manifest]:
@@ -82,14 +89,15 @@ def find_source(source: str, subfolder: str | None = None) -> list[Manifest]:
     return [entry for entry in entries() if entry.source == source and entry.subfolder == subfolder]
 
 
-def remove(name: str) -> Manifest:
-    manifest = read(name)
+def remove(name: str) -> None:
+    """Delete an entry, even one whose manifest is unreadable."""
+    if not exists(name):
+        raise UserError(f"no adapter named '{name}' in the store: see `adapterhub list`")
     path = entry_path(name)
     # Rename first so the entry disappears at once even if deleting its files is slow or interrupted.
     doomed = path.with_name(f".{name}.rm")
     path.rename(doomed)
     shutil.rmtree(doomed)
-    return manifest
 
 
 def sha256(path: Path) -> str:

@@ -202,6 +202,11 @@ def test_pushing_a_folder_with_no_adapter(hub: FakeHub, tmp_path: Path, adapter_
 
     code, err = run_main(["push", str(adapter_copy("lora")), "alice/nothing"], capsys, monkeypatch)
     assert_one_line_error(code, err, "is a local path, not a Hub id", "--base-model")
+
+    broken_card = adapter_copy("lora-builtin")
+    (broken_card / "README.md").write_text("---\ntags: [unclosed\n---\n# card\n")
+    code, err = run_main(["push", str(broken_card), "alice/nothing"], capsys, monkeypatch)
+    assert_one_line_error(code, err, "README.md metadata", "not valid YAML")
     assert hub.repos == {}
 
 

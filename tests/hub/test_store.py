@@ -64,6 +64,11 @@ def test_add_list_show_verify_and_remove(adapter_copy, tmp_path: Path, monkeypat
     (store.entry_path("local-lora") / "adapter_model.safetensors").write_bytes(b"tampered")
     assert store.verify("local-lora") == ["adapter_model.safetensors"]
 
+    manifest_path = store.entry_path("local-lora") / store.MANIFEST
+    manifest_path.write_text("{not json")
+    with pytest.raises(UserError, match="the manifest of 'local-lora' is unreadable"):
+        store.entries()
+
     store.remove("local-lora")
     assert store.entries() == [] and list(store.root().iterdir()) == []
 
