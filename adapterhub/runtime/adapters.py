@@ -57,6 +57,7 @@ class NativeAdapter:
     virtual_tokens: torch.Tensor | None = None  # (n, hidden)
     prefix_kv: torch.Tensor | None = None  # (layers, 2, kv heads, n, head dim)
     flat: torch.Tensor | None = None  # the one buffer all tensors view, once packed
+    pending_scale: dict[tuple[int, str], float] = field(default_factory=dict)  # LoRA B × this, when packed
 
     @property
     def rank(self) -> int | None:
@@ -89,22 +90,29 @@ class NativeAdapter:
         so moving the adapter to the device is a single DMA."""
         tensors = self.tensors()
         flat = torch.empty(sum(t.numel() for t in tensors), dtype=dtype, pin_memory=pin)
-        return self.with_tensors(_views(flat, tensors, copy=True), flat)
+        views = _views(flat, tensors)
+        scales = [1.0] * len(tensors)
+        for index, key in enumerate(self.lora):
+            scales[2 * index + 1] = self.pending_scale.get(key, 1.0)
+        # One pass: cast, transpose and LoRA scaling all happen in the copy into the buffer.
+        for view, tensor, scale in zip(views, tensors, scales, strict=True):
+            if scale == 1.0:
+                view.copy_(tensor)
+            else:
+                torch.mul(tensor, scale, out=view)
+        return self.with_tensors(views, flat)
 
     def to(self, device: str | torch.device) -> NativeAdapter:
         if self.flat is None:
             return self.with_tensors([t.to(device) for t in self.tensors()])
         flat = self.flat.to(device, non_blocking=True)
-        return self.with_tensors(_views(flat, self.tensors(), copy=False), flat)
+        return self.with_tensors(_views(flat, self.tensors()), flat)
 
 
-def _views(flat: torch.Tensor, like: list[torch.Tensor], *, copy: bool) -> list[torch.Tensor]:
+def _views(flat: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:
     views, offset = [], 0
     for tensor in like:
-        view = flat[offset : offset + tensor.numel()].view(tensor.shape)
-        if copy:
-            view.copy_(tensor)
-        views.append(view)
+        views.append(flat[offset : offset + tensor.numel()].view(tensor.shape))
         offset += tensor.numel()
     return views
 
@@ -176,10 +184,11 @@ def load_native(
         adapter = _ia3(folder, config, weights, base)
     else:
         adapter = _prompt(folder, method, config, weights, base, max_virtual_tokens)
-    for tensor in adapter.tensors():
-        if not torch.isfinite(tensor).all():
-            raise RequestError(f"adapter {folder} holds NaN or inf weights: retrain it", "corrupt_adapter")
-    return adapter.packed(dtype, pin=pin)
+    packed = adapter.packed(dtype, pin=pin)
+    # One fp32-accumulated pass: any NaN or inf makes the sum non-finite.
+    if not torch.isfinite(torch.sum(packed.flat, dtype=torch.float32)):
+        raise RequestError(f"adapter {folder} holds NaN or inf weights: retrain it", "corrupt_adapter")
+    return packed
 
 
 def _module_tensors(
@@ -195,7 +204,7 @@ def _module_tensors(
                 f"use an adapter trained on this base (targets among {', '.join(PROJECTIONS)})",
                 "incompatible_adapter",
             )
-        grouped.setdefault((int(match[1]), match[3]), {})[match[4]] = tensor.float()
+        grouped.setdefault((int(match[1]), match[3]), {})[match[4]] = tensor
     return grouped
 
 
@@ -222,6 +231,7 @@ def _lora(folder: Path, config: dict, weights: dict, base: BaseShape, max_rank: 
                 "unsupported_adapter",
             )
     lora: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
+    scales: dict[tuple[int, str], float] = {}
     for (layer, proj), parts in _module_tensors(folder, weights, base).items():
         a, b = parts.get("lora_A.weight"), parts.get("lora_B.weight")
         if a is None or b is None or set(parts) - {"lora_A.weight", "lora_B.weight"}:
@@ -249,10 +259,11 @@ def _lora(folder: Path, config: dict, weights: dict, base: BaseShape, max_rank: 
         module_name = f"model.layers.{layer}.{block}.{proj}"
         alpha = _pattern_value(config.get("alpha_pattern") or {}, module_name, config.get("lora_alpha", 8))
         scaling = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
-        lora[(layer, proj)] = (a.contiguous(), (b * scaling).t().contiguous())
+        lora[(layer, proj)] = (a, b.t())
+        scales[(layer, proj)] = scaling
     if not lora:
         raise RequestError(f"adapter {folder} has no LoRA weights: re-save the adapter", "corrupt_adapter")
-    return NativeAdapter(method="lora", lora=lora)
+    return NativeAdapter(method="lora", lora=lora, pending_scale=scales)
 
 
 def _ia3(folder: Path, config: dict, weights: dict, base: BaseShape) -> NativeAdapter:
@@ -270,7 +281,7 @@ def _ia3(folder: Path, config: dict, weights: dict, base: BaseShape) -> NativeAd
         in_features, out_features = base.features[proj]
         if vector.numel() != (in_features if on_input else out_features):
             raise _incompatible(folder, f"IA3 vector of {proj} has {vector.numel()} entries")
-        ia3[(layer, proj)] = (vector.flatten().contiguous(), on_input)
+        ia3[(layer, proj)] = (vector.flatten(), on_input)
     if not ia3:
         raise RequestError(f"adapter {folder} has no IA3 weights: re-save the adapter", "corrupt_adapter")
     return NativeAdapter(method="ia3", ia3=ia3)
@@ -284,7 +295,6 @@ def _prompt(
         raise RequestError(f"adapter {folder} has no prompt_embeddings tensor: re-save it", "corrupt_adapter")
     if config.get("num_transformer_submodules", 1) != 1:
         raise _incompatible(folder, "it is for an encoder-decoder model")
-    embeddings = embeddings.float()
     count = embeddings.shape[0]
     if count > max_virtual_tokens:
         raise RequestError(
@@ -297,7 +307,7 @@ def _prompt(
             raise _incompatible(
                 folder, f"token width {embeddings.shape[1]}, this base has {base.hidden_size}"
             )
-        return NativeAdapter(method=method, virtual_tokens=embeddings.contiguous())
+        return NativeAdapter(method=method, virtual_tokens=embeddings)
     kv_width = base.num_kv_heads * base.head_dim
     if embeddings.shape[1] != base.num_layers * 2 * kv_width:
         raise _incompatible(
@@ -306,4 +316,4 @@ def _prompt(
         )
     # PEFT's get_prompt views (n, layers*2, heads, head_dim): entry 2l holds layer l's keys, 2l+1 its values.
     blocks = embeddings.view(count, base.num_layers, 2, base.num_kv_heads, base.head_dim)
-    return NativeAdapter(method=method, prefix_kv=blocks.permute(1, 2, 3, 0, 4).contiguous())
+    return NativeAdapter(method=method, prefix_kv=blocks.permute(1, 2, 3, 0, 4))

@@ -124,6 +124,7 @@ def transformers_run(engine: Engine, work: Workload) -> int:
 def load_and_swap_ms(engine: Engine, folder: Path, resident: list[str]) -> tuple[float, float]:
     """Median ms to register a LoRA and copy it into a free slot, and to swap a CPU-tier adapter in
     (evicting the least recently used) once every slot is taken."""
+    loads_before = engine.pool.loads
     loads = []
     for repeat in range(SWAP_REPEATS):
         name = f"load-{repeat}"
@@ -137,15 +138,19 @@ def load_and_swap_ms(engine: Engine, folder: Path, resident: list[str]) -> tuple
     for name in resident:
         engine.make_resident(name)
     engine.register("swap", str(folder))
+    # Cycling through one more adapter than there are slots makes every access an LRU miss.
+    cycle = ["swap", *resident]
     swaps = []
     for repeat in range(SWAP_REPEATS):
-        name = "swap" if repeat % 2 == 0 else resident[0]
+        name = cycle[repeat % len(cycle)]
         _sync(engine.device)
         start = time.perf_counter()
         engine.make_resident(name)
         _sync(engine.device)
         swaps.append(time.perf_counter() - start)
     engine.unregister("swap")
+    if engine.pool.loads - loads_before < len(loads) + len(swaps):
+        raise RuntimeError("a timed swap found its adapter resident; the swap timing would be wrong")
     return 1000 * statistics.median(loads), 1000 * statistics.median(swaps)
 
 
