@@ -9,6 +9,7 @@ from adapterhub.cli import LazyGroup
 BENCHES: dict[str, str] = {
     "train": "adapterhub.train.bench:bench_train",
     "serve": "adapterhub.runtime.bench:bench_serve",
+    "http": "adapterhub.server.bench:bench_http",
 }
 
 

@@ -197,7 +197,7 @@ class _Server:
             message = f"server queue is full ({self.max_queue} generations in flight): retry shortly"
             raise ApiError(429, message, "overloaded")
         adapter = None if body.model == self.engine.base_name else body.model
-        generations = Generations(self.engine)
+        generations = Generations(self.engine, stream=body.stream)
         for prompt in prompts:
             for choice in range(body.n):
                 seed = None if params.seed is None else params.seed + choice

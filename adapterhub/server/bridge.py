@@ -1,7 +1,7 @@
 """Bridges engine requests (threads, callbacks) to asyncio: one event queue per HTTP request.
 
 The engine calls ``on_token`` from its loop thread; a waiter thread per generation blocks on
-``handle.result()``. Both post onto the event loop, so a route handler just awaits events.
+``handle.result()``. Both hand events to the event loop, so a route handler just awaits them.
 """
 
 from __future__ import annotations
@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
+import time
+from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from functools import partial
@@ -34,13 +36,23 @@ class Finished:
 
 
 class Generations:
-    """The engine requests behind one HTTP request (several prompts and/or ``n`` choices)."""
+    """The engine requests behind one HTTP request (several prompts and/or ``n`` choices).
 
-    def __init__(self, engine: Engine) -> None:
+    Engine-side callbacks queue events and wake the event loop at most once per batch of them,
+    so a fast decode loop does not pay one cross-thread wakeup per token. Text deltas are only
+    queued when ``stream`` is set; otherwise only ``first_token_at`` is noted.
+    """
+
+    def __init__(self, engine: Engine, *, stream: bool) -> None:
         self.engine = engine
+        self.stream = stream
         self.loop = asyncio.get_running_loop()
-        self.events: asyncio.Queue[TextDelta | Finished] = asyncio.Queue()
         self.handles: list[Any] = []
+        self.first_token_at: float | None = None  # perf_counter() when any generation made a token
+        self._pending: deque[TextDelta | Finished] = deque()
+        self._lock = threading.Lock()
+        self._wakeup_scheduled = False
+        self._ready = asyncio.Event()
 
     def submit(self, prompt: str | list[int], adapter: str | None, params: SamplingParams) -> None:
         """Submit one more generation; if the engine refuses (``RequestError``) the others are cancelled."""
@@ -62,17 +74,26 @@ class Generations:
 
     async def events_until_finished(self) -> AsyncIterator[TextDelta | Finished]:
         """Every event in order; text arriving after its generation finished is dropped."""
-        pending = set(range(len(self.handles)))
-        while pending:
-            event = await self.events.get()
-            if event.index not in pending:
-                continue
-            if isinstance(event, Finished):
-                pending.discard(event.index)
-            yield event
+        unfinished = set(range(len(self.handles)))
+        while unfinished:
+            await self._ready.wait()
+            self._ready.clear()
+            with self._lock:
+                batch = list(self._pending)
+                self._pending.clear()
+                self._wakeup_scheduled = False
+            for event in batch:
+                if event.index not in unfinished:
+                    continue
+                if isinstance(event, Finished):
+                    unfinished.discard(event.index)
+                yield event
 
     def _on_token(self, index: int, token_id: int, text: str) -> None:
-        self._post(TextDelta(index, text))
+        if self.first_token_at is None:
+            self.first_token_at = time.perf_counter()
+        if self.stream:
+            self._post(TextDelta(index, text))
 
     def _wait(self, index: int, handle: Any) -> None:
         try:
@@ -82,6 +103,11 @@ class Generations:
         self._post(finished)
 
     def _post(self, event: TextDelta | Finished) -> None:
+        with self._lock:
+            self._pending.append(event)
+            if self._wakeup_scheduled:
+                return
+            self._wakeup_scheduled = True
         # A RuntimeError means the event loop is gone (server shut down): nobody is left to tell.
         with contextlib.suppress(RuntimeError):
-            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+            self.loop.call_soon_threadsafe(self._ready.set)

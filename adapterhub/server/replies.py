@@ -42,10 +42,11 @@ class Reply:
         self.route = "/v1/chat/completions" if chat else "/v1/completions"
         self.saw_first_token = False
 
-    def first_token(self) -> None:
-        if not self.saw_first_token:
+    def first_token(self, at: float | None) -> None:
+        """Record time to first token once, given the ``perf_counter()`` it arrived at."""
+        if at is not None and not self.saw_first_token:
             self.saw_first_token = True
-            self.metrics.first_token.labels(self.route).observe(time.perf_counter() - self.started)
+            self.metrics.first_token.labels(self.route).observe(at - self.started)
 
     def finished(self, event: Finished) -> GenerationResult:
         result = event.result
@@ -106,7 +107,7 @@ async def sse_events(generations: Generations, reply: Reply, *, usage: bool) -> 
             yield sse(reply.chunk(index, "", role=True))
     async for event in generations.events_until_finished():
         if isinstance(event, TextDelta):
-            reply.first_token()
+            reply.first_token(generations.first_token_at)
             if event.text:  # the engine holds text back (a partial character, a possible stop string)
                 sent[event.index] += event.text
                 yield sse(reply.chunk(event.index, event.text))
@@ -132,18 +133,20 @@ async def sse_events(generations: Generations, reply: Reply, *, usage: bool) -> 
 async def collect_cancelling_on_disconnect(
     request: Request, generations: Generations, reply: Reply
 ) -> list[GenerationResult]:
-    """All results in submission order; a client that hangs up cancels its generations."""
+    """All results in submission order; a client that hangs up cancels its generations.
+
+    ``generations`` must not stream, so its only events are ``Finished``.
+    """
     watcher = asyncio.create_task(cancel_on_disconnect(request, generations))
     results: dict[int, GenerationResult] = {}
     try:
         async for event in generations.events_until_finished():
-            if isinstance(event, TextDelta):
-                reply.first_token()
-            elif event.error is not None:
+            assert isinstance(event, Finished)
+            if event.error is not None:
                 generations.cancel()
                 raise event.error
-            else:
-                results[event.index] = reply.finished(event)
+            results[event.index] = reply.finished(event)
+        reply.first_token(generations.first_token_at)
     finally:
         watcher.cancel()
     return [results[i] for i in sorted(results)]

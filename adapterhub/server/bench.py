@@ -1,0 +1,226 @@
+"""``adapterhub bench http``: what the HTTP layer costs over calling the engine directly.
+
+The same requests (random prompts, adapters of all five families round-robin plus the base)
+run twice at the same concurrency: once as ``engine.generate`` calls from worker threads, once
+as HTTP completions from as many clients against a real uvicorn server on 127.0.0.1.
+Every request generates exactly ``--new-tokens`` (EOS is ignored), so token counts match.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import click
+import httpx
+import torch
+
+from adapterhub.runtime.api import FAMILIES, GenerationRequest, SamplingParams
+from adapterhub.runtime.engine import Engine, EngineConfig
+from adapterhub.runtime.random_adapters import peft_config, write_random_adapter
+from adapterhub.server.app import create_app
+from adapterhub.server.background import serve_in_background
+
+VIRTUAL_TOKENS = 16
+
+
+def http_request(http: httpx.Client, url: str, body: dict) -> tuple[float, float | None, int]:
+    """(latency s, time to first token s when streaming, completion tokens) of one completion."""
+    started = time.perf_counter()
+    if not body["stream"]:
+        response = http.post(f"{url}/v1/completions", json=body)
+        response.raise_for_status()
+        return time.perf_counter() - started, None, response.json()["usage"]["completion_tokens"]
+    first_token, tokens = None, 0
+    with http.stream("POST", f"{url}/v1/completions", json=body) as response:
+        response.raise_for_status()
+        for line in response.iter_lines():
+            if not line.startswith("data: {"):
+                continue
+            chunk = json.loads(line.removeprefix("data: "))
+            if chunk["choices"] and chunk["choices"][0]["text"]:
+                first_token = first_token or time.perf_counter() - started
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+    return time.perf_counter() - started, first_token, tokens
+
+
+def _percentile_ms(values: list[float], fraction: float) -> float:
+    ordered = sorted(values)
+    return round(1000 * ordered[min(len(ordered) - 1, int(fraction * len(ordered)))], 2)
+
+
+def engine_phase(
+    engine: Engine, jobs: list[tuple[list[int], str | None]], params: SamplingParams, concurrency: int
+) -> tuple[float, int]:
+    """(seconds, tokens) with ``concurrency`` threads calling ``engine.generate``."""
+    started = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        results = list(pool.map(lambda job: engine.generate(GenerationRequest(job[0], job[1], params)), jobs))
+    return time.perf_counter() - started, sum(r.completion_tokens for r in results)
+
+
+def http_phase(
+    url: str, bodies: list[dict], concurrency: int
+) -> tuple[float, list[tuple[float, float | None, int]]]:
+    """(seconds, per-request timings) with ``concurrency`` clients, each its own connection pool."""
+    clients = [httpx.Client(timeout=600) for _ in range(concurrency)]
+    try:
+        started = time.perf_counter()
+        with ThreadPoolExecutor(concurrency) as pool:
+            timings = list(
+                pool.map(lambda i: http_request(clients[i % concurrency], url, bodies[i]), range(len(bodies)))
+            )
+        return time.perf_counter() - started, timings
+    finally:
+        for client in clients:
+            client.close()
+
+
+def run_http_bench(
+    *,
+    device: str,
+    base: str,
+    quantize: str,
+    adapters: int,
+    requests: int,
+    concurrency: int,
+    prompt_len: int,
+    new_tokens: int,
+    stream: bool,
+    progress: Callable[[str], None],
+) -> dict:
+    progress(f"loading {base}")
+    engine = Engine(
+        EngineConfig(
+            base=base,
+            quantization=quantize,
+            device=device,
+            max_adapters=adapters,
+            max_batch_size=concurrency,
+            max_context=prompt_len + VIRTUAL_TOKENS + new_tokens + 1,
+            max_virtual_tokens=VIRTUAL_TOKENS,
+        )
+    )
+    engine.eos_ids = set()  # every request generates exactly new_tokens
+    names = [None, *(f"{FAMILIES[i % len(FAMILIES)]}-{i}" for i in range(adapters))]
+    generator = torch.Generator().manual_seed(0)
+    vocab = engine.model.config.vocab_size
+    prompts = torch.randint(3, vocab, (requests, prompt_len), generator=generator).tolist()
+    jobs = [(prompts[i], names[i % len(names)]) for i in range(requests)]
+    bodies = [
+        {
+            "model": name or engine.base_name,
+            "prompt": prompt,
+            "max_tokens": new_tokens,
+            "temperature": 0,
+            "stream": stream,
+            "stream_options": {"include_usage": True} if stream else None,
+        }
+        for prompt, name in jobs
+    ]
+    params = SamplingParams(max_tokens=new_tokens)
+    with tempfile.TemporaryDirectory(prefix="adapterhub-bench-http-") as tmp:
+        progress(f"writing {adapters} random adapters with PEFT")
+        for seed, name in enumerate(names[1:], start=1):
+            config = peft_config(name.rsplit("-", 1)[0], num_virtual_tokens=VIRTUAL_TOKENS)
+            engine.register(
+                name, str(write_random_adapter(engine.model, config, Path(tmp) / name, seed=seed))
+            )
+        engine.start()
+        try:
+            progress("warming up")
+            engine_phase(engine, jobs[: len(names)], params, concurrency)
+            progress(f"engine: {requests} requests from {concurrency} threads")
+            engine_s, engine_tokens = engine_phase(engine, jobs, params, concurrency)
+            progress(f"http: {requests} requests from {concurrency} clients")
+            with serve_in_background(create_app(engine, max_queue=requests)) as url:
+                http_s, timings = http_phase(url, bodies, concurrency)
+        finally:
+            engine.stop()
+    latencies = [latency for latency, _, _ in timings]
+    first_tokens = [first for _, first, _ in timings if first is not None]
+    http_tokens = sum(tokens for _, _, tokens in timings)
+    result = {
+        "engine_tok_s": round(engine_tokens / engine_s, 2),
+        "http_tok_s": round(http_tokens / http_s, 2),
+        "http_over_engine": round((http_tokens / http_s) / (engine_tokens / engine_s), 3),
+        "http_requests_s": round(requests / http_s, 2),
+        "http_latency_p50_ms": _percentile_ms(latencies, 0.5),
+        "http_latency_p95_ms": _percentile_ms(latencies, 0.95),
+        "http_latency_mean_ms": round(1000 * statistics.fmean(latencies), 2),
+        "engine_tokens": engine_tokens,
+        "http_tokens": http_tokens,
+    }
+    if first_tokens:
+        result["http_ttft_p50_ms"] = _percentile_ms(first_tokens, 0.5)
+        result["http_ttft_p95_ms"] = _percentile_ms(first_tokens, 0.95)
+    return {
+        **result,
+        "device": engine.device,
+        "device_name": torch.cuda.get_device_name() if engine.device.startswith("cuda") else "cpu",
+        "base": base,
+        "quantization": engine.quantization,
+        "adapters": adapters,
+        "requests": requests,
+        "concurrency": concurrency,
+        "prompt_len": prompt_len,
+        "new_tokens": new_tokens,
+        "stream": stream,
+    }
+
+
+@click.command("http")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option(
+    "--base",
+    default="builtin:tiny-llama",
+    show_default=True,
+    help="builtin:tiny-llama, a folder or random:<hub-id>",
+)
+@click.option(
+    "--quantize", type=click.Choice(["auto", "nf4", "int8", "none"]), default="auto", show_default=True
+)
+@click.option(
+    "--adapters",
+    default=5,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="families round-robin; the base takes requests too",
+)
+@click.option("--requests", default=200, show_default=True, type=click.IntRange(min=1))
+@click.option(
+    "--concurrency",
+    default=16,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="client threads, and the engine's batch size",
+)
+@click.option("--prompt-len", default=32, show_default=True, type=click.IntRange(min=1))
+@click.option("--new-tokens", default=32, show_default=True, type=click.IntRange(min=1))
+@click.option(
+    "--stream/--no-stream", default=True, show_default=True, help="stream (and measure time to first token)"
+)
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object")
+def bench_http(as_json: bool, **options) -> None:
+    """The server's throughput and latency against the engine called directly, same requests."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(stderr=True)
+    with console.status("benchmark") as status:
+        result = run_http_bench(**options, progress=lambda message: status.update(message))
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+        return
+    table = Table(title=f"http bench: {result['base']} {result['quantization']} on {result['device_name']}")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, value in result.items():
+        table.add_row(key, str(value))
+    Console().print(table)
