@@ -12,7 +12,9 @@ stays identity). Per projection, the slot tables hold:
   ``((x Aᵀ) ⊙ onehot(slot)) B``: one shrink GEMM per group and one expand GEMM (fused with the add)
   per projection for the whole batch, no Python loop over adapters; the one-hot mask zeroes the
   columns of every other slot.
-- IA3: ``ia3_in`` / ``ia3_out`` (slots × width), gathered per row by slot id; ones for identity.
+- IA3: one ``(slots × Σ widths)`` table holding every projection's input- and output-side scale
+  vectors (ones for identity); a forward gathers each row's slice once, and each projection
+  multiplies by its columns.
 
 Prompt families live in model-wide tables: ``virtual_tokens`` (slots × n × hidden) replace the
 embeddings at a row's first positions, and ``prefix_kv`` (layers × 2 × slots × kv heads × n × head dim)
@@ -118,22 +120,34 @@ class SlotLinear:
         self.base = base
         self.shrink, self.member = shrink, member
         self.in_features, self.out_features = base.in_features, base.out_features
-        num_slots = shrink.num_slots
         self.lora_b = torch.zeros(shrink.lora_a.shape[0], self.out_features, dtype=dtype, device=device)
-        self.ia3_in = torch.ones(num_slots, self.in_features, dtype=dtype, device=device)
-        self.ia3_out = torch.ones(num_slots, self.out_features, dtype=dtype, device=device)
+        self.ia3_in_columns = self.ia3_out_columns = slice(0)
+        self.ia3_in = self.ia3_out = torch.empty(0)
         self.uses_ia3_in = self.uses_ia3_out = False
         self.merged_weight: torch.Tensor | None = None  # a dense merged copy standing in for a 4-bit base
 
-    def __call__(self, x: torch.Tensor, batch: Batch, shrunk: torch.Tensor | None) -> torch.Tensor:
-        if batch.any_ia3 and self.uses_ia3_in:
-            x = x * self.ia3_in[batch.slots].unsqueeze(1)
+    def bind_ia3(self, table: torch.Tensor, offset: int) -> int:
+        """Take this projection's columns of the shared IA3 table; returns the next free column."""
+        middle = offset + self.in_features
+        self.ia3_in_columns, self.ia3_out_columns = (
+            slice(offset, middle),
+            slice(middle, middle + self.out_features),
+        )
+        self.ia3_in, self.ia3_out = table[:, self.ia3_in_columns], table[:, self.ia3_out_columns]
+        return middle + self.out_features
+
+    def __call__(
+        self, x: torch.Tensor, ia3_rows: torch.Tensor | None, shrunk: torch.Tensor | None
+    ) -> torch.Tensor:
+        """``ia3_rows``: each row's gathered IA3 table row (batch, 1, columns), None without IA3 rows."""
+        if ia3_rows is not None and self.uses_ia3_in:
+            x = x * ia3_rows[..., self.ia3_in_columns]
         if self.merged_weight is not None:
             out = F.linear(x.to(self.merged_weight.dtype), self.merged_weight, self.base.bias)
         else:
             out = self.base(x)
-        if batch.any_ia3 and self.uses_ia3_out:
-            out = out * self.ia3_out[batch.slots].unsqueeze(1)
+        if ia3_rows is not None and self.uses_ia3_out:
+            out = out * ia3_rows[..., self.ia3_out_columns]
         if shrunk is None:
             return out
         width = shrunk.shape[-1]
@@ -185,6 +199,12 @@ class SlottedDecoder:
                 for member, (name, module) in enumerate(zip(group, modules, strict=True)):
                     projections[name] = SlotLinear(module, shrink, member, dtype, device)
             self.projections.append(projections)
+        targets = [target for projections in self.projections for target in projections.values()]
+        width = sum(target.in_features + target.out_features for target in targets)
+        self.ia3_table = torch.ones(num_slots, width, dtype=dtype, device=device)
+        offset = 0
+        for target in targets:
+            offset = target.bind_ia3(self.ia3_table, offset)
         first = self.projections[0]
         self.shape = BaseShape(
             num_layers=len(layers),
@@ -346,6 +366,7 @@ class SlottedDecoder:
                 width = batch.lora_rank * self.num_slots * members
                 selected = column_slot[:width].unsqueeze(0) == batch.slots.unsqueeze(1)
                 masks[members] = selected.to(self.dtype).unsqueeze(1)
+        ia3_rows = self.ia3_table[batch.slots].unsqueeze(1) if batch.any_ia3 else None
         keys_visible = torch.arange(batch.kv_len, device=self.device).view(
             1, 1, -1
         ) <= batch.cache_pos.unsqueeze(-1)
@@ -358,9 +379,9 @@ class SlottedDecoder:
             x = layer.input_layernorm(hidden)
             size, length, _ = x.shape
             shrunk = proj["q_proj"].shrink(x, masks)
-            q = proj["q_proj"](x, batch, shrunk).view(size, length, -1, self.head_dim)
-            k = proj["k_proj"](x, batch, shrunk).view(size, length, -1, self.head_dim)
-            v = proj["v_proj"](x, batch, shrunk).view(size, length, -1, self.head_dim)
+            q = proj["q_proj"](x, ia3_rows, shrunk).view(size, length, -1, self.head_dim)
+            k = proj["k_proj"](x, ia3_rows, shrunk).view(size, length, -1, self.head_dim)
+            v = proj["v_proj"](x, ia3_rows, shrunk).view(size, length, -1, self.head_dim)
             if hasattr(attn, "q_norm"):
                 q, k = attn.q_norm(q), attn.k_norm(k)
             q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
@@ -374,11 +395,13 @@ class SlottedDecoder:
                 q, keys, values, attn_mask=attention_mask, scale=self.scaling, enable_gqa=True
             )
             out = out.transpose(1, 2).reshape(size, length, -1)
-            hidden = hidden + proj["o_proj"](out, batch, proj["o_proj"].shrink(out, masks))
+            hidden = hidden + proj["o_proj"](out, ia3_rows, proj["o_proj"].shrink(out, masks))
             x = layer.post_attention_layernorm(hidden)
             shrunk = proj["gate_proj"].shrink(x, masks)
-            gate = layer.mlp.act_fn(proj["gate_proj"](x, batch, shrunk)) * proj["up_proj"](x, batch, shrunk)
-            hidden = hidden + proj["down_proj"](gate, batch, proj["down_proj"].shrink(gate, masks))
+            gate = layer.mlp.act_fn(proj["gate_proj"](x, ia3_rows, shrunk)) * proj["up_proj"](
+                x, ia3_rows, shrunk
+            )
+            hidden = hidden + proj["down_proj"](gate, ia3_rows, proj["down_proj"].shrink(gate, masks))
         picked = hidden[torch.arange(hidden.shape[0], device=self.device), last]
         return self.model.lm_head(self.decoder.norm(picked)).float()
 

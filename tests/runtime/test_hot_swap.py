@@ -15,9 +15,9 @@ from .references import ADAPTERS, PROMPTS, greedy, make_engine, peft_reference
 
 def _slot_tensors(engine: Engine) -> list:
     decoder = engine.decoder
-    tables = [decoder.virtual_tokens, decoder.prefix_kv, decoder.kv]
+    tables = [decoder.virtual_tokens, decoder.prefix_kv, decoder.kv, decoder.ia3_table]
     for layer in decoder.projections:
-        tables += [t for target in layer.values() for t in (target.shrink.lora_a, target.lora_b, target.ia3_in)]
+        tables += [t for target in layer.values() for t in (target.shrink.lora_a, target.lora_b)]
     return tables
 
 
