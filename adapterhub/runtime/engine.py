@@ -109,15 +109,21 @@ class _Request:
     def accept(self, token: int, decode: Callable[[list[int]], str], eos_ids: set[int], room: int) -> bool:
         """Take one generated token, stream its text delta; True when the request is finished."""
         self.token_ids.append(token)
-        full = decode(self.token_ids)
-        stop_at = _first_stop(full, self.params.stop, len(self.text))
         finished = None
-        if stop_at is not None:
-            full, finished = full[:stop_at], "stop"
-        elif token in eos_ids:
+        if token in eos_ids:
             finished = "stop"
         elif len(self.token_ids) >= min(self.params.max_tokens, room):
             finished = "length"
+        if self.request.on_token is None and not any(self.params.stop):
+            # Nothing streams or stops on text: decode once, at the end.
+            if finished is not None:
+                self.text = decode(self.token_ids)
+                self.finish(finished)
+            return finished is not None
+        full = decode(self.token_ids)
+        stop_at = _first_stop(full, self.params.stop, len(self.text))
+        if stop_at is not None:
+            full, finished = full[:stop_at], "stop"
         if finished is None:
             # Hold back an incomplete UTF-8 character and anything that may begin a stop string.
             full = full[: len(full) - _held_back(full, self.params.stop)]

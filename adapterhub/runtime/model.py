@@ -189,6 +189,7 @@ class SlottedDecoder:
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         self.scaling = self.head_dim**-0.5
+        self.group = self.num_heads // self.num_kv_heads
         layers = self.decoder.layers
         self.projections: list[dict[str, SlotLinear]] = []
         for layer in layers:
@@ -370,7 +371,10 @@ class SlottedDecoder:
         keys_visible = torch.arange(batch.kv_len, device=self.device).view(
             1, 1, -1
         ) <= batch.cache_pos.unsqueeze(-1)
-        attention_mask = keys_visible.unsqueeze(1)
+        size, length = keys_visible.shape[:2]
+        attention_mask = (
+            keys_visible.unsqueeze(1).expand(size, self.group, length, -1).reshape(size, 1, -1, batch.kv_len)
+        )
         cos, sin = self.decoder.rotary_emb(embeds, batch.rope_pos)
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
         hidden = embeds
@@ -391,10 +395,17 @@ class SlottedDecoder:
             value_cache[batch.row_index, :, batch.cache_pos] = v.transpose(1, 2).to(self.dtype)
             keys = key_cache[batch.rows, :, : batch.kv_len]
             values = value_cache[batch.rows, :, : batch.kv_len]
+            # Grouped-query attention as plain attention: each KV head's query heads become extra query
+            # rows, so no backend needs GQA support and the KV cache is never repeated.
+            grouped = q.reshape(size, self.num_kv_heads, self.group * length, self.head_dim)
             out = F.scaled_dot_product_attention(
-                q, keys, values, attn_mask=attention_mask, scale=self.scaling, enable_gqa=True
+                grouped, keys, values, attn_mask=attention_mask, scale=self.scaling
             )
-            out = out.transpose(1, 2).reshape(size, length, -1)
+            out = (
+                out.view(size, self.num_heads, length, self.head_dim)
+                .transpose(1, 2)
+                .reshape(size, length, -1)
+            )
             hidden = hidden + proj["o_proj"](out, ia3_rows, proj["o_proj"].shrink(out, masks))
             x = layer.post_attention_layernorm(hidden)
             shrunk = proj["gate_proj"].shrink(x, masks)
