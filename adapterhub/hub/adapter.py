@@ -48,9 +48,11 @@ def read_config(folder: Path) -> dict:
     path = folder / CONFIG_FILE
     try:
         raw = json.loads(path.read_text())
+        if not isinstance(raw, dict) or not raw.get("peft_type"):
+            raise ValueError("no peft_type")
         PeftConfig.from_pretrained(str(folder))
     except (OSError, ValueError, TypeError, KeyError) as err:
-        raise UserError(f"{path} is not a valid PEFT adapter config ({_first_line(err)})") from err
+        raise UserError(f"{path} is not a valid PEFT adapter config ({one_line(err)})") from err
     return raw
 
 
@@ -86,7 +88,7 @@ def _tensor_shapes(weights: Path) -> dict[str, tuple[int, ...]]:
         else:
             tensors = torch.load(weights, map_location="cpu", weights_only=True)
     except Exception as err:  # safetensors and torch raise assorted types for corrupt bytes
-        raise UserError(f"{weights} is corrupt or not a weights file ({_first_line(err)})") from err
+        raise UserError(f"{weights} is corrupt or not a weights file ({one_line(err)})") from err
     if not tensors:
         raise UserError(f"{weights} holds no tensors: re-save the adapter")
     return {key: tuple(tensor.shape) for key, tensor in tensors.items()}
@@ -141,9 +143,10 @@ def _numel(shape: tuple[int, ...]) -> int:
     return count
 
 
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return text[0][:200] if text else type(err).__name__
+def one_line(err: BaseException) -> str:
+    """An exception's message squeezed onto one short line, for the end of a ``UserError``."""
+    text = " ".join(line.strip() for line in str(err).splitlines() if line.strip())
+    return text[:200] or type(err).__name__
 
 
 def canonical_base(name: str) -> str:

@@ -41,6 +41,7 @@ from adapterhub.hub.adapter import (
     has_adapter,
     inspect_adapter,
     is_local_path,
+    one_line,
     warn,
 )
 from adapterhub.paths import atomic_dir
@@ -130,7 +131,7 @@ def hub_errors(repo_id: str, revision: str | None = None) -> Iterator[None]:
                 f"no permission for {repo_id} on {where} (403): use your own namespace "
                 "or a token with write access"
             ) from err
-        raise UserError(f"{where} answered {status} for {repo_id}: {str(err).splitlines()[0]}") from err
+        raise UserError(f"{where} answered {status} for {repo_id}: {one_line(err)}") from err
     except TRANSPORT_ERRORS as err:
         raise UserError(f"cannot reach the Hub at {where}: check your network and HF_ENDPOINT") from err
 
@@ -180,14 +181,17 @@ def push_folder(
                 raise UserError(
                     f"tag '{tag}' already exists on {repo_id} at another version: choose a new tag"
                 )
-            commit = api.upload_folder(
-                repo_id=repo_id,
-                folder_path=upload_from,
-                revision=branch,
-                commit_message=message or f"Upload {kind} with adapterhub",
-                ignore_patterns=[".*", "**/.*"],
-                delete_patterns=["*"],
-            )
+            try:
+                commit = api.upload_folder(
+                    repo_id=repo_id,
+                    folder_path=upload_from,
+                    revision=branch,
+                    commit_message=message or f"Upload {kind} with adapterhub",
+                    ignore_patterns=[".*", "**/.*"],
+                    delete_patterns=["*"],
+                )
+            except ValueError as err:  # how huggingface_hub reports a rejected model card or LFS batch
+                raise UserError(f"{endpoint()} refused the upload to {repo_id}: {one_line(err)}") from err
             if tag and tagged is None:
                 api.create_tag(repo_id, tag=tag, revision=commit.oid, tag_message=message)
     shown = tag or revision

@@ -30,6 +30,7 @@ GITATTRIBUTES = (
 )
 COMMIT_SHA = re.compile(r"^[0-9a-f]{40}$")
 LFS_PATTERNS = ("*.safetensors", "*.bin")
+KNOWN_LICENSES = ("apache-2.0", "mit", "cc-by-4.0", "llama2", "other")
 
 
 def git_blob_sha(data: bytes) -> str:
@@ -340,10 +341,15 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             metadata = yaml.safe_load(match.group(1)) if match else {}
         except yaml.YAMLError as err:
-            raise HubError(400, f"Invalid YAML in README.md: {err}") from err
+            self._refuse_metadata(f"Invalid YAML in README.md: {err}")
         if not isinstance(metadata, dict):
-            raise HubError(400, "README.md metadata must be a YAML mapping")
+            self._refuse_metadata("README.md metadata must be a YAML mapping")
+        if metadata.get("license", "other") not in KNOWN_LICENSES:
+            self._refuse_metadata(f'"license" must be one of [{", ".join(KNOWN_LICENSES)}]')
         self._send_json({"errors": [], "warnings": []})
+
+    def _refuse_metadata(self, message: str) -> None:
+        raise HubError(400, "Invalid metadata", errors=[{"message": message}], warnings=[])
 
     def _info(self, repo: str, rev: str = "main") -> None:
         repository = self._readable(repo)

@@ -209,6 +209,12 @@ def test_pushing_a_folder_with_no_adapter(hub: FakeHub, tmp_path: Path, adapter_
     assert_one_line_error(code, err, "README.md metadata", "not valid YAML")
     assert hub.repos == {}
 
+    (broken_card / "README.md").write_text("---\nlicense: do-what-you-like\n---\n# card\n")
+    code, err = run_main(["push", str(broken_card), "alice/nothing"], capsys, monkeypatch)
+    assert_one_line_error(code, err, "refused the upload to alice/nothing", "license")
+    repo = hub.repos["alice/nothing"]
+    assert list(repo.commits[repo.branches["main"]].files) == [".gitattributes"]
+
 
 def test_a_tag_on_another_version_is_refused_before_anything_is_pushed(
     hub: FakeHub, adapter_copy, capsys, monkeypatch
