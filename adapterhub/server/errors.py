@@ -94,3 +94,9 @@ def add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
         return error_response(err.status_code, str(err.detail), None, headers=err.headers)
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, err: Exception) -> JSONResponse:
+        # A bug, not a bad request: the body still has OpenAI's shape; the traceback goes to the log.
+        first_line = (str(err).splitlines() or [""])[0][:200]
+        return error_response(500, f"internal error ({type(err).__name__}: {first_line})", "internal_error")

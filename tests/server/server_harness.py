@@ -52,6 +52,7 @@ class ScriptedEngine:
         self.adapters: dict[str, AdapterInfo] = {}
         self.handles: list[ScriptedHandle] = []
         self.fail_next: RequestError | None = None
+        self.broken: Exception | None = None  # raised by submit, as a bug would be
 
     def register(self, name: str, spec: str) -> AdapterInfo:
         info = AdapterInfo(name=name, method=spec, source=spec, base_model=self.base_name, rank=8)
@@ -85,6 +86,8 @@ class ScriptedEngine:
         return self.tokenizer.decode(self.reply_ids(adapter, prompt_ids, max_tokens))
 
     def submit(self, request: GenerationRequest) -> ScriptedHandle:
+        if self.broken is not None:
+            raise self.broken
         if request.adapter is not None and request.adapter not in self.adapters:
             raise RequestError(f"unknown adapter '{request.adapter}': list them", "unknown_adapter")
         ids = request.prompt if isinstance(request.prompt, list) else self.tokenizer(request.prompt).input_ids

@@ -246,6 +246,19 @@ def test_failure_mid_stream_is_an_error_event(scripted: ScriptedEngine) -> None:
             client(url).completions.create(model="lora-a", prompt="hi")
 
 
+def test_a_bug_is_a_500_with_an_openai_body(scripted: ScriptedEngine) -> None:
+    scripted.broken = ValueError("slot table corrupted\nsecond line")
+    with serve_in_background(create_app(scripted)) as url:
+        response = httpx.post(f"{url}/v1/completions", json={"model": "lora-a", "prompt": "hi"}, timeout=30)
+    assert response.status_code == 500
+    assert response.json()["error"] == {
+        "message": "internal error (ValueError: slot table corrupted)",
+        "type": "server_error",
+        "code": "internal_error",
+        "param": None,
+    }
+
+
 def test_adapter_management_routes(scripted: ScriptedEngine) -> None:
     with serve_in_background(create_app(scripted)) as url:
         loaded = httpx.post(
