@@ -7,6 +7,7 @@ passed explicitly, because huggingface_hub freezes ``HF_ENDPOINT`` when it is fi
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import hashlib
 import importlib
 import json
@@ -47,6 +48,8 @@ from adapterhub.hub.adapter import (
 from adapterhub.paths import atomic_dir
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
+# Remote files a push replaces, per kind: an adapter push leaves other files in the repo alone.
+REPLACED_FILES = {"adapter": list(ADAPTER_FILES), "model": ["*"]}
 
 
 def _transport_errors() -> tuple[type[Exception], ...]:
@@ -176,7 +179,7 @@ def push_folder(
             head = api.repo_info(repo_id, revision=revision).sha
             tagged = _tag_commit(api, repo_id, tag)
             if tagged is not None and (
-                tagged != head or not _remote_matches(api, repo_id, head, upload_from)
+                tagged != head or not _remote_matches(api, repo_id, head, upload_from, REPLACED_FILES[kind])
             ):
                 raise UserError(
                     f"tag '{tag}' already exists on {repo_id} at another version: choose a new tag"
@@ -188,7 +191,7 @@ def push_folder(
                     revision=branch,
                     commit_message=message or f"Upload {kind} with adapterhub",
                     ignore_patterns=[".*", "**/.*"],
-                    delete_patterns=["*"],
+                    delete_patterns=REPLACED_FILES[kind],
                 )
             except ValueError as err:  # how huggingface_hub reports a rejected model card or LFS batch
                 raise UserError(f"{endpoint()} refused the upload to {repo_id}: {one_line(err)}") from err
@@ -290,16 +293,26 @@ def _tag_commit(api: HfApi, repo_id: str, tag: str | None) -> str | None:
     return next((ref.target_commit for ref in refs.tags if ref.name == tag), None)
 
 
-def _remote_matches(api: HfApi, repo_id: str, revision: str, folder: Path) -> bool:
-    """Whether the repo at ``revision`` holds exactly the files in ``folder`` (besides .gitattributes)."""
+def _remote_matches(api: HfApi, repo_id: str, revision: str, folder: Path, replaced: list[str]) -> bool:
+    """Whether uploading ``folder`` to the repo at ``revision`` would change nothing.
+
+    That is: the repo holds exactly the folder's (non-hidden) files, and no other file that the upload
+    would delete (one matching ``replaced``).
+    """
     from huggingface_hub.utils.sha import git_hash
 
+    local = {
+        path.relative_to(folder).as_posix(): path
+        for path in folder.rglob("*")
+        if path.is_file() and not any(part.startswith(".") for part in path.relative_to(folder).parts)
+    }
     remote = {
         entry.path: entry
         for entry in api.list_repo_tree(repo_id, revision=revision, recursive=True)
-        if hasattr(entry, "blob_id") and entry.path != ".gitattributes"
+        if hasattr(entry, "blob_id")
+        and entry.path != ".gitattributes"
+        and (entry.path in local or any(fnmatch.fnmatch(entry.path, pattern) for pattern in replaced))
     }
-    local = {str(path.relative_to(folder)): path for path in folder.rglob("*") if path.is_file()}
     if remote.keys() != local.keys():
         return False
     for name, path in local.items():

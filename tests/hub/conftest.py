@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from huggingface_hub import CommitOperationAdd, HfApi
 
 from .fake_hub import FakeHub, running_hub
 
@@ -152,3 +153,11 @@ def run_main(
     with pytest.raises(SystemExit) as done:
         main()
     return done.value.code, capsys.readouterr().err
+
+
+def upload_raw(hub: FakeHub, repo_id: str, files: dict[str, bytes]) -> str:
+    """Put files on the Hub as they are, bypassing push's validation (as another tool might)."""
+    api = HfApi(endpoint=hub.url, token=TOKENS["alice"])
+    api.create_repo(repo_id, exist_ok=True)
+    operations = [CommitOperationAdd(path_in_repo=path, path_or_fileobj=data) for path, data in files.items()]
+    return api.create_commit(repo_id, operations=operations, commit_message="raw upload").oid

@@ -6,11 +6,10 @@ import json
 from pathlib import Path
 
 import pytest
-from huggingface_hub import HfApi
 
 from adapterhub.hub import pull, push_folder, store
 
-from .conftest import DEAD_ENDPOINT, TOKENS, run_main
+from .conftest import DEAD_ENDPOINT, TOKENS, run_main, upload_raw
 from .fake_hub import FakeHub
 
 
@@ -20,20 +19,6 @@ def store_listing() -> dict[str, bytes]:
     if not root.exists():
         return {}
     return {str(path.relative_to(root)): path.read_bytes() for path in root.rglob("*") if path.is_file()}
-
-
-def upload_raw(hub: FakeHub, repo_id: str, files: dict[str, bytes]) -> str:
-    """Put files on the Hub as they are, bypassing push's validation (as another tool might)."""
-    api = HfApi(endpoint=hub.url, token=TOKENS["alice"])
-    api.create_repo(repo_id, exist_ok=True)
-    operations = [_add(path, data) for path, data in files.items()]
-    return api.create_commit(repo_id, operations=operations, commit_message="raw upload").oid
-
-
-def _add(path: str, data: bytes):
-    from huggingface_hub import CommitOperationAdd
-
-    return CommitOperationAdd(path_in_repo=path, path_or_fileobj=data)
 
 
 @pytest.fixture

@@ -13,6 +13,7 @@ import yaml
 from adapterhub.cli import main
 from adapterhub.hub import pull, push_folder, resolve, store
 
+from .conftest import upload_raw
 from .fake_hub import FakeHub
 
 
@@ -225,3 +226,13 @@ def test_push_a_store_name(hub: FakeHub, adapter_copy, capsys, monkeypatch: pyte
     original = hub.repos["alice/ia3"].commits[first.commit].files
     assert hub.repos["alice/ia3-copy"].commits[copy["commit"]].files == original
     assert "manifest.json" in {path.name for path in pulled.path.iterdir()}
+
+
+def test_push_replaces_stale_adapter_files_and_keeps_the_rest_of_the_repo(hub: FakeHub, adapter_copy) -> None:
+    upload_raw(hub, "alice/mixed", {"adapter_model.bin": b"stale weights", "notes/extra.txt": b"keep me"})
+    source = adapter_copy("lora-builtin")
+    pushed = push_folder(source, "alice/mixed", tag="v1")
+    files = hub.repos["alice/mixed"].commits[pushed.commit].files
+    assert "adapter_model.bin" not in files and files["notes/extra.txt"] == b"keep me"
+    assert files["adapter_model.safetensors"] == (source / "adapter_model.safetensors").read_bytes()
+    assert push_folder(source, "alice/mixed", tag="v1").no_op
