@@ -141,8 +141,10 @@ def _wait_for(handle: Any, slot: int, events: queue.Queue[Event]) -> None:
         result = handle.result()
     except RequestError as err:
         events.put(Failed(slot, err))
-        return
-    events.put(Done(slot, result.completion_tokens, result.finish_reason))
+    except Exception as err:  # an engine bug must end this reply with a message, not hang the REPL
+        events.put(Failed(slot, UserError(f"the engine failed this reply: {type(err).__name__}: {err}")))
+    else:
+        events.put(Done(slot, result.completion_tokens, result.finish_reason))
 
 
 def chat_prompt(tokenizer: Any, messages: list[dict[str, str]]) -> str:
@@ -250,6 +252,9 @@ class RemoteBackend:
             events.put(Failed(slot, self.unreachable(err)))
         except UserError as err:
             events.put(Failed(slot, err))
+        except Exception as err:  # a reply shaped unlike OpenAI's must end with a message, not hang the REPL
+            message = f"the server at {self.url} sent a reply this client cannot read: {err!r}"
+            events.put(Failed(slot, UserError(message)))
         else:
             events.put(Done(slot, completion_tokens, finish_reason))
 

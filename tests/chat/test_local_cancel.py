@@ -1,0 +1,98 @@
+"""Ctrl-C during a local reply: the Engine request is cancelled and the streamed part is kept.
+
+The interrupt is delivered exactly where a user's Ctrl-C lands (while the view draws the first
+text), and the engine thread is held on that token until the view has cancelled, so it is exact.
+"""
+
+from __future__ import annotations
+
+import io
+import queue
+import threading
+from collections.abc import Iterator
+
+import pytest
+from rich.console import Console
+
+from adapterhub.chat.backends import ChatRequest, Delta, Event, Generation, LocalBackend
+from adapterhub.chat.session import ChatSession
+from adapterhub.chat.view import ChatView
+from adapterhub.runtime.api import SamplingParams
+
+
+class InterruptedScreen(io.StringIO):
+    """A console file that raises KeyboardInterrupt the first time reply text is drawn on it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.interrupted = False
+
+    def write(self, text: str) -> int:
+        if text and not self.interrupted:
+            self.interrupted = True
+            raise KeyboardInterrupt
+        return super().write(text)
+
+
+class CancelWatch:
+    def __init__(self, handle: Generation, cancelled: threading.Event) -> None:
+        self.handle, self.cancelled = handle, cancelled
+
+    def cancel(self) -> None:
+        self.handle.cancel()
+        self.cancelled.set()
+
+
+class HeldQueue:
+    """Forwards events to the view; holds the engine thread on its first text until the view cancels."""
+
+    def __init__(self, events: queue.Queue[Event], cancelled: threading.Event) -> None:
+        self.events, self.cancelled, self.held = events, cancelled, False
+
+    def put(self, event: Event) -> None:
+        self.events.put(event)
+        if isinstance(event, Delta) and event.text and not self.held:
+            self.held = True
+            assert self.cancelled.wait(30), "the view never cancelled"
+
+
+class WatchedBackend(LocalBackend):
+    """Holds the engine on each reply's first text until the view cancels, while ``hold`` is on."""
+
+    def __init__(self, engine) -> None:
+        super().__init__(engine)
+        self.handles: list[Generation] = []
+        self.hold = True
+
+    def start(self, request: ChatRequest, slot: int, events: queue.Queue[Event]) -> Generation:
+        cancelled = threading.Event()
+        handle = super().start(request, slot, HeldQueue(events, cancelled) if self.hold else events)
+        self.handles.append(handle)
+        return CancelWatch(handle, cancelled)
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_llama) -> Iterator:
+    from adapterhub.runtime.engine import Engine, EngineConfig
+
+    engine = Engine(EngineConfig(base="builtin:tiny-llama"))
+    engine.start()
+    yield engine
+    engine.stop(grace_s=5)
+
+
+def test_ctrl_c_cancels_the_engine_request_and_keeps_the_streamed_text(engine) -> None:
+    backend = WatchedBackend(engine)
+    screen = InterruptedScreen()
+    session = ChatSession(backend, ChatView(Console(file=screen)), params=SamplingParams(max_tokens=50))
+    reply = session.ask("hello how are you")
+    result = backend.handles[0].result(timeout=30)
+    assert reply.finish_reason == "cancelled"
+    assert result.finish_reason == "cancelled"
+    assert 0 < len(result.token_ids) < 50
+    assert reply.text and result.text.startswith(reply.text)
+    assert session.messages[-1] == {"role": "assistant", "content": reply.text, "adapter": "base"}
+    assert "stopped" in reply.status()
+    # The engine is free again: the next question is answered in full.
+    screen.interrupted, backend.hold = True, False
+    assert session.ask("thank you").finish_reason == "length"
