@@ -35,7 +35,9 @@ def test_each_family_alone_matches_peft(
         assert torch.allclose(got_logits, want_logits, atol=LOGIT_TOLERANCE, rtol=0)
 
 
-def _check_mixed_batch(engine: Engine, adapter_dirs: dict[str, Path], quantization: str) -> None:
+def _check_mixed_batch(
+    engine: Engine, adapter_dirs: dict[str, Path], quantization: str, tolerance: float = LOGIT_TOLERANCE
+) -> None:
     rows = _mixed_rows()
     requests = [greedy(prompt, name) for name, prompt in rows]
     logits = engine.score(requests)
@@ -48,7 +50,7 @@ def _check_mixed_batch(engine: Engine, adapter_dirs: dict[str, Path], quantizati
     for (name, prompt), result, row_logits in zip(rows, results, logits, strict=True):
         want_tokens, want_logits = peft_reference(_folder(adapter_dirs, name), prompt, quantization)
         assert result.token_ids == want_tokens, (name, prompt)
-        assert torch.allclose(row_logits, want_logits, atol=LOGIT_TOLERANCE, rtol=0), (name, prompt)
+        assert torch.allclose(row_logits, want_logits, atol=tolerance, rtol=0), (name, prompt)
 
 
 def test_one_batch_mixing_all_five_families_and_base_matches_peft(adapter_dirs: dict[str, Path]) -> None:
@@ -58,10 +60,15 @@ def test_one_batch_mixing_all_five_families_and_base_matches_peft(adapter_dirs: 
 
 
 @pytest.mark.slow
-def test_mixed_batch_on_nf4_base_matches_peft_on_nf4(adapter_dirs: dict[str, Path]) -> None:
-    engine = make_engine(adapter_dirs, quantization="nf4")
-    assert engine.quantization == "nf4"
-    _check_mixed_batch(engine, adapter_dirs, "nf4")
+# LLM.int8 picks its fp16 outlier columns across every token of a batch, so int8 logits depend on
+# the batch companions (measured ~2e-3 here); tokens must still match.
+@pytest.mark.parametrize(("quantization", "tolerance"), [("nf4", LOGIT_TOLERANCE), ("int8", 1e-2)])
+def test_mixed_batch_on_quantized_base_matches_peft_on_the_same_base(
+    adapter_dirs: dict[str, Path], quantization: str, tolerance: float
+) -> None:
+    engine = make_engine(adapter_dirs, quantization=quantization)
+    assert engine.quantization == quantization
+    _check_mixed_batch(engine, adapter_dirs, quantization, tolerance)
 
 
 def test_rows_served_the_wrong_adapter_would_show(adapter_dirs: dict[str, Path]) -> None:
