@@ -360,7 +360,11 @@ def pull(
         if base_model:
             check_base_model(store.entry_path(name), base_model, strict=strict_base)
         return PullResult(name, store.entry_path(name), info.sha, True, held)
-    sizes = {sibling.rfilename[len(prefix) :]: sibling.size or 0 for sibling in info.siblings or []}
+    sizes = {
+        sibling.rfilename.removeprefix(prefix): sibling.size or 0
+        for sibling in info.siblings or []
+        if sibling.rfilename.startswith(prefix)
+    }
     wanted = [file_name for file_name in ADAPTER_FILES if file_name in sizes]
     if CONFIG_FILE not in wanted:
         hint = "it is a full model, not an adapter" if "config.json" in sizes else "it is not a PEFT adapter"

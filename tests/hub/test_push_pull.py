@@ -170,6 +170,12 @@ def test_pull_from_a_subfolder(hub: FakeHub, adapter_copy, tmp_path: Path) -> No
         nested / "adapters" / "prompt" / "adapter_model.safetensors"
     ).read_bytes()
     assert store.read("bundled-prompt").subfolder == "adapters/prompt"
+    assert sorted(path.name for path in pulled.path.iterdir()) == [
+        "README.md",
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "manifest.json",
+    ]
 
 
 def test_an_interrupted_transfer_resumes_with_a_range_request(any_hub: FakeHub, adapter_copy) -> None:
