@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 
 from adapterhub.errors import UserError
 from adapterhub.paths import home
@@ -73,7 +75,7 @@ def inspect_adapter(folder: Path) -> AdapterSummary:
         base_model=config.get("base_model_name_or_path") or "",
         rank=config.get("r") if method == "lora" else None,
         num_virtual_tokens=config.get("num_virtual_tokens") if method in PROMPT_METHODS else None,
-        params=sum(_numel(shape) for shape in shapes.values()),
+        params=sum(math.prod(shape) for shape in shapes.values()),
     )
 
 
@@ -126,21 +128,14 @@ def _prompt_problem(method: str, config: dict, shapes: dict[str, tuple[int, ...]
     shape = shapes.get("prompt_embeddings")
     if shape is None:
         return "no prompt_embeddings tensor"
-    rows = config.get("num_virtual_tokens", 0) * (config.get("num_transformer_submodules") or 1)
+    rows = (config.get("num_virtual_tokens") or 0) * (config.get("num_transformer_submodules") or 1)
     if method == "prefix_tuning":
-        width = config.get("num_layers", 0) * 2 * config.get("token_dim", 0)
+        width = (config.get("num_layers") or 0) * 2 * (config.get("token_dim") or 0)
     else:
         width = config.get("token_dim")
     if shape != (rows, width):
         return f"prompt_embeddings has shape {list(shape)}, expected [{rows}, {width}]"
     return None
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    count = 1
-    for size in shape:
-        count *= size
-    return count
 
 
 def one_line(err: BaseException) -> str:
@@ -169,7 +164,7 @@ def check_base_model(adapter: Path, base_model: str, *, strict: bool = False) ->
 
 
 def warn(message: str) -> None:
-    _stderr.print(f"[yellow]warning:[/] {message}", highlight=False)
+    _stderr.print(f"[yellow]warning:[/] {escape(message)}", highlight=False)
 
 
 def is_local_path(name: str) -> bool:
