@@ -70,6 +70,11 @@ class ChatTerminal:
     def send(self, line: str) -> None:
         self.child.sendline(line)
 
+    def say(self, line: str, expected: str) -> str:
+        """Send ``line`` and wait for the regex ``expected``; returns the plain text seen."""
+        self.send(line)
+        return self.expect(expected)
+
     def close(self) -> int:
         """Leave with /quit and return the exit status."""
         self.send("/quit")

@@ -34,15 +34,13 @@ def test_ctrl_c_stops_the_reply_and_the_session_goes_on(scripted: ScriptedEngine
     scripted.hold_after = 2
     with chat_terminal("--url", scripted_url, "--api-key", API_KEY) as chat:
         chat.prompt("base")
-        chat.send("hello how are you")
-        chat.expect(r"\[base\] you")
+        chat.say("hello how are you", r"\[base\] you")
         chat.child.sendintr()
         chat.expect(r"base \(base\) · \d+ tokens · [\d.]+ tok/s · stopped")
         wait_until(lambda: len(scripted.cancelled) == 1)
         scripted.hold_after = None
         chat.prompt("base")
-        chat.send("thank you")
-        chat.expect(r"\[base\] you said: thank you")
+        chat.say("thank you", r"\[base\] you said: thank you")
         chat.expect(r"base \(base\) · \d+ tokens")
         assert chat.close() == 0
 
@@ -50,21 +48,15 @@ def test_ctrl_c_stops_the_reply_and_the_session_goes_on(scripted: ScriptedEngine
 def test_switch_list_and_unknown_names_keep_the_session(scripted_url: str) -> None:
     with chat_terminal("--url", scripted_url, "--api-key", API_KEY) as chat:
         chat.prompt("base")
-        chat.send("/help")
-        listing = chat.expect(r"/quit\s+leave")
+        listing = chat.say("/help", r"/quit\s+leave")
         assert [name for name in BY_NAME if f"/{name}" not in listing] == []
-        chat.send("/adapters")
-        listing = chat.expect(r"ia3-b\s+│?\s*ia3")
+        listing = chat.say("/adapters", r"ia3-b\s+│?\s*ia3")
         assert "lora-a" in listing and "lora" in listing
-        chat.send("/adapter nope")
-        chat.expect(r"unknown adapter 'nope': /adapters lists those")
-        chat.send("/frobnicate")
-        chat.expect(r"unknown command '/frobnicate': /help lists the commands")
-        chat.send("/adapter ia3-b")
-        chat.expect(r"adapter: ia3-b \(ia3\)")
+        chat.say("/adapter nope", r"unknown adapter 'nope': /adapters lists those")
+        chat.say("/frobnicate", r"unknown command '/frobnicate': /help lists the commands")
+        chat.say("/adapter ia3-b", r"adapter: ia3-b \(ia3\)")
         chat.prompt("ia3-b")
-        chat.send("hello")
-        chat.expect(r"\[ia3-b\] you said: hello")
+        chat.say("hello", r"\[ia3-b\] you said: hello")
         assert chat.close() == 0
 
 

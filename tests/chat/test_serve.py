@@ -52,17 +52,12 @@ def test_chat_through_adapterhub_serve(served: str, adapters: dict[str, Path], t
     saved = tmp_path / "remote.jsonl"
     with chat_terminal("--url", served, "--api-key", KEY, "--max-tokens", "10") as chat:
         chat.prompt("base")
-        chat.send("/adapters")
-        listing = chat.expect(r"prompt\s+│?\s*prompt_tuning")
+        listing = chat.say("/adapters", r"prompt\s+│?\s*prompt_tuning")
         assert "lora" in listing.split("adapter", 1)[1]
-        chat.send("hello how are you")
-        chat.expect(r"base \(base\) · 10 tokens")
-        chat.send("/adapter lora")
-        chat.expect(r"adapter: lora \(lora\)")
-        chat.send("tell me about the review")
-        chat.expect(r"lora \(lora\) · 10 tokens")
-        chat.send(f"/save {saved}")
-        chat.expect("saved 4 messages")
+        chat.say("hello how are you", r"base \(base\) · 10 tokens")
+        chat.say("/adapter lora", r"adapter: lora \(lora\)")
+        chat.say("tell me about the review", r"lora \(lora\) · 10 tokens")
+        chat.say(f"/save {saved}", "saved 4 messages")
         assert chat.close() == 0
     messages = read_jsonl(saved)
     assert messages[1]["content"] == peft_greedy(None, messages[:1], 10)
