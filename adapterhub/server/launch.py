@@ -7,13 +7,20 @@ for the requests in flight (up to the grace period), and only then is the engine
 from __future__ import annotations
 
 import json
+import math
 import re
 import signal
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from adapterhub.errors import UserError
 from adapterhub.server.app import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_QUEUE, DEFAULT_MAX_TOKENS_CAP
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from adapterhub.runtime.engine import Engine
 
 ALIAS_PATTERN = re.compile(r"^[^=\s,]+$")
 
@@ -93,16 +100,12 @@ def infer_base(adapters: list[AdapterSpec], base: str | None) -> str:
     return next(iter(bases.values()))
 
 
-def serve(options: ServeOptions) -> None:
-    """Load the base and adapters, then serve until SIGINT/SIGTERM; in-flight requests get ``grace_s``."""
-    import uvicorn
-    from rich.console import Console
+def build_engine(options: ServeOptions, console: Console | None = None) -> Engine:
+    """The engine ``options`` describe, with every adapter registered (not started yet)."""
     from rich.progress import Progress
 
     from adapterhub.runtime.engine import Engine, EngineConfig
-    from adapterhub.server.app import create_app
 
-    console = Console(stderr=True)
     base = infer_base(options.adapters, options.base)
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task(f"loading {base}", total=len(options.adapters) + 1)
@@ -118,6 +121,18 @@ def serve(options: ServeOptions) -> None:
         for adapter in options.adapters:
             progress.update(task, advance=1, description=f"loading adapter {adapter.name}")
             engine.register(adapter.name, adapter.spec)
+    return engine
+
+
+def serve(options: ServeOptions) -> None:
+    """Load the base and adapters, then serve until SIGINT/SIGTERM; in-flight requests get ``grace_s``."""
+    import uvicorn
+    from rich.console import Console
+
+    from adapterhub.server.app import create_app
+
+    console = Console(stderr=True)
+    engine = build_engine(options, console)
     app = create_app(
         engine,
         api_key=options.api_key,
@@ -129,14 +144,13 @@ def serve(options: ServeOptions) -> None:
         app,
         host=options.host,
         port=options.port,
-        timeout_graceful_shutdown=round(options.grace_s),
+        timeout_graceful_shutdown=math.ceil(options.grace_s),
         log_level="info",
     )
     engine.start()
     url = f"http://{options.host}:{options.port}/v1"
-    console.print(
-        f"serving {base} with {len(options.adapters)} adapter(s) on {url}", markup=False, soft_wrap=True
-    )
+    message = f"serving {engine.base_name} with {len(options.adapters)} adapter(s) on {url}"
+    console.print(message, markup=False, soft_wrap=True)
     # uvicorn drains in-flight requests on SIGTERM, then re-raises the signal to its previous handler:
     # ours turns it into an exception so the engine is stopped and the process exits 0.
     previous = signal.signal(signal.SIGTERM, _raise_terminated)

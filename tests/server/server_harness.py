@@ -9,10 +9,19 @@ from __future__ import annotations
 
 import itertools
 import threading
+import time
+from collections.abc import Callable
 
 from adapterhub.runtime.api import AdapterInfo, GenerationRequest, GenerationResult, RequestError
 
 REPLY_WORDS = ("good", "fast", "clean", "happy", "fresh")
+
+
+def wait_until(condition: Callable[[], object], timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.01)
 
 
 class ScriptedHandle:

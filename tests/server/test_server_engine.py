@@ -16,6 +16,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+from server_harness import wait_until
 from transformers import AutoModelForCausalLM
 
 from adapterhub.runtime.api import GenerationRequest, GenerationResult, SamplingParams
@@ -185,35 +186,44 @@ def test_adapters_load_and_unload_while_requests_arrive(
     assert ref.text != alone(engine, PROMPTS[0], "lora", max_tokens=6).text
     assert complete(client(url), "spare", PROMPTS[0], 6, stream=False)[0] == ref.text
 
+    long_ref = alone(engine, PROMPTS[1], "spare", max_tokens=60)
+    long_body = {"model": "spare", "prompt": PROMPTS[1], "max_tokens": 60, "temperature": 0, "stream": True}
     body = {"model": "spare", "prompt": PROMPTS[0], "max_tokens": 6, "temperature": 0}
-    outcomes: list[tuple[int, str]] = []
+    outcomes: list[list[tuple[int, str]]] = [[] for _ in range(6)]
     stop = threading.Event()
 
-    def keep_asking() -> None:
+    def keep_asking(mine: list[tuple[int, str]]) -> None:
         with httpx.Client(timeout=120) as http:
             while not stop.is_set():
                 response = http.post(f"{url}/v1/completions", json=body)
                 payload = response.json()
-                outcomes.append(
-                    (
-                        response.status_code,
-                        payload["choices"][0]["text"] if response.is_success else payload["error"]["code"],
-                    )
-                )
+                answer = payload["choices"][0]["text"] if response.is_success else payload["error"]["code"]
+                mine.append((response.status_code, answer))
 
-    askers = [threading.Thread(target=keep_asking) for _ in range(6)]
-    for asker in askers:
-        asker.start()
-    while len(outcomes) < 6:
-        time.sleep(0.01)
-    unloaded = httpx.delete(f"{url}/v1/adapters/spare", timeout=60)
-    time.sleep(0.3)
-    stop.set()
+    askers = [threading.Thread(target=keep_asking, args=(mine,)) for mine in outcomes]
+    with httpx.stream("POST", f"{url}/v1/completions", json=long_body, timeout=120) as in_flight:
+        events = in_flight.iter_lines()
+        streamed = [next(line for line in events if line.startswith("data: "))]
+        for asker in askers:
+            asker.start()
+        wait_until(lambda: all(outcomes))
+        unloaded = httpx.delete(f"{url}/v1/adapters/spare", timeout=60)
+        wait_until(lambda: all((404, "unknown_adapter") in mine for mine in outcomes))
+        stop.set()
+        streamed += [line for line in events if line.startswith("data: ")]
     for asker in askers:
         asker.join(120)
     assert unloaded.status_code == 200 and unloaded.json()["deleted"] is True
-    assert set(outcomes) <= {(200, ref.text), (404, "unknown_adapter")}
-    assert (200, ref.text) in outcomes and outcomes[-1] == (404, "unknown_adapter")
+    for mine in outcomes:  # served correctly until the unload, refused from then on
+        refused_from = mine.index((404, "unknown_adapter"))
+        assert set(mine[:refused_from]) <= {(200, ref.text)}
+        assert set(mine[refused_from:]) == {(404, "unknown_adapter")}
+    assert streamed[-1] == "data: [DONE]"
+    chunks = [json.loads(line.removeprefix("data: ")) for line in streamed[:-1]]
+    if "error" in chunks[-1]:  # the contract lets a running request fail cleanly instead
+        assert chunks[-1]["error"]["code"]
+    else:
+        assert "".join(c["choices"][0]["text"] for c in chunks) == long_ref.text
     assert "spare" not in [m.id for m in client(url).models.list().data]
     again = httpx.post(f"{url}/v1/adapters", json={"name": "spare", "source": source}, timeout=60)
     assert again.status_code == 201

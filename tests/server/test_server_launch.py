@@ -71,3 +71,23 @@ def test_cli_prints_one_line_and_fails_on_disagreeing_bases(tmp_path: Path) -> N
     )
     assert run.returncode == 1
     assert run.stderr.strip().count("\n") == 0 and "pass --base MODEL" in run.stderr
+
+
+def test_build_engine_infers_the_base_and_registers_the_adapters(tiny_llama: Path, tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from adapterhub.runtime.api import GenerationRequest, RequestError
+    from adapterhub.runtime.random_adapters import peft_config, write_random_adapter
+    from adapterhub.server.launch import ServeOptions, build_engine
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    folder = write_random_adapter(model, peft_config("ia3"), tmp_path / "ia3", seed=3)
+    options = ServeOptions(adapters=parse_adapter_specs(f"mine={folder}"), device="cpu", max_queue=2)
+    engine = build_engine(options)
+    assert engine.base_name == str(tiny_llama)
+    assert [(info.name, info.method, info.source) for info in engine.list()] == [("mine", "ia3", str(folder))]
+    for _ in range(2):  # not started: requests wait in the queue, which holds --max-queue
+        engine.submit(GenerationRequest("hello", adapter="mine"))
+    with pytest.raises(RequestError) as full:
+        engine.submit(GenerationRequest("hello", adapter="mine"))
+    assert full.value.code == "overloaded"

@@ -5,12 +5,11 @@ from __future__ import annotations
 import json
 import socket
 import threading
-import time
 
 import httpx
 import openai
 import pytest
-from server_harness import ScriptedEngine
+from server_harness import ScriptedEngine, wait_until
 
 from adapterhub.runtime.api import RequestError
 from adapterhub.server.app import create_app
@@ -23,13 +22,6 @@ def client(url: str, api_key: str = "unused") -> openai.OpenAI:
 
 def sse_events(response: httpx.Response) -> list[str]:
     return [line.removeprefix("data: ") for line in response.iter_lines() if line.startswith("data: ")]
-
-
-def wait_until(condition, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.01)
 
 
 def test_models_completions_and_chat(scripted: ScriptedEngine) -> None:
