@@ -219,6 +219,8 @@ class Engine:
         self._merged: RegisteredAdapter | None = None
         self._merge_saved: dict | None = None
         self._last_batch_size = 0
+        self._row_ids = torch.arange(config.max_batch_size, device=self.device)
+        self._zeros = torch.zeros(config.max_batch_size, dtype=torch.long, device=self.device)
         self._sampler = torch.Generator(device=self.device)
         self._sampler.seed()
 
@@ -574,27 +576,27 @@ class Engine:
         """One decode forward over rows 0..highest running row; idle rows in between attend to themselves."""
         running = [r for r in self._rows if r is not None]
         span = max(r.row for r in running) + 1
-        tokens, cache_pos, rope_pos, slots = [0] * span, [0] * span, [0] * span, [0] * span
+        # Rows of (token, cache position, rotary position, slot): one host-to-device copy per step.
+        columns = [[0] * span for _ in range(4)]
         for request in running:
-            tokens[request.row] = request.token_ids[-1]
-            cache_pos[request.row] = request.cache_len
-            rope_pos[request.row] = request.rope_next
-            slots[request.row] = request.slot
+            state = (request.token_ids[-1], request.cache_len, request.rope_next, request.slot)
+            for column, value in zip(columns, state, strict=True):
+                column[request.row] = value
             request.cache_len += 1
             request.rope_next += 1
-        device = self.device
+        tokens, cache_pos, rope_pos, slots = torch.tensor(columns, device=self.device).unbind(0)
         batch = Batch(
             rows=slice(0, span),
-            row_index=torch.arange(span, device=device).unsqueeze(1),
-            cache_pos=torch.tensor(cache_pos, device=device).unsqueeze(1),
-            rope_pos=torch.tensor(rope_pos, device=device).unsqueeze(1),
-            kv_len=max(cache_pos) + 1,
-            slots=torch.tensor(slots, device=device),
+            row_index=self._row_ids[:span].unsqueeze(1),
+            cache_pos=cache_pos.unsqueeze(1),
+            rope_pos=rope_pos.unsqueeze(1),
+            kv_len=max(columns[1]) + 1,
+            slots=slots,
             lora_rank=self._lora_rank(running),
             any_ia3=any(r.slot and r.adapter.native.ia3 for r in running),
         )
-        embeds = self.decoder.embed(torch.tensor(tokens, device=device).unsqueeze(1), None)
-        logits = self.decoder.forward(embeds, batch, torch.zeros(span, dtype=torch.long, device=device))
+        embeds = self.decoder.embed(tokens.unsqueeze(1), None)
+        logits = self.decoder.forward(embeds, batch, self._zeros[:span])
         self._last_batch_size = len(running)
         self._advance(running, logits[[r.row for r in running]])
 

@@ -17,7 +17,7 @@ from .references import ADAPTERS, BASE, make_engine
 def adapter_dirs(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Each adapter saved by plain PEFT ``save_pretrained`` with distinct random weights."""
     root = tmp_path_factory.mktemp("adapters")
-    base = load_model(ModelSpec(BASE))
+    base = load_model(ModelSpec(BASE, device="cpu"))
     folders = {}
     for seed, (name, spec) in enumerate(ADAPTERS.items(), start=1):
         spec = dict(spec)

@@ -1,4 +1,7 @@
-"""Helpers shared by the runtime tests: the adapters under test, PEFT references, request builders."""
+"""Helpers shared by the runtime tests: the adapters under test, PEFT references, request builders.
+
+Everything runs on the CPU in fp32 (or a quantized CPU base), whatever accelerator the machine has.
+"""
 
 from __future__ import annotations
 
@@ -26,7 +29,9 @@ ADAPTERS = {
 
 
 def make_engine(adapter_dirs: dict[str, Path], **overrides) -> Engine:
-    settings = dict(base=BASE, quantization="none", max_adapters=8, max_lora_rank=16, max_batch_size=16)
+    settings = dict(
+        base=BASE, quantization="none", device="cpu", max_adapters=8, max_lora_rank=16, max_batch_size=16
+    )
     engine = Engine(EngineConfig(**(settings | overrides)))
     for name, folder in adapter_dirs.items():
         engine.register(name, str(folder))
@@ -38,7 +43,7 @@ def _peft_model(folder: str | None, quantization: str):
     from peft import PeftModel
 
     # A fresh base per PeftModel: two PeftModels around one base object silently give wrong outputs.
-    base = load_model(ModelSpec(BASE, quantization=quantization))
+    base = load_model(ModelSpec(BASE, quantization=quantization, device="cpu"))
     return base.eval() if folder is None else PeftModel.from_pretrained(base, folder).eval()
 
 

@@ -54,11 +54,11 @@ def test_mixed_batch_matches_peft_on_each_architecture(tmp_path: Path, model_typ
     base = _tiny_base(tmp_path, model_type)
     folders = {
         name: write_random_adapter(
-            load_model(ModelSpec(str(base))), peft_config(family), tmp_path / name, seed=i
+            load_model(ModelSpec(str(base), device="cpu")), peft_config(family), tmp_path / name, seed=i
         )
         for i, (name, family) in enumerate(FAMILIES.items(), start=1)
     }
-    engine = Engine(EngineConfig(base=str(base), quantization="none", max_lora_rank=8))
+    engine = Engine(EngineConfig(base=str(base), quantization="none", device="cpu", max_lora_rank=8))
     for name, folder in folders.items():
         engine.register(name, str(folder))
     rows = [(name, ids) for name in [None, *FAMILIES] for ids in PROMPT_IDS]
@@ -70,7 +70,7 @@ def test_mixed_batch_matches_peft_on_each_architecture(tmp_path: Path, model_typ
     finally:
         engine.stop()
     for (name, ids), got in zip(rows, results, strict=True):
-        model = load_model(ModelSpec(str(base)))
+        model = load_model(ModelSpec(str(base), device="cpu"))
         if name is not None:
             model = PeftModel.from_pretrained(model, str(folders[name]))
         prompt = torch.tensor([ids])

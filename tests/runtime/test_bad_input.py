@@ -28,6 +28,10 @@ def served(adapter_dirs: dict[str, Path]) -> tuple[Engine, list[int]]:
     return engine, engine.generate(greedy(PROMPTS[0], "lora")).token_ids
 
 
+def _tiny_base():
+    return load_model(ModelSpec(BASE, device="cpu"))
+
+
 def _refused(served: tuple[Engine, list[int]], code: str, action) -> str:
     engine, want = served
     with pytest.raises(RequestError) as refused:
@@ -58,7 +62,7 @@ def test_adapter_for_a_wider_base(served, tmp_path: Path, family: str) -> None:
 
 
 def test_adapter_targeting_modules_this_base_lacks(served, tmp_path: Path) -> None:
-    base = load_model(ModelSpec(BASE))
+    base = _tiny_base()
     config = LoraConfig(task_type="CAUSAL_LM", target_modules=["lm_head"], r=4)
     folder = write_random_adapter(base, config, tmp_path / "head", seed=4)
     message = _refused(served, "incompatible_adapter", lambda e: e.register("head", str(folder)))
@@ -74,22 +78,20 @@ def test_adapter_targeting_modules_this_base_lacks(served, tmp_path: Path) -> No
     ids=["loha", "adalora"],
 )
 def test_unsupported_peft_type_names_the_supported_ones(served, tmp_path: Path, config) -> None:
-    folder = write_random_adapter(load_model(ModelSpec(BASE)), config, tmp_path / "other", seed=5)
+    folder = write_random_adapter(_tiny_base(), config, tmp_path / "other", seed=5)
     message = _refused(served, "unsupported_adapter", lambda e: e.register("other", str(folder)))
     assert "LoRA, IA3, prompt tuning, P-tuning, prefix tuning" in message
 
 
 def test_rank_above_slot_capacity(served, tmp_path: Path) -> None:
-    folder = write_random_adapter(
-        load_model(ModelSpec(BASE)), peft_config("lora", rank=32), tmp_path / "r32", seed=6
-    )
+    folder = write_random_adapter(_tiny_base(), peft_config("lora", rank=32), tmp_path / "r32", seed=6)
     message = _refused(served, "slot_capacity", lambda e: e.register("r32", str(folder)))
     assert "max_lora_rank" in message
 
 
 def test_virtual_tokens_above_slot_capacity(served, tmp_path: Path) -> None:
     config = peft_config("prompt_tuning", num_virtual_tokens=9)
-    folder = write_random_adapter(load_model(ModelSpec(BASE)), config, tmp_path / "long", seed=7)
+    folder = write_random_adapter(_tiny_base(), config, tmp_path / "long", seed=7)
     _refused(served, "slot_capacity", lambda e: e.register("long", str(folder)))
 
 
@@ -142,7 +144,7 @@ def test_registering_a_name_twice_is_refused(served, adapter_dirs: dict[str, Pat
 
 def test_non_llama_base_is_refused(tiny_mt5: Path) -> None:
     with pytest.raises(UserError, match="Llama-family"):
-        Engine(EngineConfig(base="builtin:tiny-mt5", quantization="none"))
+        Engine(EngineConfig(base="builtin:tiny-mt5", quantization="none", device="cpu"))
 
 
 def test_nan_check_is_not_vacuous(adapter_dirs: dict[str, Path]) -> None:
