@@ -107,7 +107,7 @@ class LocalBackend:
     def select(self, name: str) -> AdapterEntry:
         from adapterhub.server.launch import default_name
 
-        if name == BASE:
+        if name in (BASE, self.engine.base_name):
             return BASE_ENTRY
         for info in self.engine.list():
             if name in (info.name, info.source) or info.name == default_name(name):
@@ -219,6 +219,8 @@ class RemoteBackend:
         ]
 
     def select(self, name: str) -> AdapterEntry:
+        if name == self.base_id:
+            return BASE_ENTRY
         for entry in self.adapters():
             if entry.name == name:
                 return entry

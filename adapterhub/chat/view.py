@@ -93,7 +93,7 @@ class ChatView:
         try:
             for slot, (_, request) in enumerate(requests):
                 generations.append(backend.start(request, slot, events))
-        except UserError:
+        except BaseException:  # a refused request or a Ctrl-C must not leave the others running
             for generation in generations:
                 generation.cancel()
             raise
