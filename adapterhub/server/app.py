@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -25,8 +26,13 @@ from adapterhub.server.middleware import BodySizeLimit, RecordRequests
 from adapterhub.server.replies import GenerationStream, Reply, collect_cancelling_on_disconnect, sse_events
 from adapterhub.server.schemas import (
     AdapterLoadRequest,
+    ChatCompletion,
     ChatCompletionRequest,
+    Completion,
     CompletionRequest,
+    DeletedModel,
+    ModelCard,
+    ModelList,
     SamplingFields,
 )
 
@@ -86,13 +92,26 @@ def _add_v1_routes(app: FastAPI, server: _Server, api_key: str | None) -> None:
 
     # Routes go on the app itself (no sub-router) so that metrics see their full path templates.
     # Without a key the OpenAPI document must not claim Bearer auth, so the check is left out entirely.
-    guarded = {"dependencies": [Depends(check_key)] if api_key else [], "responses": ERROR_RESPONSES}
-    app.add_api_route("/v1/models", server.list_models, methods=["GET"], **guarded)
-    app.add_api_route("/v1/models/{model:path}", server.get_model, methods=["GET"], **guarded)
-    app.add_api_route("/v1/completions", server.completions, methods=["POST"], **guarded)
-    app.add_api_route("/v1/chat/completions", server.chat_completions, methods=["POST"], **guarded)
-    app.add_api_route("/v1/adapters", server.load_adapter, methods=["POST"], status_code=201, **guarded)
-    app.add_api_route("/v1/adapters/{name:path}", server.unload_adapter, methods=["DELETE"], **guarded)
+    dependencies = [Depends(check_key)] if api_key else []
+
+    def route(path: str, endpoint: Callable, method: str, model: type, **extra: Any) -> None:
+        app.add_api_route(
+            path,
+            endpoint,
+            methods=[method],
+            response_model=model,
+            dependencies=dependencies,
+            responses={**ERROR_RESPONSES, **extra.pop("responses", {})},
+            **extra,
+        )
+
+    streamed = {"responses": {200: {"content": {"text/event-stream": {"schema": {"type": "string"}}}}}}
+    route("/v1/models", server.list_models, "GET", ModelList)
+    route("/v1/models/{model:path}", server.get_model, "GET", ModelCard)
+    route("/v1/completions", server.completions, "POST", Completion, **streamed)
+    route("/v1/chat/completions", server.chat_completions, "POST", ChatCompletion, **streamed)
+    route("/v1/adapters", server.load_adapter, "POST", ModelCard, status_code=201)
+    route("/v1/adapters/{name:path}", server.unload_adapter, "DELETE", DeletedModel)
 
 
 class _Server:
