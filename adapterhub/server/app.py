@@ -64,7 +64,6 @@ def create_app(
     """
     server = _Server(engine, max_queue=max_queue, max_tokens_cap=max_tokens_cap)
     app = FastAPI(title="adapterhub", summary="OpenAI-compatible multi-adapter server", version="1")
-    app.state.server = server
     app.state.metrics = server.metrics
 
     add_error_handlers(app)
