@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from adapterhub.runtime.engine import Engine
 
 ALIAS_PATTERN = re.compile(r"^[^=\s,]+$")
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 
 @dataclass(frozen=True)
@@ -151,6 +152,8 @@ def serve(options: ServeOptions) -> None:
     url = f"http://{options.host}:{options.port}/v1"
     message = f"serving {engine.base_name} with {len(options.adapters)} adapter(s) on {url}"
     console.print(message, markup=False, soft_wrap=True)
+    if options.api_key is None and options.host not in LOOPBACK_HOSTS:
+        console.print(f"warning: {options.host} is reachable from other machines and no --api-key is set")
     # uvicorn drains in-flight requests on SIGTERM, then re-raises the signal to its previous handler:
     # ours turns it into an exception so the engine is stopped and the process exits 0.
     previous = signal.signal(signal.SIGTERM, _raise_terminated)
