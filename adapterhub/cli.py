@@ -6,7 +6,10 @@ Commands are imported lazily so ``adapterhub --help`` does not pay for importing
 from __future__ import annotations
 
 import importlib
+import logging
+import os
 import sys
+import warnings
 
 import click
 
@@ -51,8 +54,18 @@ def cli() -> None:
     """Train, share and serve PEFT adapters of every family from one base model."""
 
 
+def quiet_libraries() -> None:
+    """Keep library chatter off the terminal so an error is one line and progress stays readable."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    # bitsandbytes warns on every import on AVX512 CPUs that an optional kernel package is missing.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*Position ids are not supported for parameter efficient")
+
+
 def main() -> None:
     """Run the CLI; an expected user error becomes one red line and exit status 1, never a traceback."""
+    quiet_libraries()
     try:
         cli.main(standalone_mode=False)
     except click.exceptions.Exit as done:
