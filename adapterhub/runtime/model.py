@@ -27,7 +27,7 @@ ragged prompts need no padding tokens among the keys.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -82,6 +82,14 @@ class Batch:
     lora_rank: int  # widest LoRA rank among this batch's slots; 0 skips the LoRA GEMMs
     any_ia3: bool
     prefix_write: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+
+@dataclass
+class SlotContents:
+    """What a slot's occupant wrote: LoRA rank and IA3 side per projection, to reset on the next load."""
+
+    lora: dict[tuple[int, str], int] = field(default_factory=dict)
+    ia3: dict[tuple[int, str], bool] = field(default_factory=dict)
 
 
 class LoraShrink:
@@ -245,6 +253,7 @@ class SlottedDecoder:
             device=device,
         )
         self.slot_rank = [0] * num_slots
+        self.slot_contents = [SlotContents() for _ in range(num_slots)]
 
     @staticmethod
     def _parent(layer: nn.Module, projection: str) -> nn.Module:
@@ -253,8 +262,21 @@ class SlottedDecoder:
     # -- slots -----------------------------------------------------------------------------------
 
     def load_slot(self, slot: int, adapter: NativeAdapter) -> None:
-        """Copy an adapter into slot ``slot``'s preallocated rows; every other slot is untouched."""
-        self.clear_slot(slot)
+        """Copy an adapter into slot ``slot``'s preallocated rows; every other slot is untouched.
+
+        Rows the previous occupant wrote and this adapter does not overwrite are reset to identity
+        first; a LoRA replacing a LoRA of the same shape needs no reset at all.
+        """
+        previous = self.slot_contents[slot]
+        for key, rank in previous.lora.items():
+            new_rank = adapter.lora[key][0].shape[0] if key in adapter.lora else 0
+            if rank > new_rank:
+                for rows in self.projections[key[0]][key[1]].slot_views(slot):
+                    rows[new_rank:rank].zero_()
+        for key, on_input in previous.ia3.items():
+            if adapter.ia3.get(key, (None, not on_input))[1] != on_input:
+                target = self.projections[key[0]][key[1]]
+                (target.ia3_in if on_input else target.ia3_out)[slot].fill_(1.0)
         adapter = adapter.to(self.device)
         destinations, sources = [], []
         for (layer, proj), (a, b) in adapter.lora.items():
@@ -275,23 +297,11 @@ class SlottedDecoder:
             sources.append(adapter.prefix_kv)
         if destinations:
             torch._foreach_copy_(destinations, sources)
+        self.slot_contents[slot] = SlotContents(
+            lora={key: a.shape[0] for key, (a, _) in adapter.lora.items()},
+            ia3={key: on_input for key, (_, on_input) in adapter.ia3.items()},
+        )
         self.slot_rank[slot] = adapter.rank or 0
-
-    def clear_slot(self, slot: int) -> None:
-        """Reset a slot to identity; only tables a previous occupant could have written are touched."""
-        if self.slot_rank[slot]:
-            for layer in self.projections:
-                for target in layer.values():
-                    slot_a, slot_b = target.slot_views(slot)
-                    slot_a.zero_()
-                    slot_b.zero_()
-        for layer in self.projections:
-            for target in layer.values():
-                if target.uses_ia3_in:
-                    target.ia3_in[slot].fill_(1.0)
-                if target.uses_ia3_out:
-                    target.ia3_out[slot].fill_(1.0)
-        self.slot_rank[slot] = 0
 
     # -- merge -----------------------------------------------------------------------------------
 

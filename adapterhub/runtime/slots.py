@@ -61,10 +61,6 @@ class SlotPool:
             self._vacate(adapter)
 
     def _vacate(self, adapter: RegisteredAdapter) -> None:
-        self.decoder.clear_slot(adapter.slot)
+        # No row names a vacant slot; the next load resets whatever it leaves stale.
         self.occupants[adapter.slot] = None
         adapter.slot = 0
-
-    @property
-    def resident_rank(self) -> int:
-        return max(self.decoder.slot_rank)

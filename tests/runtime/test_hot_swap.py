@@ -6,6 +6,7 @@ import threading
 from pathlib import Path
 
 import pytest
+import torch
 
 from adapterhub.runtime.api import RequestError
 from adapterhub.runtime.engine import Engine
@@ -90,3 +91,21 @@ def test_registry_lists_what_was_registered(engine: Engine, adapter_dirs: dict[s
     assert (infos["lora"].method, infos["lora"].rank) == ("lora", 8)
     assert (infos["lora_rs"].rank, infos["prefix"].num_virtual_tokens) == (4, 3)
     assert infos["ptune"].method == "p_tuning" and infos["ptune"].source == str(adapter_dirs["ptune"])
+
+
+def test_reloading_a_slot_resets_exactly_what_the_previous_occupant_left(engine: Engine) -> None:
+    decoder = engine.decoder
+    natives = {info.name: engine._adapters[info.name].native for info in engine.list()}
+    slot = decoder.num_slots - 1
+    first_a, first_b = decoder.projections[0]["q_proj"].slot_views(slot)
+    ia3_side = decoder.projections[0]["k_proj"].ia3_out
+
+    decoder.load_slot(slot, natives["lora"])  # rank 8
+    decoder.load_slot(slot, natives["lora_rs"])  # rank 4: rows 4..7 must be zero again
+    assert first_a[4:].abs().sum() == 0 and first_b[4:].abs().sum() == 0
+    assert first_a[:4].abs().sum() > 0
+    decoder.load_slot(slot, natives["ia3"])
+    assert first_a.abs().sum() == 0 and first_b.abs().sum() == 0
+    assert not torch.equal(ia3_side[slot], torch.ones_like(ia3_side[slot]))
+    decoder.load_slot(slot, natives["prefix"])
+    assert torch.equal(ia3_side[slot], torch.ones_like(ia3_side[slot]))
