@@ -80,6 +80,7 @@ class TrainingArgs:
 @dataclass
 class OutputArgs:
     dir: str = "runs/adapter"
+    store_name: str | None = None  # also add the finished adapter to the local store under this name
 
 
 @dataclass

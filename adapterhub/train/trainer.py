@@ -28,6 +28,8 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from adapterhub.card import adapter_card
 from adapterhub.errors import UserError
+from adapterhub.hub.store import add_folder, check_name
+from adapterhub.hub.store import exists as store_exists
 from adapterhub.models import is_seq2seq, load_tokenizer, split_random
 from adapterhub.paths import atomic_dir
 from adapterhub.recipe import Recipe
@@ -48,6 +50,18 @@ class TrainResult:
 
 def work_dir_for(output_dir: Path) -> Path:
     return output_dir.with_name(f".{output_dir.name}.partial")
+
+
+def check_store_name(recipe: Recipe) -> None:
+    """Fail before training, not after, when the store name is invalid or taken."""
+    name = recipe.output.store_name
+    if name is not None:
+        check_name(name)
+        if store_exists(name) and not recipe.training.overwrite:
+            raise UserError(
+                f"store name '{name}' is taken: set training.overwrite=true or choose another "
+                "output.store_name"
+            )
 
 
 def check_output_dir(recipe: Recipe) -> Path:
@@ -126,6 +140,7 @@ def train(recipe: Recipe, console: Console | None = None) -> TrainResult:
     # On CPU, accelerate only sets up gloo data parallelism (torchrun/accelerate launch) when told cpu=True.
     state = PartialState(cpu=not torch.cuda.is_available())
     output_dir = check_output_dir(recipe)
+    check_store_name(recipe)
     work_dir = work_dir_for(output_dir)
     if not recipe.training.resume and state.is_main_process and work_dir.exists():
         shutil.rmtree(work_dir)
@@ -182,6 +197,9 @@ def train(recipe: Recipe, console: Console | None = None) -> TrainResult:
     }
     write_output(model, recipe, metrics, trainer.state.log_history, output_dir)
     shutil.rmtree(work_dir, ignore_errors=True)
+    if recipe.output.store_name:
+        add_folder(output_dir, recipe.output.store_name, replace=recipe.training.overwrite)
+        metrics["store_name"] = recipe.output.store_name
     console.print(summary_table(f"trained {recipe.method.type} → {output_dir}", metrics))
     state.wait_for_everyone()
     return TrainResult(output_dir, metrics, model)

@@ -145,3 +145,20 @@ def test_resume_continues_from_the_last_checkpoint(tmp_path: Path, monkeypatch: 
     assert not trainer_module.work_dir_for(result.output_dir).exists()
     with pytest.raises(UserError, match="nothing to resume"):
         quiet_train(recipe(tmp_path, METHODS["lora"], training={"resume": True}))
+
+
+def test_store_name_adds_the_trained_adapter_to_the_store(tmp_path: Path) -> None:
+    from adapterhub.hub import resolve
+    from adapterhub.hub.store import exists
+
+    result = quiet_train(
+        recipe(tmp_path, METHODS["ia3"], training={"max_steps": 2}, output={"store_name": "tiny-ia3"})
+    )
+    assert exists("tiny-ia3")
+    stored = resolve("tiny-ia3")
+    assert (stored / "adapter_model.safetensors").read_bytes() == (
+        result.output_dir / "adapter_model.safetensors"
+    ).read_bytes()
+    with pytest.raises(UserError, match="store name 'tiny-ia3' is taken"):
+        quiet_train(recipe(tmp_path / "again", METHODS["ia3"], output={"store_name": "tiny-ia3"}))
+    assert not (tmp_path / "again" / "out").exists()
