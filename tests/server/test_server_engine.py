@@ -105,6 +105,28 @@ def test_concurrent_greedy_requests_across_families_equal_each_alone(engine: Eng
         assert stream or tokens == ref.completion_tokens
 
 
+def test_requests_queued_together_run_as_one_mixed_family_batch(adapter_folders: dict[str, Path]) -> None:
+    """Held in the queue until the loop starts, five requests (base and four families) are admitted
+    in one step, so they decode as one batch; each still gets exactly its own output."""
+    engine = Engine(EngineConfig(base=BASE, max_adapters=4, max_batch_size=16))
+    for family in FAMILIES:
+        engine.register(family, str(adapter_folders[family]))
+    refs = {adapter: alone(engine, PROMPTS[1], adapter, max_tokens=10) for adapter in (None, *FAMILIES)}
+    try:
+        with serve_in_background(create_app(engine)) as url, ThreadPoolExecutor(len(refs)) as pool:
+            answers = {
+                adapter: pool.submit(complete, client(url), adapter, PROMPTS[1], 10, stream=i % 2 == 1)
+                for i, adapter in enumerate(refs)
+            }
+            wait_until(lambda: engine.stats()["queue_depth"] == len(refs))
+            engine.start()
+            for adapter, answer in answers.items():
+                text, finish, _ = answer.result()
+                assert (text, finish) == (refs[adapter].text, refs[adapter].finish_reason), adapter
+    finally:
+        engine.stop(grace_s=5)
+
+
 def test_chat_stop_seed_and_models_through_the_engine(engine: Engine, url: str) -> None:
     api = client(url)
     listed = {m.id: m.metadata for m in api.models.list().data}
