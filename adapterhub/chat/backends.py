@@ -91,11 +91,11 @@ class LocalBackend:
 
     @classmethod
     def open(cls, base: str | None, adapter: str | None) -> LocalBackend:
+        if base is None and adapter is None:
+            raise UserError("no model to chat with: pass --base MODEL, --adapter NAME or --url URL")
         from adapterhub.runtime.engine import Engine, EngineConfig
         from adapterhub.server.launch import AdapterSpec, infer_base
 
-        if base is None and adapter is None:
-            raise UserError("no model to chat with: pass --base MODEL, --adapter NAME or --url URL")
         adapters = [] if adapter is None else [AdapterSpec(adapter, adapter)]
         engine = Engine(EngineConfig(base=infer_base(adapters, base)))
         engine.start()

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import sys
-
 import click
 
 
@@ -41,11 +39,11 @@ def chat(
     """
     from rich.console import Console
 
-    from adapterhub.chat.repl import answer_once, open_backend, open_session, run_repl
+    from adapterhub.chat.repl import open_backend, open_session, piped_question, run_repl
     from adapterhub.runtime.api import SamplingParams
 
     console = Console(highlight=False)
-    question = None if sys.stdin.isatty() else sys.stdin.read()
+    question = piped_question()
     backend = open_backend(console, base, adapter, url, api_key)
     try:
         params = SamplingParams(max_tokens=max_tokens, temperature=temperature)
@@ -53,6 +51,6 @@ def chat(
         if question is None:
             run_repl(session)
         else:
-            answer_once(session, question)
+            session.ask(question)
     finally:
         backend.close()

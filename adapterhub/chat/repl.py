@@ -75,8 +75,11 @@ def run_repl(session: ChatSession) -> None:
             session.view.note("interrupted")
 
 
-def answer_once(session: ChatSession, text: str) -> None:
-    """The piped mode: one question from standard input, its answer on standard output."""
-    if not text.strip():
+def piped_question() -> str | None:
+    """The question piped into standard input, or None when a person is typing at a terminal."""
+    if sys.stdin.isatty():
+        return None
+    question = sys.stdin.read().strip()
+    if not question:
         raise UserError("standard input is empty: pipe in a question, e.g. echo hi | adapterhub chat ...")
-    session.ask(text.strip())
+    return question
