@@ -29,7 +29,8 @@ def show_help(session: ChatSession, _: str) -> None:
 
 def switch_adapter(session: ChatSession, name: str) -> None:
     if name:
-        session.switch(name)
+        with session.view.console.status(f"loading {name} …"):
+            session.switch(name)
     session.view.note(f"adapter: {session.adapter.name} ({session.adapter.method})")
 
 
