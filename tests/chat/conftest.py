@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from .harness import ScriptedEngine, running_app
+from .harness import ScriptedEngine
 
 API_KEY = "sekret"
 
@@ -23,8 +23,9 @@ def scripted(tiny_llama: Path) -> ScriptedEngine:
 def scripted_url(scripted: ScriptedEngine) -> Iterator[str]:
     """The real server app over the scripted engine, guarded by ``API_KEY``."""
     from adapterhub.server.app import create_app
+    from adapterhub.server.background import serve_in_background
 
-    with running_app(create_app(scripted, api_key=API_KEY)) as url:
+    with serve_in_background(create_app(scripted, api_key=API_KEY)) as url:
         yield url
 
 

@@ -1,4 +1,4 @@
-"""The chat REPL in a real pseudo-terminal, a real server on 127.0.0.1, and a scriptable engine.
+"""The chat REPL in a real pseudo-terminal, and a scriptable engine to put behind the real server app.
 
 ``ScriptedEngine`` keeps the Engine contract with a real tokenizer but echoing replies and a hold
 point, so streaming and Ctrl-C can be driven deterministically over the real server app; what a
@@ -18,7 +18,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pexpect
-import uvicorn
 
 from adapterhub.runtime.api import AdapterInfo, GenerationRequest, GenerationResult, RequestError
 
@@ -91,23 +90,6 @@ def chat_terminal(*args: str) -> Iterator[ChatTerminal]:
     finally:
         if terminal.child.isalive():
             terminal.child.terminate(force=True)
-
-
-@contextlib.contextmanager
-def running_app(app) -> Iterator[str]:
-    """Serve ``app`` with uvicorn on a free 127.0.0.1 port in a thread; yields its URL."""
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(30)
 
 
 class ScriptedHandle:
