@@ -20,7 +20,7 @@ import torch
 
 from adapterhub.runtime.api import FAMILIES, GenerationRequest, SamplingParams
 from adapterhub.runtime.engine import Engine, EngineConfig
-from adapterhub.runtime.random_adapters import peft_config, write_random_adapter
+from adapterhub.runtime.random_adapters import peft_config, strip_peft_layers, write_random_adapter
 
 VIRTUAL_TOKENS = 16
 SWAP_REPEATS = 5
@@ -86,7 +86,7 @@ def peft_run(engine: Engine, folders: dict[str, Path], families: dict[str, str],
                 **kwargs,
             )
         tokens += (out.shape[1] - ids.shape[1]) * len(lora_rows)
-        peft_model.unload()
+        strip_peft_layers(model)
     for name in sorted({a for a in work.adapters if a is not None and families[a] != "lora"}):
         rows = [i for i, a in enumerate(work.adapters) if a == name]
         peft_model = PeftModel.from_pretrained(model, str(folders[name]))
@@ -95,8 +95,7 @@ def peft_run(engine: Engine, folders: dict[str, Path], families: dict[str, str],
                 input_ids=ids[rows], attention_mask=torch.ones_like(ids[rows]), **kwargs
             )
         tokens += (out.shape[1] - ids.shape[1]) * len(rows)
-        if families[name] == "ia3":
-            peft_model.unload()
+        strip_peft_layers(model)
     base_rows = [i for i, a in enumerate(work.adapters) if a is None]
     if base_rows:
         with torch.inference_mode():

@@ -104,12 +104,16 @@ class LoraShrink:
     ) -> None:
         self.members, self.num_slots, self.max_rank = members, num_slots, max_rank
         self.lora_a = torch.zeros(max_rank * num_slots * members, in_features, dtype=dtype, device=device)
+        self.row_views: dict[int, torch.Tensor] = {}
 
     def __call__(self, x: torch.Tensor, masks: dict[int, torch.Tensor] | None) -> torch.Tensor | None:
         if masks is None:
             return None
         mask = masks[self.members]
-        return F.linear(x.to(self.lora_a.dtype), self.lora_a[: mask.shape[-1]]) * mask
+        rows = _leading_rows(self.lora_a, mask.shape[-1], self.row_views)
+        if x.dtype != rows.dtype:
+            x = x.to(rows.dtype)
+        return F.linear(x, rows) * mask
 
     def slot_view(self, slot: int, member: int) -> torch.Tensor:
         return self.lora_a.view(self.max_rank, self.num_slots, self.members, -1)[:, slot, member]
@@ -129,6 +133,7 @@ class SlotLinear:
         self.shrink, self.member = shrink, member
         self.in_features, self.out_features = base.in_features, base.out_features
         self.lora_b = torch.zeros(shrink.lora_a.shape[0], self.out_features, dtype=dtype, device=device)
+        self.row_views: dict[int, torch.Tensor] = {}
         self.ia3_in_columns = self.ia3_out_columns = slice(0)
         self.ia3_in = self.ia3_out = torch.empty(0)
         self.uses_ia3_in = self.uses_ia3_out = False
@@ -159,18 +164,25 @@ class SlotLinear:
         if shrunk is None:
             return out
         width = shrunk.shape[-1]
-        flat = torch.addmm(
-            out.reshape(-1, self.out_features).to(shrunk.dtype),
-            shrunk.reshape(-1, width),
-            self.lora_b[:width],
-        )
-        return flat.view(out.shape).to(out.dtype)
+        rows = _leading_rows(self.lora_b, width, self.row_views)
+        flat = out.reshape(-1, self.out_features)
+        if flat.dtype != rows.dtype:
+            return (flat.to(rows.dtype) + shrunk.reshape(-1, width) @ rows).to(out.dtype).view(out.shape)
+        return torch.addmm(flat, shrunk.reshape(-1, width), rows).view(out.shape)
 
     def slot_views(self, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Slot ``slot``'s LoRA rows: (max rank × in) and (max rank × out) strided views."""
         shrink = self.shrink
         b_rows = self.lora_b.view(shrink.max_rank, shrink.num_slots, shrink.members, -1)[:, slot, self.member]
         return shrink.slot_view(slot, self.member), b_rows
+
+
+def _leading_rows(table: torch.Tensor, count: int, cache: dict[int, torch.Tensor]) -> torch.Tensor:
+    """``table[:count]``, kept so a forward does not re-slice (the tables are never reallocated)."""
+    rows = cache.get(count)
+    if rows is None:
+        rows = cache[count] = table[:count]
+    return rows
 
 
 class SlottedDecoder:

@@ -57,7 +57,7 @@ def peft_config(
 def write_random_adapter(model: nn.Module, config: PeftConfig, folder: Path, seed: int) -> Path:
     """Wrap ``model`` with ``config``, give every adapter tensor seeded random values, save, unwrap.
 
-    LoRA and IA3 layers are removed again (``unload``), so ``model`` can be reused afterwards.
+    LoRA and IA3 layers are removed again, so ``model`` can be reused afterwards.
     """
     torch.manual_seed(seed)
     peft_model = get_peft_model(model, config)
@@ -75,6 +75,18 @@ def write_random_adapter(model: nn.Module, config: PeftConfig, folder: Path, see
                 param.copy_(noise)
     with atomic_dir(Path(folder)) as tmp:
         peft_model.save_pretrained(tmp)
-    if not config.is_prompt_learning:
-        peft_model.unload()
+    strip_peft_layers(model)
     return Path(folder)
+
+
+def strip_peft_layers(model: nn.Module) -> None:
+    """Put every module PEFT wrapped back in its place.
+
+    PEFT's own ``unload()`` refuses IA3 on 4-bit bases ("cannot merge"), though nothing needs merging.
+    """
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for name, module in list(model.named_modules()):
+        if isinstance(module, BaseTunerLayer):
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, module.get_base_layer())
