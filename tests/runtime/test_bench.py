@@ -29,7 +29,7 @@ def test_bench_serve_prints_json_with_all_metrics(tiny_llama, quantization: str)
     args = (
         f"--device cpu --adapters 6 --batch 3 --prompt-len 16 --new-tokens 4 --quantize {quantization} --json"
     )
-    outcome = CliRunner().invoke(bench_serve, args.split())
+    outcome = CliRunner().invoke(bench_serve, [*args.split(), "--json"])
     assert outcome.exit_code == 0, outcome.output
     result = json.loads(outcome.stdout)
     assert all(result[key] > 0 for key in KEYS)
