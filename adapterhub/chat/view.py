@@ -23,6 +23,7 @@ from adapterhub.chat.backends import AdapterEntry, Backend, ChatRequest, Delta, 
 from adapterhub.errors import UserError
 
 REFRESH_S = 0.05  # redraw at most this often while tokens stream in
+PANEL_WIDTH = 40  # the narrowest /compare panel: more adapters than fit wrap onto further rows
 
 
 @dataclass
@@ -128,7 +129,9 @@ class ChatView:
             with Live(
                 console=self.console, auto_refresh=False, vertical_overflow="visible", transient=False
             ) as live:
-                yield lambda final=False: live.update(render(replies, side_by_side, final), refresh=True)
+                yield lambda final=False: live.update(
+                    render(replies, side_by_side, final, self.panels_per_row()), refresh=True
+                )
         elif side_by_side:
             yield self._panels_when_final(replies)
         else:
@@ -137,7 +140,7 @@ class ChatView:
     def _panels_when_final(self, replies: list[Reply]) -> Callable[..., None]:
         def draw(final: bool = False) -> None:
             if final:
-                self.console.print(render(replies, side_by_side=True, final=True))
+                self.console.print(render(replies, True, True, self.panels_per_row()))
 
         return draw
 
@@ -154,6 +157,9 @@ class ChatView:
 
         return write
 
+    def panels_per_row(self) -> int:
+        return max(1, self.console.width // PANEL_WIDTH)
+
     def status(self, reply: Reply) -> None:
         self.console.print(Text(reply.status(), style="dim"))
 
@@ -167,7 +173,9 @@ class ChatView:
         self.console.print(renderable)
 
 
-def render(replies: list[Reply], side_by_side: bool, final: bool) -> RenderableType:
+def render(replies: list[Reply], side_by_side: bool, final: bool, per_row: int = 1) -> RenderableType:
+    """The reply as text while it streams and as Markdown once final; ``/compare`` as rows of panels."""
+
     def body(reply: Reply) -> RenderableType:
         if reply.error is not None:
             # A lone reply's error is raised to the caller, which prints it once.
@@ -176,17 +184,19 @@ def render(replies: list[Reply], side_by_side: bool, final: bool) -> RenderableT
 
     if not side_by_side:
         return body(replies[0])
-    grid = Table.grid(expand=True, padding=(0, 1))
-    for _ in replies:
-        grid.add_column(ratio=1)
-    grid.add_row(
-        *(
-            Panel(
-                body(reply),
-                title=f"{reply.adapter.name} ({reply.adapter.method})",
-                subtitle=reply.speed() if reply.finished else None,
-            )
-            for reply in replies
+    panels: list[RenderableType] = [
+        Panel(
+            body(reply),
+            title=f"{reply.adapter.name} ({reply.adapter.method})",
+            subtitle=reply.speed() if reply.finished else None,
         )
-    )
+        for reply in replies
+    ]
+    columns = min(per_row, len(panels))
+    grid = Table.grid(expand=True, padding=(0, 1))
+    for _ in range(columns):
+        grid.add_column(ratio=1)
+    for start in range(0, len(panels), columns):
+        row = panels[start : start + columns]
+        grid.add_row(*row, *[""] * (columns - len(row)))
     return grid
