@@ -48,7 +48,6 @@ def _tiny_base(tmp_path: Path, model_type: str) -> Path:
     return folder
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("model_type", ["mistral", "qwen2", "qwen3"])
 def test_mixed_batch_matches_peft_on_each_architecture(tmp_path: Path, model_type: str) -> None:
     base = _tiny_base(tmp_path, model_type)

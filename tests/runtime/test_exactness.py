@@ -59,7 +59,6 @@ def test_one_batch_mixing_all_five_families_and_base_matches_peft(adapter_dirs: 
     assert engine.stats()["adapter_loads"] == len(ADAPTERS)
 
 
-@pytest.mark.slow
 # LLM.int8 picks its fp16 outlier columns across every token of a batch, so int8 logits depend on
 # the batch companions (measured ~2e-3 here); tokens must still match.
 @pytest.mark.parametrize(("quantization", "tolerance"), [("nf4", LOGIT_TOLERANCE), ("int8", 1e-2)])

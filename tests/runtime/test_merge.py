@@ -72,7 +72,6 @@ def test_merge_waits_for_running_requests(adapter_dirs: dict[str, Path]) -> None
         engine.stop()
 
 
-@pytest.mark.slow
 def test_nf4_merge_uses_a_dequantized_copy_with_small_measured_error(adapter_dirs: dict[str, Path]) -> None:
     engine = make_engine(adapter_dirs, quantization="nf4")
     packed = _snapshot(engine)
