@@ -66,6 +66,10 @@ class _Request:
         self.rope_next = 0  # rotary position of the next token
         self.token_ids: list[int] = []
         self.text = ""  # streamed so far
+        # Incremental detokenization: text of token_ids[:read_offset] is settled in ``decoded``;
+        # decoding from prefix_offset keeps the context a tokenizer needs (e.g. leading spaces).
+        self.decoded = ""
+        self.prefix_offset = self.read_offset = 0
         self.finish_reason: str | None = None
         self.cancelled = False
         self._done = threading.Event()
@@ -120,7 +124,7 @@ class _Request:
                 self.text = decode(self.token_ids)
                 self.finish(finished)
             return finished is not None
-        full = decode(self.token_ids)
+        full = self._decoded_so_far(decode)
         stop_at = _first_stop(full, self.params.stop, len(self.text))
         if stop_at is not None:
             full, finished = full[:stop_at], "stop"
@@ -134,6 +138,17 @@ class _Request:
         if finished is not None:
             self.finish(finished)
         return finished is not None
+
+    def _decoded_so_far(self, decode: Callable[[list[int]], str]) -> str:
+        """All generated text, decoding only the last few tokens (O(1) per token, not O(length))."""
+        ids = self.token_ids
+        settled = decode(ids[self.prefix_offset : self.read_offset])
+        tail = decode(ids[self.prefix_offset :])[len(settled) :]
+        if tail and not tail.endswith("\ufffd"):
+            self.decoded += tail
+            self.prefix_offset, self.read_offset = self.read_offset, len(ids)
+            return self.decoded
+        return self.decoded + tail
 
 
 def _first_stop(text: str, stops: tuple[str, ...], streamed: int) -> int | None:

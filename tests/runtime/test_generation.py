@@ -157,3 +157,19 @@ def test_generation_stops_at_the_context_limit(adapter_dirs: dict[str, Path]) ->
     result = engine.generate(greedy(prompt_ids, "prefix", max_tokens=100))
     assert result.finish_reason == "length"
     assert len(prompt_ids) + 3 + result.completion_tokens == 48 + 1
+
+
+def test_streamed_text_of_multibyte_characters_is_whole_and_adds_up(engine: Engine) -> None:
+    """Byte-level tokens split characters; no delta may carry a half character (U+FFFD)."""
+    text = "héllo wörld ✓ 日本語 🙂 done"
+    ids = engine.tokenizer(text, add_special_tokens=False)["input_ids"]
+    deltas: list[str] = []
+    handle = engine.submit(
+        greedy([5], max_tokens=len(ids), on_token=lambda token, delta: deltas.append(delta))
+    )
+    for token in ids:
+        handle.accept(token, engine.tokenizer.decode, eos_ids=set(), room=len(ids) + 1)
+    handle.cancel()
+    assert handle.result().text == text == "".join(deltas)
+    assert not any("\ufffd" in delta for delta in deltas)
+    assert len(deltas) == len(ids) > len(text.split())
