@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import threading
 import time
+import warnings
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ from adapterhub.runtime.model import Batch, SlottedDecoder, check_architecture
 from adapterhub.runtime.slots import RegisteredAdapter, SlotPool
 
 DEFAULT_MAX_CONTEXT = 4096
+CUDAGraph = torch.cuda.CUDAGraph
 
 
 @dataclass
@@ -46,6 +48,9 @@ class EngineConfig:
     max_queue: int = 256
     max_context: int | None = None  # prompt + virtual tokens + generation; default: the base's, up to 4096
     max_virtual_tokens: int = 64  # prompt/P-tuning/prefix slot capacity
+    # Decode with bucketed static shapes (rows and KV length rounded up to powers of two), replayed
+    # as CUDA graphs on CUDA. "auto": on for CUDA, off (dynamic shapes) on CPU.
+    static_decode: str = "auto"
 
 
 class _Request:
@@ -234,6 +239,14 @@ class Engine:
         self._merged: RegisteredAdapter | None = None
         self._merge_saved: dict | None = None
         self._last_batch_size = 0
+        if config.static_decode not in ("auto", "on", "off"):
+            raise UserError(f"static_decode '{config.static_decode}': use auto, on or off")
+        on_cuda = self.device.startswith("cuda")
+        self.static_decode = config.static_decode == "on" or (config.static_decode == "auto" and on_cuda)
+        self.cuda_graphs = self.static_decode and on_cuda
+        self._graphs: dict[tuple, tuple[CUDAGraph, torch.Tensor] | None] = {}
+        self._graph_pool = torch.cuda.graph_pool_handle() if self.cuda_graphs else None
+        self._static_inputs = torch.zeros(4, config.max_batch_size, dtype=torch.long, device=self.device)
         self._row_ids = torch.arange(config.max_batch_size, device=self.device)
         self._zeros = torch.zeros(config.max_batch_size, dtype=torch.long, device=self.device)
         self._sampler = torch.Generator(device=self.device)
@@ -599,6 +612,11 @@ class Engine:
                 column[request.row] = value
             request.cache_len += 1
             request.rope_next += 1
+        if self.static_decode:
+            logits = self._static_step(columns, span)
+            self._last_batch_size = len(running)
+            self._advance(running, logits[[r.row for r in running]])
+            return
         tokens, cache_pos, rope_pos, slots = torch.tensor(columns, device=self.device).unbind(0)
         batch = Batch(
             rows=slice(0, span),
@@ -614,6 +632,74 @@ class Engine:
         logits = self.decoder.forward(embeds, batch, self._zeros[:span])
         self._last_batch_size = len(running)
         self._advance(running, logits[[r.row for r in running]])
+
+    def _static_step(self, columns: list[list[int]], span: int) -> torch.Tensor:
+        """One decode step with bucketed shapes: rows and KV length rounded up to powers of two, LoRA
+        width of the widest resident rank. On CUDA each shape is captured once as a CUDA graph and
+        replayed; a capture that fails or disagrees with eager execution turns graphs off."""
+        rows = _bucket(span, 8, self.config.max_batch_size)
+        kv_len = _bucket(max(columns[1]) + 1, 64, self.max_context)
+        for column in columns:
+            column.extend([0] * (rows - span))
+        self._static_inputs[:, :rows].copy_(torch.tensor(columns), non_blocking=True)
+        lora_rank = max(self.decoder.slot_rank)
+        any_ia3 = any(c.ia3 for c in self.decoder.slot_contents)
+        key = (rows, kv_len, lora_rank, any_ia3, self.decoder.layout_version)
+        inputs = self._static_inputs[:, :rows]
+        batch = Batch(
+            rows=slice(0, rows),
+            row_index=self._row_ids[:rows].unsqueeze(1),
+            cache_pos=inputs[1].unsqueeze(1),
+            rope_pos=inputs[2].unsqueeze(1),
+            kv_len=kv_len,
+            slots=inputs[3],
+            lora_rank=lora_rank,
+            any_ia3=any_ia3,
+        )
+
+        def step() -> torch.Tensor:
+            embeds = self.decoder.embed(inputs[0].unsqueeze(1), None)
+            return self.decoder.forward(embeds, batch, self._zeros[:rows])
+
+        if not self.cuda_graphs:
+            return step()
+        if key not in self._graphs:
+            self._graphs[key] = self._capture(step)
+        captured = self._graphs[key]
+        if captured is None:
+            return step()
+        graph, output = captured
+        graph.replay()
+        return output
+
+    def _capture(self, step: Callable[[], torch.Tensor]) -> tuple[CUDAGraph, torch.Tensor] | None:
+        """Capture one decode step; re-running a step rewrites the same KV entries, so checking the
+        replay against eager execution on the same inputs is harmless."""
+        try:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                step()
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._graph_pool):
+                output = step()
+            graph.replay()
+            replayed = output.clone()
+            eager = step()
+            agree = torch.equal(replayed.argmax(-1), eager.argmax(-1)) and torch.allclose(
+                replayed, eager, atol=1e-2, rtol=1e-2
+            )
+            if not agree:
+                raise RuntimeError("replayed logits differ from eager ones")
+        except Exception as err:  # any capture problem: keep serving without graphs
+            warnings.warn(
+                f"CUDA graphs off, decoding eagerly: {str(err).splitlines()[0][:160]}", stacklevel=2
+            )
+            self.cuda_graphs = False
+            self._graphs.clear()
+            return None
+        return graph, output
 
     def _virtual_count(self, request: _Request) -> int:
         native = request.adapter.native if request.slot else None
@@ -640,6 +726,11 @@ class Engine:
     def _decode_text(self, token_ids: list[int]) -> str:
         with self._tokenizer_lock:
             return self.tokenizer.decode(token_ids, skip_special_tokens=True)
+
+
+def _bucket(size: int, smallest: int, largest: int) -> int:
+    """``size`` rounded up to a power of two (at least ``smallest``), but never above ``largest``."""
+    return min(largest, max(smallest, 1 << (size - 1).bit_length()))
 
 
 def _sample(logits: torch.Tensor, requests: list[_Request], shared: torch.Generator) -> list[int]:

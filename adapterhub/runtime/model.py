@@ -266,6 +266,7 @@ class SlottedDecoder:
         )
         self.slot_rank = [0] * num_slots
         self.slot_contents = [SlotContents() for _ in range(num_slots)]
+        self.layout_version = 0  # bumped when a projection starts using IA3
 
     @staticmethod
     def _parent(layer: nn.Module, projection: str) -> nn.Module:
@@ -299,6 +300,8 @@ class SlottedDecoder:
             target = self.projections[layer][proj]
             destinations.append((target.ia3_in if on_input else target.ia3_out)[slot])
             sources.append(vector)
+            if not (target.uses_ia3_in if on_input else target.uses_ia3_out):
+                self.layout_version += 1  # a captured decode graph no longer covers this projection
             target.uses_ia3_in |= on_input
             target.uses_ia3_out |= not on_input
         if adapter.virtual_tokens is not None:

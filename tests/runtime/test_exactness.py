@@ -53,8 +53,12 @@ def _check_mixed_batch(
         assert torch.allclose(row_logits, want_logits, atol=tolerance, rtol=0), (name, prompt)
 
 
-def test_one_batch_mixing_all_five_families_and_base_matches_peft(adapter_dirs: dict[str, Path]) -> None:
-    engine = make_engine(adapter_dirs)
+# static_decode "on" runs the bucketed static shapes that CUDA graphs capture, eagerly on the CPU.
+@pytest.mark.parametrize("static_decode", ["off", "on"])
+def test_one_batch_mixing_all_five_families_and_base_matches_peft(
+    adapter_dirs: dict[str, Path], static_decode: str
+) -> None:
+    engine = make_engine(adapter_dirs, static_decode=static_decode)
     _check_mixed_batch(engine, adapter_dirs, "none")
     assert engine.stats()["adapter_loads"] == len(ADAPTERS)
 

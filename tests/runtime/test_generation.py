@@ -88,8 +88,11 @@ def test_cancel_leaves_the_batch_and_others_are_unaffected(engine: Engine) -> No
     assert other.token_ids == want
 
 
-def test_requests_join_and_leave_between_decode_steps(adapter_dirs: dict[str, Path]) -> None:
-    engine = make_engine(adapter_dirs)
+@pytest.mark.parametrize("static_decode", ["off", "on"])
+def test_requests_join_and_leave_between_decode_steps(
+    adapter_dirs: dict[str, Path], static_decode: str
+) -> None:
+    engine = make_engine(adapter_dirs, static_decode=static_decode)
     want = {name: engine.generate(greedy(PROMPTS[0], name, max_tokens=12)).token_ids for name in ADAPTERS}
     joined = threading.Event()
     late: dict[str, object] = {}

@@ -22,8 +22,11 @@ def _slot_tensors(engine: Engine) -> list:
     return tables
 
 
-def test_lru_eviction_to_the_cpu_tier_keeps_every_row_exact(adapter_dirs: dict[str, Path]) -> None:
-    engine = make_engine(adapter_dirs, max_adapters=2)
+@pytest.mark.parametrize("static_decode", ["off", "on"])
+def test_lru_eviction_to_the_cpu_tier_keeps_every_row_exact(
+    adapter_dirs: dict[str, Path], static_decode: str
+) -> None:
+    engine = make_engine(adapter_dirs, max_adapters=2, static_decode=static_decode)
     module_types = [type(module) for module in engine.model.modules()]
     pointers = [tensor.data_ptr() for tensor in _slot_tensors(engine)]
     rows = [(name, prompt) for prompt in PROMPTS[:2] for name in ADAPTERS]
