@@ -11,7 +11,7 @@ import json
 import queue
 import socket
 import threading
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 import httpx
@@ -117,18 +117,16 @@ class LocalBackend:
 
     def start(self, request: ChatRequest, slot: int, events: queue.Queue[Event]) -> Generation:
         prompt = chat_prompt(self.engine.tokenizer, request.messages)
-        room = self.engine.max_context - len(self.engine.tokenizer(prompt).input_ids)
-        if room < 1:
-            raise UserError(
-                f"the conversation fills the model's context of {self.engine.max_context} tokens: "
-                "/undo or /reset to shorten it"
-            )
-        params = replace(request.params, max_tokens=min(request.params.max_tokens, room))
-        handle = self.engine.submit(
-            GenerationRequest(
-                prompt, request.adapter, params, on_token=lambda _id, text: events.put(Delta(slot, text))
-            )
-        )
+
+        def on_token(_token_id: int, text: str) -> None:
+            events.put(Delta(slot, text))
+
+        try:
+            handle = self.engine.submit(GenerationRequest(prompt, request.adapter, request.params, on_token))
+        except RequestError as err:
+            if err.code != "prompt_too_long":
+                raise
+            raise UserError(f"the conversation no longer fits: {err}; /undo or /reset to shorten it") from err
         threading.Thread(target=_wait_for, args=(handle, slot, events), daemon=True).start()
         return handle
 

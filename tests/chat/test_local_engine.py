@@ -1,4 +1,4 @@
-"""Ctrl-C during a local reply: the Engine request is cancelled and the streamed part is kept.
+"""The local backend in-process over the real Engine: Ctrl-C, and a conversation outgrowing the context.
 
 The interrupt is delivered exactly where a user's Ctrl-C lands (while the view draws the first
 text), and the engine thread is held on that token until the view has cancelled, so it is exact.
@@ -17,6 +17,7 @@ from rich.console import Console
 from adapterhub.chat.backends import ChatRequest, Delta, Event, Generation, LocalBackend
 from adapterhub.chat.session import ChatSession
 from adapterhub.chat.view import ChatView
+from adapterhub.errors import UserError
 from adapterhub.runtime.api import SamplingParams
 
 
@@ -96,3 +97,14 @@ def test_ctrl_c_cancels_the_engine_request_and_keeps_the_streamed_text(engine) -
     # The engine is free again: the next question is answered in full.
     screen.interrupted, backend.hold = True, False
     assert session.ask("thank you").finish_reason == "length"
+
+
+def test_a_conversation_longer_than_the_context_asks_for_undo(engine) -> None:
+    session = ChatSession(LocalBackend(engine), ChatView(Console(file=io.StringIO())))
+    with pytest.raises(
+        UserError, match=r"the conversation no longer fits: .*; /undo or /reset to shorten it"
+    ):
+        session.ask("hello " * engine.max_context)
+    session.undo()
+    assert session.messages == []
+    assert session.ask("hello").finish_reason in ("stop", "length")
