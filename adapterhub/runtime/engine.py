@@ -593,7 +593,7 @@ class Engine:
             kv_len=min(max(c[-1] for c in cache_pos) + 1, self.max_context),
             slots=torch.tensor([r.slot for r in requests], device=device),
             lora_rank=self._lora_rank(requests),
-            any_ia3=any(r.slot and r.adapter.native.ia3 for r in requests),
+            any_ia3=self._any_ia3(requests),
             prefix_write=tuple(torch.tensor(c, device=device) for c in prefix) if prefix[0] else None,
         )
         virtual_index = tuple(torch.tensor(c, device=device) for c in virtual) if virtual[0] else None
@@ -613,7 +613,7 @@ class Engine:
             request.cache_len += 1
             request.rope_next += 1
         if self.static_decode:
-            logits = self._static_step(columns, span)
+            logits = self._static_step(columns, span, running)
             self._last_batch_size = len(running)
             self._advance(running, logits[[r.row for r in running]])
             return
@@ -626,24 +626,24 @@ class Engine:
             kv_len=max(columns[1]) + 1,
             slots=slots,
             lora_rank=self._lora_rank(running),
-            any_ia3=any(r.slot and r.adapter.native.ia3 for r in running),
+            any_ia3=self._any_ia3(running),
         )
         embeds = self.decoder.embed(tokens.unsqueeze(1), None)
         logits = self.decoder.forward(embeds, batch, self._zeros[:span])
         self._last_batch_size = len(running)
         self._advance(running, logits[[r.row for r in running]])
 
-    def _static_step(self, columns: list[list[int]], span: int) -> torch.Tensor:
-        """One decode step with bucketed shapes: rows and KV length rounded up to powers of two, LoRA
-        width of the widest resident rank. On CUDA each shape is captured once as a CUDA graph and
-        replayed; a capture that fails or disagrees with eager execution turns graphs off."""
+    def _static_step(self, columns: list[list[int]], span: int, running: list[_Request]) -> torch.Tensor:
+        """One decode step with bucketed shapes: rows and KV length rounded up to powers of two. On
+        CUDA each shape (and LoRA width / IA3 use) is captured once as a CUDA graph and replayed; a
+        capture that fails or disagrees with eager execution turns graphs off."""
         rows = _bucket(span, 8, self.config.max_batch_size)
         kv_len = _bucket(max(columns[1]) + 1, 64, self.max_context)
         for column in columns:
             column.extend([0] * (rows - span))
         self._static_inputs[:, :rows].copy_(torch.tensor(columns), non_blocking=True)
-        lora_rank = max(self.decoder.slot_rank)
-        any_ia3 = any(c.ia3 for c in self.decoder.slot_contents)
+        lora_rank = self._lora_rank(running)
+        any_ia3 = self._any_ia3(running)
         key = (rows, kv_len, lora_rank, any_ia3, self.decoder.layout_version)
         inputs = self._static_inputs[:, :rows]
         batch = Batch(
@@ -706,6 +706,10 @@ class Engine:
         return (
             native.virtual_tokens.shape[0] if native is not None and native.virtual_tokens is not None else 0
         )
+
+    @staticmethod
+    def _any_ia3(requests: list[_Request]) -> bool:
+        return any(r.slot and r.adapter.native.ia3 for r in requests)
 
     def _lora_rank(self, requests: list[_Request]) -> int:
         return max((self.decoder.slot_rank[r.slot] for r in requests), default=0)
