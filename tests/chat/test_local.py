@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -43,6 +44,9 @@ def test_compare_prints_one_panel_per_adapter(adapters: dict[str, Path]) -> None
     with chat_terminal("--adapter", str(adapters["lora"]), "--max-tokens", "6") as chat:
         chat.prompt("lora")
         chat.say(f"/adapter {adapters['ia3']}", r"adapter: ia3 \(ia3\)")
+        listing = chat.say("/adapters", r"\*\s+│\s+ia3\s+│\s+ia3")
+        assert re.search(r"│\s+lora\s+│\s+lora\s+│", listing)
+        assert re.search(r"│\s+base\s+│\s+base\s+│", listing)
         chat.say("hello", f"ia3 {STATUS}")
         every = chat.say("/compare", r"6 tokens.*\n(?:.*\n)*?.*ia3>")
         two = chat.say("/compare lora", r"6 tokens.*\n(?:.*\n)*?.*ia3>")
@@ -52,8 +56,6 @@ def test_compare_prints_one_panel_per_adapter(adapters: dict[str, Path]) -> None
 
 
 def panel_titles(screen: str) -> set[str]:
-    import re
-
     return set(re.findall(r"╭─+ (\S+ \(\w+\)) ─+╮", screen))
 
 
