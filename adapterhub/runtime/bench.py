@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import click
 import torch
@@ -23,6 +24,7 @@ from adapterhub.runtime.engine import Engine, EngineConfig
 from adapterhub.runtime.random_adapters import peft_config, strip_peft_layers, write_random_adapter
 
 VIRTUAL_TOKENS = 16
+T = TypeVar("T")
 SWAP_REPEATS = 5
 
 
@@ -38,8 +40,8 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _timed(device: str, run: Callable[[], int]) -> tuple[float, int]:
-    """Seconds and tokens of one run (after the device has finished its work)."""
+def _timed(device: str, run: Callable[[], T]) -> tuple[float, T]:
+    """Seconds and result of one run (after the device has finished its work)."""
     _sync(device)
     start = time.perf_counter()
     tokens = run()
@@ -61,63 +63,53 @@ def engine_run(engine: Engine, work: Workload) -> int:
         engine.stop()
 
 
-def peft_run(engine: Engine, folders: dict[str, Path], families: dict[str, str], work: Workload) -> int:
+def hf_generate(model: torch.nn.Module, ids: torch.Tensor, new_tokens: int, **extra) -> tuple[int, float]:
+    """Tokens and seconds of one ``generate`` call, after an untimed one-token warm-up."""
+    kwargs = dict(do_sample=False, pad_token_id=0, attention_mask=torch.ones_like(ids), **extra)
+    with torch.inference_mode():
+        model.generate(input_ids=ids, max_new_tokens=1, **kwargs)
+        seconds, out = _timed(
+            ids.device.type,
+            lambda: model.generate(
+                input_ids=ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kwargs
+            ),
+        )
+    return (out.shape[1] - ids.shape[1]) * ids.shape[0], seconds
+
+
+def peft_run(
+    engine: Engine, folders: dict[str, Path], families: dict[str, str], work: Workload
+) -> tuple[int, float]:
     """Plain PEFT on the engine's own base: all LoRA rows in one ``adapter_names`` batch, other rows
-    grouped per adapter (one PeftModel holds one PEFT type, and only LoRA honours per-row names)."""
+    grouped per adapter (one PeftModel holds one PEFT type, and only LoRA honours per-row names).
+    Only ``generate`` is timed; loading and unloading adapters is not."""
     from peft import PeftModel
 
     model = engine.model
     ids = torch.tensor(work.prompts, device=engine.device)
-    kwargs = dict(
-        max_new_tokens=work.new_tokens, min_new_tokens=work.new_tokens, do_sample=False, pad_token_id=0
-    )
-    tokens = 0
+    tokens, seconds = 0, 0.0
     lora_rows = [i for i, a in enumerate(work.adapters) if a is not None and families[a] == "lora"]
     loras = sorted({work.adapters[i] for i in lora_rows})
     if loras:
         peft_model = PeftModel.from_pretrained(model, str(folders[loras[0]]), adapter_name=loras[0])
         for name in loras[1:]:
             peft_model.load_adapter(str(folders[name]), adapter_name=name)
-        with torch.inference_mode():
-            out = peft_model.generate(
-                input_ids=ids[lora_rows],
-                attention_mask=torch.ones_like(ids[lora_rows]),
-                adapter_names=[work.adapters[i] for i in lora_rows],
-                **kwargs,
-            )
-        tokens += (out.shape[1] - ids.shape[1]) * len(lora_rows)
+        names = [work.adapters[i] for i in lora_rows]
+        done, took = hf_generate(peft_model, ids[lora_rows], work.new_tokens, adapter_names=names)
+        tokens, seconds = tokens + done, seconds + took
         strip_peft_layers(model)
     for name in sorted({a for a in work.adapters if a is not None and families[a] != "lora"}):
         rows = [i for i, a in enumerate(work.adapters) if a == name]
-        peft_model = PeftModel.from_pretrained(model, str(folders[name]))
-        with torch.inference_mode():
-            out = peft_model.generate(
-                input_ids=ids[rows], attention_mask=torch.ones_like(ids[rows]), **kwargs
-            )
-        tokens += (out.shape[1] - ids.shape[1]) * len(rows)
+        done, took = hf_generate(
+            PeftModel.from_pretrained(model, str(folders[name])), ids[rows], work.new_tokens
+        )
+        tokens, seconds = tokens + done, seconds + took
         strip_peft_layers(model)
     base_rows = [i for i, a in enumerate(work.adapters) if a is None]
     if base_rows:
-        with torch.inference_mode():
-            out = model.generate(
-                input_ids=ids[base_rows], attention_mask=torch.ones_like(ids[base_rows]), **kwargs
-            )
-        tokens += (out.shape[1] - ids.shape[1]) * len(base_rows)
-    return tokens
-
-
-def transformers_run(engine: Engine, work: Workload) -> int:
-    ids = torch.tensor(work.prompts, device=engine.device)
-    with torch.inference_mode():
-        out = engine.model.generate(
-            input_ids=ids,
-            attention_mask=torch.ones_like(ids),
-            max_new_tokens=work.new_tokens,
-            min_new_tokens=work.new_tokens,
-            do_sample=False,
-            pad_token_id=0,
-        )
-    return (out.shape[1] - ids.shape[1]) * ids.shape[0]
+        done, took = hf_generate(model, ids[base_rows], work.new_tokens)
+        tokens, seconds = tokens + done, seconds + took
+    return tokens, seconds
 
 
 def load_and_swap_ms(engine: Engine, folder: Path, resident: list[str]) -> tuple[float, float]:
@@ -163,6 +155,7 @@ def run_bench(
     new_tokens: int,
     quantize: str,
     rank: int,
+    static_decode: str,
     progress: Callable[[str], None],
 ) -> dict:
     progress(f"loading {base}")
@@ -176,6 +169,7 @@ def run_bench(
             max_batch_size=batch,
             max_context=prompt_len + VIRTUAL_TOKENS + new_tokens + 1,
             max_virtual_tokens=VIRTUAL_TOKENS,
+            static_decode=static_decode,
         )
     )
     engine.eos_ids = set()  # every phase generates exactly new_tokens per row
@@ -211,10 +205,10 @@ def run_bench(
             results[f"{phase}_prefill_ms"] = 1000 * prefill
             results[f"{phase}_decode_step_ms"] = 1000 * (seconds - prefill) / max(new_tokens - 1, 1)
         progress("transformers generate: base")
-        seconds, tokens = _timed(engine.device, lambda: transformers_run(engine, phases["base"]))
+        tokens, seconds = hf_generate(engine.model, torch.tensor(prompts, device=engine.device), new_tokens)
         results["transformers_base_tok_s"] = tokens / seconds
         progress("plain PEFT: the mixed batch")
-        seconds, tokens = _timed(engine.device, lambda: peft_run(engine, folders, families, phases["mixed"]))
+        tokens, seconds = peft_run(engine, folders, families, phases["mixed"])
         results["peft_tok_s"] = tokens / seconds
         progress("adapter load and swap")
         load_ms, swap_ms = load_and_swap_ms(engine, folders[first_lora], names)
@@ -229,6 +223,8 @@ def run_bench(
         "base": base,
         "dtype": str(engine.dtype).removeprefix("torch."),
         "quantization": engine.quantization,
+        "static_decode": engine.static_decode,
+        "cuda_graphs": engine.cuda_graphs,
         "batch": batch,
         "prompt_len": prompt_len,
         "new_tokens": new_tokens,
@@ -264,6 +260,13 @@ def _versions() -> dict[str, str]:
     "--quantize", type=click.Choice(["auto", "nf4", "int8", "none"]), default="auto", show_default=True
 )
 @click.option("--rank", default=16, show_default=True, help="LoRA rank (all 7 projections)")
+@click.option(
+    "--static-decode",
+    type=click.Choice(["auto", "on", "off"]),
+    default="auto",
+    show_default=True,
+    help="bucketed static decode shapes, as CUDA graphs on CUDA (auto: on for CUDA)",
+)
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
 def bench_serve(**options) -> None:
     """Base vs one adapter vs all five families mixed in one batch, against plain PEFT."""
