@@ -465,6 +465,7 @@ class Engine:
             self._drain()
             self._merge_saved = self.decoder.merge(adapter.native)
             self._merged = adapter
+            self._graphs.clear()  # 4-bit merges swap in dense weights the captured graphs do not use
 
     def unmerge(self) -> None:
         with self._step_lock:
@@ -473,6 +474,7 @@ class Engine:
             self._drain()
             self.decoder.unmerge(self._merge_saved)
             self._merged, self._merge_saved = None, None
+            self._graphs.clear()
 
     def _drain(self) -> None:
         while any(r is not None for r in self._rows):
@@ -682,7 +684,8 @@ class Engine:
                 step()
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._graph_pool):
+            # thread_local: producer threads may touch CUDA (pinned buffers, generators) meanwhile.
+            with torch.cuda.graph(graph, pool=self._graph_pool, capture_error_mode="thread_local"):
                 output = step()
             graph.replay()
             replayed = output.clone()
