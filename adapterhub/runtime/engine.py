@@ -3,7 +3,7 @@
 Follow one token: ``submit`` tokenizes the prompt and queues it; ``_step`` admits queued requests
 into free batch rows (loading their adapters into device slots), prefills them in one forward, and
 then runs one decode forward over every running row; ``_sample`` picks each row's next token;
-``_Request.accept`` streams it, checks EOS, stop strings and limits; finished rows leave the batch
+``RequestHandle.accept`` streams it, checks EOS, stop strings and limits; finished rows leave the batch
 before the next step. The forward itself is ``SlottedDecoder.forward`` in ``model.py``.
 """
 
@@ -53,7 +53,7 @@ class EngineConfig:
     static_decode: str = "auto"
 
 
-class _Request:
+class RequestHandle:
     """A submitted request and its handle: row state while it runs, the result once it is done."""
 
     def __init__(
@@ -227,8 +227,8 @@ class Engine:
         if self.tokenizer.eos_token_id is not None:
             self.eos_ids.add(self.tokenizer.eos_token_id)
         self._adapters: dict[str, RegisteredAdapter] = {}
-        self._waiting: deque[_Request] = deque()
-        self._rows: list[_Request | None] = [None] * config.max_batch_size
+        self._waiting: deque[RequestHandle] = deque()
+        self._rows: list[RequestHandle | None] = [None] * config.max_batch_size
         self._lock = threading.Lock()  # registry, queue, accepting flag
         self._work = threading.Condition(self._lock)
         self._step_lock = threading.RLock()  # one thread runs forwards and touches slots at a time
@@ -323,7 +323,7 @@ class Engine:
 
     # -- requests --------------------------------------------------------------------------------
 
-    def submit(self, request: GenerationRequest) -> _Request:
+    def submit(self, request: GenerationRequest) -> RequestHandle:
         _check_params(request.params)
         if isinstance(request.prompt, str):
             with self._tokenizer_lock:
@@ -353,7 +353,7 @@ class Engine:
                 raise RequestError(
                     f"queue is full ({self.config.max_queue} waiting): retry later", "overloaded"
                 )
-            handle = _Request(request, prompt_ids, adapter)
+            handle = RequestHandle(request, prompt_ids, adapter)
             if request.params.seed is not None and request.params.temperature > 0:
                 handle.generator = torch.Generator(device=self.device).manual_seed(request.params.seed)
             self._waiting.append(handle)
@@ -516,8 +516,8 @@ class Engine:
             self._leave(request)
             request.finish("cancelled")
 
-    def _admit(self, limit: int | None = None) -> list[_Request]:
-        admitted: list[_Request] = []
+    def _admit(self, limit: int | None = None) -> list[RequestHandle]:
+        admitted: list[RequestHandle] = []
         with self._lock:
             free = [row for row, r in enumerate(self._rows) if r is None][:limit]
             while self._waiting and free:
@@ -548,19 +548,19 @@ class Engine:
                 admitted.append(request)
         return admitted
 
-    def _leave(self, request: _Request) -> None:
+    def _leave(self, request: RequestHandle) -> None:
         if self._rows[request.row] is request:
             self._rows[request.row] = None
         if request.adapter is not None and request.slot:
             request.adapter.users -= 1
             self.pool.release_if_removed(request.adapter)
 
-    def _prefill(self, requests: list[_Request]) -> None:
+    def _prefill(self, requests: list[RequestHandle]) -> None:
         logits = self._prefill_logits(requests)
         self._last_batch_size = len(requests)
         self._advance(requests, logits)
 
-    def _prefill_logits(self, requests: list[_Request]) -> torch.Tensor:
+    def _prefill_logits(self, requests: list[RequestHandle]) -> torch.Tensor:
         """One forward over the new rows' prompts: virtual tokens first, prefix K/V copied ahead of them."""
         length = max(len(r.prompt_ids) + self._virtual_count(r) for r in requests)
         token_ids, cache_pos, rope_pos, last = [], [], [], []
@@ -635,7 +635,7 @@ class Engine:
         self._last_batch_size = len(running)
         self._advance(running, logits[[r.row for r in running]])
 
-    def _static_step(self, columns: list[list[int]], span: int, running: list[_Request]) -> torch.Tensor:
+    def _static_step(self, columns: list[list[int]], span: int, running: list[RequestHandle]) -> torch.Tensor:
         """One decode step with bucketed shapes: rows and KV length rounded up to powers of two. On
         CUDA each shape (and LoRA width / IA3 use) is captured once as a CUDA graph and replayed; a
         capture that fails or disagrees with eager execution turns graphs off."""
@@ -704,20 +704,20 @@ class Engine:
             return None
         return graph, output
 
-    def _virtual_count(self, request: _Request) -> int:
+    def _virtual_count(self, request: RequestHandle) -> int:
         native = request.adapter.native if request.slot else None
         return (
             native.virtual_tokens.shape[0] if native is not None and native.virtual_tokens is not None else 0
         )
 
     @staticmethod
-    def _any_ia3(requests: list[_Request]) -> bool:
+    def _any_ia3(requests: list[RequestHandle]) -> bool:
         return any(r.slot and r.adapter.native.ia3 for r in requests)
 
-    def _lora_rank(self, requests: list[_Request]) -> int:
+    def _lora_rank(self, requests: list[RequestHandle]) -> int:
         return max((self.decoder.slot_rank[r.slot] for r in requests), default=0)
 
-    def _advance(self, requests: list[_Request], logits: torch.Tensor) -> None:
+    def _advance(self, requests: list[RequestHandle], logits: torch.Tensor) -> None:
         tokens = _sample(logits, requests, self._sampler)
         for request, token in zip(requests, tokens, strict=True):
             room = self.max_context - request.prompt_end + 1
@@ -740,7 +740,7 @@ def _bucket(size: int, smallest: int, largest: int) -> int:
     return min(largest, max(smallest, 1 << (size - 1).bit_length()))
 
 
-def _sample(logits: torch.Tensor, requests: list[_Request], shared: torch.Generator) -> list[int]:
+def _sample(logits: torch.Tensor, requests: list[RequestHandle], shared: torch.Generator) -> list[int]:
     """Greedy rows take the argmax; sampling rows filter by top-k/top-p and race exponential noise.
 
     Each seeded request draws its noise from its own generator, so its tokens do not depend on
