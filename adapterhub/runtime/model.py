@@ -137,7 +137,8 @@ class SlotLinear:
         self.ia3_in_columns = self.ia3_out_columns = slice(0)
         self.ia3_in = self.ia3_out = torch.empty(0)
         self.uses_ia3_in = self.uses_ia3_out = False
-        self.merged_weight: torch.Tensor | None = None  # a dense merged copy standing in for a 4-bit base
+        # A dense merged (weight, bias) standing in for a 4-bit base while an adapter is merged.
+        self.merged: tuple[torch.Tensor, torch.Tensor | None] | None = None
 
     def bind_ia3(self, table: torch.Tensor, offset: int) -> int:
         """Take this projection's columns of the shared IA3 table; returns the next free column."""
@@ -155,8 +156,9 @@ class SlotLinear:
         """``ia3_rows``: each row's gathered IA3 table row (batch, 1, columns), None without IA3 rows."""
         if ia3_rows is not None and self.uses_ia3_in:
             x = x * ia3_rows[..., self.ia3_in_columns]
-        if self.merged_weight is not None:
-            out = F.linear(x.to(self.merged_weight.dtype), self.merged_weight, self.base.bias)
+        if self.merged is not None:
+            weight, bias = self.merged
+            out = F.linear(x.to(weight.dtype), weight, bias)
         else:
             out = self.base(x)
         if ia3_rows is not None and self.uses_ia3_out:
@@ -343,11 +345,7 @@ class SlottedDecoder:
                 if bias is not None and not on_input:
                     merged_bias = (bias.float() * vector).to(bias.dtype)
             if is_quantized(target.base):
-                if merged_bias is not bias:
-                    raise UserError(
-                        "merge of an IA3 output scale into a biased 4-bit projection is not supported"
-                    )
-                target.merged_weight = weight.to(self.dtype)
+                target.merged = (weight.to(self.dtype), merged_bias)
                 saved[target] = (torch.empty(0), None)
                 continue
             saved[target] = (target.base.weight.data.clone(), None if bias is None else bias.clone())
@@ -358,8 +356,8 @@ class SlottedDecoder:
 
     def unmerge(self, saved: dict[SlotLinear, tuple[torch.Tensor, torch.Tensor | None]]) -> None:
         for target, (weight, bias) in saved.items():
-            if target.merged_weight is not None:
-                target.merged_weight = None
+            if target.merged is not None:
+                target.merged = None
                 continue
             target.base.weight.data.copy_(weight)
             if bias is not None:
