@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from adapterhub.errors import UserError
-from adapterhub.models import ModelSpec, load_model, load_tokenizer, resolve_device
+from adapterhub.models import ModelSpec, load_config, load_model, load_tokenizer, resolve_device
 from adapterhub.runtime.adapters import load_native
 from adapterhub.runtime.api import (
     AdapterInfo,
@@ -194,8 +194,8 @@ class Engine:
         if quantization == "auto":
             quantization = "nf4" if self.device.startswith("cuda") else "none"
         self.quantization = quantization
+        check_architecture(load_config(config.base), config.base)
         self.model = load_model(ModelSpec(config.base, quantization, config.dtype, device=self.device))
-        check_architecture(self.model, config.base)
         self.model.eval()
         self.tokenizer = load_tokenizer(config.base)
         self.base_name = config.base

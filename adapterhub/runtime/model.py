@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import PretrainedConfig
 
 from adapterhub.errors import UserError
 from adapterhub.runtime.adapters import BaseShape, NativeAdapter
@@ -41,9 +42,9 @@ SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
 LORA_GROUPS = (("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",))
 
 
-def check_architecture(model: nn.Module, base_name: str) -> None:
-    model_type = model.config.model_type
-    if model_type not in SUPPORTED_ARCHITECTURES or model.config.is_encoder_decoder:
+def check_architecture(config: PretrainedConfig, base_name: str) -> None:
+    model_type = config.model_type
+    if model_type not in SUPPORTED_ARCHITECTURES or config.is_encoder_decoder:
         raise UserError(
             f"base '{base_name}' is a {model_type} model; the runtime serves Llama-family decoders "
             f"({', '.join(SUPPORTED_ARCHITECTURES)}, SmolLM): choose one of those"
