@@ -13,28 +13,29 @@ from adapterhub.models import ModelSpec, load_model
 from adapterhub.runtime.api import GenerationRequest, SamplingParams
 from adapterhub.runtime.engine import Engine, EngineConfig
 from adapterhub.runtime.random_adapters import peft_config, write_random_adapter
-from adapterhub.tiny import build_tokenizer
+from adapterhub.tiny import build_tokenizer, tiny_config
 
 PROMPT_IDS = [[5, 70, 81, 99, 120, 7], [9, 44]]
+SHAPE_KEYS = (
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "vocab_size",
+    "max_position_embeddings",
+    "pad_token_id",
+    "bos_token_id",
+    "eos_token_id",
+)
 FAMILIES = {"lora": "lora", "ia3": "ia3", "prefix": "prefix_tuning", "prompt": "prompt_tuning"}
 
 
 def _tiny_base(tmp_path: Path, model_type: str) -> Path:
-    config = AutoConfig.for_model(
-        model_type,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        vocab_size=512,
-        max_position_embeddings=256,
-        tie_word_embeddings=False,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
+    # The builtin tiny Llama's shapes, in another architecture.
+    llama = tiny_config("llama").to_dict()
+    shared = {key: llama[key] for key in SHAPE_KEYS}
+    config = AutoConfig.for_model(model_type, head_dim=16, tie_word_embeddings=False, **shared)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config)
     if model_type == "qwen2":  # give the q/k/v biases values that matter
