@@ -145,6 +145,57 @@ def load_and_swap_ms(engine: Engine, folder: Path, resident: list[str]) -> tuple
     return 1000 * statistics.median(loads), 1000 * statistics.median(swaps)
 
 
+def bench_engine(
+    *,
+    base: str,
+    quantize: str,
+    device: str,
+    adapters: int,
+    batch: int,
+    prompt_len: int,
+    new_tokens: int,
+    rank: int = 16,
+    static_decode: str = "auto",
+) -> Engine:
+    """An engine sized for a benchmark: a slot per adapter, context for the prompts plus virtual
+    tokens plus the generation, and EOS ignored so every request generates exactly ``new_tokens``."""
+    engine = Engine(
+        EngineConfig(
+            base=base,
+            quantization=quantize,
+            device=device,
+            max_adapters=adapters,
+            max_lora_rank=rank,
+            max_batch_size=batch,
+            max_context=prompt_len + VIRTUAL_TOKENS + new_tokens + 1,
+            max_virtual_tokens=VIRTUAL_TOKENS,
+            static_decode=static_decode,
+        )
+    )
+    engine.eos_ids = set()
+    return engine
+
+
+def random_prompts(engine: Engine, count: int, length: int, seed: int = 0) -> list[list[int]]:
+    generator = torch.Generator().manual_seed(seed)
+    vocab = engine.model.config.vocab_size
+    return torch.randint(3, vocab, (count, length), generator=generator).tolist()
+
+
+def register_random_adapters(
+    engine: Engine, count: int, folder: Path, rank: int = 16
+) -> tuple[dict[str, Path], dict[str, str]]:
+    """Write ``count`` random adapters (families round-robin over all five) with PEFT under ``folder``
+    and register them; returns name -> folder and name -> family."""
+    families = {f"{FAMILIES[i % len(FAMILIES)]}-{i}": FAMILIES[i % len(FAMILIES)] for i in range(count)}
+    folders = {}
+    for seed, (name, family) in enumerate(families.items(), start=1):
+        config = peft_config(family, rank=rank, num_virtual_tokens=VIRTUAL_TOKENS)
+        folders[name] = write_random_adapter(engine.model, config, folder / name, seed=seed)
+        engine.register(name, str(folders[name]))
+    return folders, families
+
+
 def run_bench(
     *,
     device: str,
@@ -159,32 +210,21 @@ def run_bench(
     progress: Callable[[str], None],
 ) -> dict:
     progress(f"loading {base}")
-    engine = Engine(
-        EngineConfig(
-            base=base,
-            quantization=quantize,
-            device=device,
-            max_adapters=adapters,
-            max_lora_rank=rank,
-            max_batch_size=batch,
-            max_context=prompt_len + VIRTUAL_TOKENS + new_tokens + 1,
-            max_virtual_tokens=VIRTUAL_TOKENS,
-            static_decode=static_decode,
-        )
+    engine = bench_engine(
+        base=base,
+        quantize=quantize,
+        device=device,
+        adapters=adapters,
+        batch=batch,
+        prompt_len=prompt_len,
+        new_tokens=new_tokens,
+        rank=rank,
+        static_decode=static_decode,
     )
-    engine.eos_ids = set()  # every phase generates exactly new_tokens per row
-    families = {f"{FAMILIES[i % len(FAMILIES)]}-{i}": FAMILIES[i % len(FAMILIES)] for i in range(adapters)}
-    generator = torch.Generator().manual_seed(0)
-    vocab = engine.model.config.vocab_size
-    prompts = torch.randint(3, vocab, (batch, prompt_len), generator=generator).tolist()
+    prompts = random_prompts(engine, batch, prompt_len)
     with tempfile.TemporaryDirectory(prefix="adapterhub-bench-") as tmp:
         progress(f"writing {adapters} random adapters with PEFT")
-        folders = {}
-        for seed, (name, family) in enumerate(families.items(), start=1):
-            config = peft_config(family, rank=rank, num_virtual_tokens=VIRTUAL_TOKENS)
-            folders[name] = write_random_adapter(engine.model, config, Path(tmp) / name, seed=seed)
-        for name, folder in folders.items():
-            engine.register(name, str(folder))
+        folders, families = register_random_adapters(engine, adapters, Path(tmp), rank=rank)
         names = list(families)
         first_lora = next(name for name, family in families.items() if family == "lora")
         phases = {
