@@ -176,3 +176,39 @@ def test_streamed_text_of_multibyte_characters_is_whole_and_adds_up(engine: Engi
     assert handle.result().text == text == "".join(deltas)
     assert not any("\ufffd" in delta for delta in deltas)
     assert len(deltas) == len(ids) > len(text.split())
+
+
+def test_top_k_and_top_p_keep_samples_inside_the_allowed_set(engine: Engine) -> None:
+    logits = engine.score([greedy(PROMPTS[1], "ptune")])[0]
+    probs = logits.softmax(-1)
+    top_two = set(probs.topk(2).indices.tolist())
+    nucleus = probs.sort(descending=True)
+    cut = int((nucleus.values.cumsum(0) < 0.5).sum()) + 1
+    within_half = set(nucleus.indices[:cut].tolist())
+    firsts_k = {
+        engine.generate(_sampled(PROMPTS[1], seed=s, adapter="ptune", top_k=2, max_tokens=1)).token_ids[0]
+        for s in range(12)
+    }
+    firsts_p = {
+        engine.generate(_sampled(PROMPTS[1], seed=s, adapter="ptune", top_p=0.5, max_tokens=1)).token_ids[0]
+        for s in range(12)
+    }
+    assert firsts_k <= top_two and len(firsts_k) == 2
+    assert firsts_p <= within_half
+
+
+def test_stop_with_a_grace_period_cancels_what_it_cannot_finish(adapter_dirs: dict[str, Path]) -> None:
+    engine = make_engine(adapter_dirs)
+    started = threading.Event()
+
+    def slow(token: int, delta: str) -> None:
+        started.set()
+        threading.Event().wait(0.05)
+
+    engine.start()
+    handle = engine.submit(greedy(PROMPTS[0], "lora", max_tokens=200, on_token=slow))
+    assert started.wait(timeout=30)
+    engine.stop(grace_s=0.2)
+    result = handle.result(timeout=10)
+    assert result.finish_reason == "cancelled"
+    assert 0 < result.completion_tokens < 200
