@@ -20,7 +20,6 @@ from typing import Any
 
 import click
 import torch
-from datasets import Dataset
 from rich.console import Console
 from rich.table import Table
 from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, default_data_collator
@@ -119,7 +118,7 @@ def bench_recipe(
         trainer = Trainer(
             model=model,
             args=args,
-            train_dataset=Dataset.from_list(train_rows),
+            train_dataset=train_rows,
             data_collator=collator,
             callbacks=[clock],
         )

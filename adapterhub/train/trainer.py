@@ -19,7 +19,6 @@ from typing import Any
 
 import torch
 from accelerate import PartialState
-from datasets import Dataset
 from peft import PeftModel
 from rich.console import Console
 from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
@@ -157,8 +156,8 @@ def train(recipe: Recipe, console: Console | None = None) -> TrainResult:
     trainer = Trainer(
         model=model,
         args=training_arguments(recipe, work_dir, device, has_eval=bool(eval_rows)),
-        train_dataset=Dataset.from_list(train_rows),
-        eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None,
+        train_dataset=train_rows,
+        eval_dataset=eval_rows or None,
         data_collator=collator,
         callbacks=[RichProgress(console)],
     )
