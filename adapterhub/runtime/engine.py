@@ -51,6 +51,8 @@ class EngineConfig:
     # Decode with bucketed static shapes (rows and KV length rounded up to powers of two), replayed
     # as CUDA graphs on CUDA. "auto": on for CUDA, off (dynamic shapes) on CPU.
     static_decode: str = "auto"
+    # An adapter recorded for another base model: a warning by default, an error when strict.
+    strict_base: bool = False
 
 
 class RequestHandle:
@@ -264,6 +266,7 @@ class Engine:
             dtype=self.dtype,
             pin=self.device.startswith("cuda"),
         )
+        self._check_base(folder)
         info = AdapterInfo(
             name=name,
             method=native.method,
@@ -290,6 +293,15 @@ class Engine:
             return Path(resolve(spec))
         except UserError as err:
             raise RequestError(str(err), "unknown_adapter") from err
+
+    def _check_base(self, folder: Path) -> None:
+        from adapterhub.hub.adapter import check_base_model
+        from adapterhub.models import split_random
+
+        try:
+            check_base_model(folder, split_random(self.base_name)[0], strict=self.config.strict_base)
+        except UserError as err:
+            raise RequestError(str(err), "incompatible_adapter") from err
 
     def unregister(self, name: str) -> None:
         with self._lock:

@@ -66,6 +66,11 @@ from adapterhub.server.app import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_QUEUE, DEF
     type=click.FloatRange(min=0),
     help="Seconds in-flight requests get to finish on SIGTERM.",
 )
+@click.option(
+    "--strict-base",
+    is_flag=True,
+    help="Refuse adapters recorded for another base model (default: warn and serve them).",
+)
 def serve(adapters: str, **options) -> None:
     """Serve a base model and many adapters of any PEFT family over the OpenAI API."""
     from adapterhub.server.launch import ServeOptions, parse_adapter_specs, serve

@@ -46,6 +46,7 @@ class ServeOptions:
     max_tokens_cap: int = DEFAULT_MAX_TOKENS_CAP
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     grace_s: float = 30.0
+    strict_base: bool = False
 
 
 def parse_adapter_specs(text: str) -> list[AdapterSpec]:
@@ -117,6 +118,7 @@ def build_engine(options: ServeOptions, console: Console | None = None) -> Engin
                 device=options.device,
                 max_adapters=options.max_adapters,
                 max_queue=options.max_queue,
+                strict_base=options.strict_base,
             )
         )
         for adapter in options.adapters:

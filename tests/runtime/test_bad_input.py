@@ -150,3 +150,36 @@ def test_non_llama_base_is_refused(tiny_mt5: Path) -> None:
 def test_nan_check_is_not_vacuous(adapter_dirs: dict[str, Path]) -> None:
     weights = load_file(adapter_dirs["lora"] / "adapter_model.safetensors")
     assert all(torch.isfinite(t).all() and t.abs().sum() > 0 for t in weights.values())
+
+
+def _recorded_for(folder: Path, base_model: str, tmp_path: Path) -> Path:
+    copy = shutil.copytree(folder, tmp_path / "other-base")
+    config = json.loads((copy / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = base_model
+    (copy / "adapter_config.json").write_text(json.dumps(config))
+    return copy
+
+
+def test_adapter_recorded_for_another_base_warns_then_serves(
+    served, adapter_dirs: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    engine, _ = served
+    folder = _recorded_for(adapter_dirs["lora"], "someone/other-model", tmp_path)
+    engine.register("other", str(folder))
+    try:
+        assert "trained on 'someone/other-model'" in capsys.readouterr().err
+        assert engine.generate(greedy(PROMPTS[0], "other")).completion_tokens > 0
+    finally:
+        engine.unregister("other")
+
+
+def test_strict_base_refuses_an_adapter_recorded_for_another_base(
+    adapter_dirs: dict[str, Path], tmp_path: Path
+) -> None:
+    engine = make_engine({"lora": adapter_dirs["lora"]}, strict_base=True)
+    folder = _recorded_for(adapter_dirs["lora"], "someone/other-model", tmp_path)
+    with pytest.raises(RequestError) as refused:
+        engine.register("other", str(folder))
+    assert refused.value.code == "incompatible_adapter"
+    assert "trained on 'someone/other-model', not 'builtin:tiny-llama'" in str(refused.value)
+    assert engine.generate(greedy(PROMPTS[0], "lora")).completion_tokens > 0
