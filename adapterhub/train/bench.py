@@ -25,6 +25,7 @@ from rich.table import Table
 from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, default_data_collator
 from transformers.trainer_callback import PrinterCallback
 
+from adapterhub.errors import UserError
 from adapterhub.models import is_seq2seq, load_tokenizer
 from adapterhub.recipe import Recipe, load_recipe
 from adapterhub.train.data import Tokenize, load_splits
@@ -54,26 +55,29 @@ class StepClock(TrainerCallback):
         return self.timed_steps / (self.stopped - self.started) if self.timed_steps else 0.0
 
 
-def synthetic_rows(recipe: Recipe, vocab_size: int, count: int, label_tokens: int, seed: int) -> list[dict]:
+def synthetic_rows(
+    length: int, vocab_size: int, count: int, label_tokens: int, *, seq2seq: bool, seed: int
+) -> list[dict]:
+    """Fixed-shape random rows: ``length`` inputs, ``label_tokens`` labels (a causal row's last tokens)."""
+    if label_tokens >= length:
+        raise UserError(f"--label-tokens {label_tokens} must be below data.max_length {length}")
     generator = torch.Generator().manual_seed(seed)
-    length = recipe.data.max_length
-    ids = torch.randint(3, vocab_size, (count, length), generator=generator)
-    labels = torch.randint(3, vocab_size, (count, label_tokens), generator=generator)
+    ids = torch.randint(3, vocab_size, (count, length), generator=generator).tolist()
+    labels = torch.randint(3, vocab_size, (count, label_tokens), generator=generator).tolist()
     rows = []
-    for row_ids, row_labels in zip(ids.tolist(), labels.tolist(), strict=True):
-        if not recipe.data.max_length or label_tokens >= length:
-            raise click.BadParameter("--label-tokens must be below data.max_length")
-        target = row_labels if is_seq2seq_recipe(recipe) else [-100] * (length - label_tokens) + row_labels
-        if not is_seq2seq_recipe(recipe):
-            row_ids = row_ids[: length - label_tokens] + row_labels
-        rows.append({"input_ids": row_ids, "attention_mask": [1] * length, "labels": target})
+    for row_ids, row_labels in zip(ids, labels, strict=True):
+        if seq2seq:
+            rows.append({"input_ids": row_ids, "attention_mask": [1] * length, "labels": row_labels})
+        else:
+            prompt = row_ids[: length - label_tokens]
+            rows.append(
+                {
+                    "input_ids": prompt + row_labels,
+                    "attention_mask": [1] * length,
+                    "labels": [-100] * len(prompt) + row_labels,
+                }
+            )
     return rows
-
-
-def is_seq2seq_recipe(recipe: Recipe) -> bool:
-    from adapterhub.models import load_config
-
-    return is_seq2seq(load_config(recipe.model.name))
 
 
 def bench_recipe(
@@ -90,8 +94,14 @@ def bench_recipe(
     eval_count = eval_batches * (recipe.training.eval_batch_size or batch_size)
     if random:
         vocab = model.get_input_embeddings().num_embeddings
-        train_rows = synthetic_rows(recipe, vocab, (steps + warmup) * batch_size, label_tokens, seed=0)
-        eval_rows = synthetic_rows(recipe, vocab, eval_count, label_tokens, seed=1)
+        shape = {
+            "length": recipe.data.max_length,
+            "vocab_size": vocab,
+            "label_tokens": label_tokens,
+            "seq2seq": seq2seq,
+        }
+        train_rows = synthetic_rows(count=(steps + warmup) * batch_size, seed=0, **shape)
+        eval_rows = synthetic_rows(count=eval_count, seed=1, **shape)
         collator, splits, tokenizer = default_data_collator, None, None
     else:
         tokenizer = load_tokenizer(recipe.model.name)
