@@ -110,13 +110,19 @@ def normalize(rows: list[dict[str, Any]], args: DataArgs, where: str) -> tuple[l
             )
         if fmt == "prompt_completion":
             completion = row["completion"]
-            if args.label_names is not None and isinstance(completion, int):
-                completion = args.label_names[completion]
+            if args.label_names is not None and str(completion).isdigit():  # CSV gives "2", JSON gives 2
+                completion = label_name(args.label_names, int(completion), where, index)
             prompt = args.prompt_template.format(**{**row, "prompt": row["prompt"]})
             out.append({"prompt": str(prompt), "completion": str(completion)})
         else:
             out.append({column: row[column] for column in required})
     return out[: args.max_samples] if args.max_samples else out, fmt
+
+
+def label_name(names: list[str], label: int, where: str, index: int) -> str:
+    if label >= len(names):
+        raise UserError(f"{where}: row {index} has label {label} but data.label_names has {len(names)} names")
+    return names[label]
 
 
 def load_splits(args: DataArgs) -> Splits:

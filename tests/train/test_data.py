@@ -1,0 +1,76 @@
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from adapterhub.errors import UserError
+from adapterhub.recipe import DataArgs
+from adapterhub.train.data import load_splits
+
+ROWS = [{"sentence": f"the food was good {i}", "label": i % 3} for i in range(20)]
+
+
+def write(tmp_path: Path, suffix: str) -> Path:
+    path = tmp_path / f"data{suffix}"
+    if suffix == ".jsonl":
+        path.write_text("".join(json.dumps(row) + "\n" for row in ROWS))
+    elif suffix == ".csv":
+        path.write_text("sentence,label\n" + "".join(f"{r['sentence']},{r['label']}\n" for r in ROWS))
+    else:
+        pq.write_table(pa.Table.from_pylist(ROWS), path)
+    return path
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".csv", ".parquet"])
+def test_files_map_columns_labels_and_template(tmp_path: Path, suffix: str) -> None:
+    args = DataArgs(
+        path=str(write(tmp_path, suffix)),
+        columns={"prompt": "sentence", "completion": "label"},
+        label_names=["negative", "neutral", "positive"],
+        prompt_template="Review: {prompt}\nSentiment:",
+    )
+    splits = load_splits(args)
+    assert splits.labels == ["negative", "neutral", "positive"]
+    assert splits.format == "prompt_completion"
+    assert len(splits.validation) == 2 and len(splits.train) == 18
+    assert all(row["prompt"].startswith("Review: the food") for row in splits.train)
+
+
+def test_validation_carve_out_is_fixed_by_its_seed(tmp_path: Path) -> None:
+    path = str(write(tmp_path, ".jsonl"))
+    args = {"path": path, "columns": {"prompt": "sentence", "completion": "label"}}
+    first = load_splits(DataArgs(**args, split_seed=1)).validation
+    assert first == load_splits(DataArgs(**args, split_seed=1)).validation
+    assert first != load_splits(DataArgs(**args, split_seed=2)).validation
+
+
+def test_explicit_validation_file(tmp_path: Path) -> None:
+    path = str(write(tmp_path, ".jsonl"))
+    splits = load_splits(
+        DataArgs(path=path, validation_path=path, columns={"prompt": "sentence", "completion": "label"})
+    )
+    assert len(splits.train) == len(splits.validation) == 20
+
+
+def test_hub_dataset_offline_is_one_clear_error() -> None:
+    with pytest.raises(UserError, match=r"dataset 'nobody/no-such-dataset' .* could not be loaded"):
+        load_splits(DataArgs(dataset="nobody/no-such-dataset"))
+
+
+def test_unsupported_file_type(tmp_path: Path) -> None:
+    path = tmp_path / "data.txt"
+    path.write_text("hello")
+    with pytest.raises(UserError, match=r"unsupported type '\.txt'"):
+        load_splits(DataArgs(path=str(path)))
+
+
+def test_label_beyond_label_names(tmp_path: Path) -> None:
+    args = DataArgs(
+        path=str(write(tmp_path, ".jsonl")),
+        columns={"prompt": "sentence", "completion": "label"},
+        label_names=["negative", "positive"],
+    )
+    with pytest.raises(UserError, match=r"row 2 has label 2 but data\.label_names has 2 names"):
+        load_splits(args)
