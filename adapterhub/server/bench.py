@@ -20,13 +20,13 @@ import click
 import httpx
 import torch
 
-from adapterhub.runtime.api import FAMILIES, GenerationRequest, SamplingParams
-from adapterhub.runtime.engine import Engine, EngineConfig
-from adapterhub.runtime.random_adapters import peft_config, write_random_adapter
+from adapterhub.runtime.api import GenerationRequest, SamplingParams
+from adapterhub.runtime.bench import bench_engine, random_prompts, register_random_adapters
+from adapterhub.runtime.engine import Engine
 from adapterhub.server.app import create_app
 from adapterhub.server.background import serve_in_background
 
-VIRTUAL_TOKENS = 16
+ADAPTER_RANK = 8
 
 
 def http_request(http: httpx.Client, url: str, body: dict) -> tuple[float, float | None, int]:
@@ -96,42 +96,34 @@ def run_http_bench(
     progress: Callable[[str], None],
 ) -> dict:
     progress(f"loading {base}")
-    engine = Engine(
-        EngineConfig(
-            base=base,
-            quantization=quantize,
-            device=device,
-            max_adapters=adapters,
-            max_batch_size=concurrency,
-            max_context=prompt_len + VIRTUAL_TOKENS + new_tokens + 1,
-            max_virtual_tokens=VIRTUAL_TOKENS,
-        )
+    engine = bench_engine(
+        base=base,
+        quantize=quantize,
+        device=device,
+        adapters=adapters,
+        batch=concurrency,
+        prompt_len=prompt_len,
+        new_tokens=new_tokens,
+        rank=ADAPTER_RANK,
     )
-    engine.eos_ids = set()  # every request generates exactly new_tokens
-    names = [None, *(f"{FAMILIES[i % len(FAMILIES)]}-{i}" for i in range(adapters))]
-    generator = torch.Generator().manual_seed(0)
-    vocab = engine.model.config.vocab_size
-    prompts = torch.randint(3, vocab, (requests, prompt_len), generator=generator).tolist()
-    jobs = [(prompts[i], names[i % len(names)]) for i in range(requests)]
-    bodies = [
-        {
-            "model": name or engine.base_name,
-            "prompt": prompt,
-            "max_tokens": new_tokens,
-            "temperature": 0,
-            "stream": stream,
-            "stream_options": {"include_usage": True} if stream else None,
-        }
-        for prompt, name in jobs
-    ]
+    prompts = random_prompts(engine, requests, prompt_len)
     params = SamplingParams(max_tokens=new_tokens)
     with tempfile.TemporaryDirectory(prefix="adapterhub-bench-http-") as tmp:
         progress(f"writing {adapters} random adapters with PEFT")
-        for seed, name in enumerate(names[1:], start=1):
-            config = peft_config(name.rsplit("-", 1)[0], num_virtual_tokens=VIRTUAL_TOKENS)
-            engine.register(
-                name, str(write_random_adapter(engine.model, config, Path(tmp) / name, seed=seed))
-            )
+        _, families = register_random_adapters(engine, adapters, Path(tmp), rank=ADAPTER_RANK)
+        names = [None, *families]
+        jobs = [(prompts[i], names[i % len(names)]) for i in range(requests)]
+        bodies = [
+            {
+                "model": name or engine.base_name,
+                "prompt": prompt,
+                "max_tokens": new_tokens,
+                "temperature": 0,
+                "stream": stream,
+                "stream_options": {"include_usage": True} if stream else None,
+            }
+            for prompt, name in jobs
+        ]
         engine.start()
         try:
             progress("warming up")
