@@ -7,20 +7,20 @@ from pathlib import Path
 
 import pytest
 
-from .harness import ScriptedEngine
+from .harness import EchoEngine
 
 API_KEY = "sekret"
 
 
 @pytest.fixture
-def scripted(tiny_llama: Path) -> ScriptedEngine:
+def scripted(tiny_llama: Path) -> EchoEngine:
     from transformers import AutoTokenizer
 
-    return ScriptedEngine(AutoTokenizer.from_pretrained(tiny_llama))
+    return EchoEngine(AutoTokenizer.from_pretrained(tiny_llama))
 
 
 @pytest.fixture
-def scripted_url(scripted: ScriptedEngine) -> Iterator[str]:
+def scripted_url(scripted: EchoEngine) -> Iterator[str]:
     """The real server app over the scripted engine, guarded by ``API_KEY``."""
     from adapterhub.server.app import create_app
     from adapterhub.server.background import serve_in_background

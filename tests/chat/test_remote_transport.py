@@ -5,21 +5,24 @@ from __future__ import annotations
 import re
 import socket
 
+from scripted_engine import wait_until
+
 from adapterhub.chat.commands import BY_NAME
 
 from .conftest import API_KEY
-from .harness import ScriptedEngine, chat_terminal, run_piped, wait_until
+from .harness import EchoEngine, chat_terminal, run_piped
 
 
-def test_reply_appears_while_it_streams(scripted: ScriptedEngine, scripted_url: str) -> None:
-    scripted.hold_after = 3
+def test_reply_appears_while_it_streams(scripted: EchoEngine, scripted_url: str) -> None:
+    scripted.hold_after = len(scripted.tokenizer("[lora-a] you said:", add_special_tokens=False).input_ids)
+    scripted.gate.clear()
     with chat_terminal("--url", scripted_url, "--api-key", API_KEY, "--adapter", "lora-a") as chat:
         chat.prompt("lora-a")
         chat.send("tell me **loud** news")
         # The reply is held after three words: they must be on screen before it can finish.
         chat.expect(r"\[lora-a\] you said:")
         assert "tokens" not in chat.transcript.split("tell me **loud** news")[-1]
-        scripted.release.set()
+        scripted.gate.set()
         streamed = chat.expect(r"\*\*loud\*\* news")
         status = chat.expect(r"lora-a \(lora\) · \d+ tokens · [\d.]+ tok/s")
         assert "tell me **loud** news" in streamed
@@ -30,15 +33,17 @@ def test_reply_appears_while_it_streams(scripted: ScriptedEngine, scripted_url: 
         assert chat.close() == 0
 
 
-def test_ctrl_c_stops_the_reply_and_the_session_goes_on(scripted: ScriptedEngine, scripted_url: str) -> None:
-    scripted.hold_after = 2
+def test_ctrl_c_stops_the_reply_and_the_session_goes_on(scripted: EchoEngine, scripted_url: str) -> None:
+    scripted.hold_after = len(scripted.tokenizer("[base] you", add_special_tokens=False).input_ids)
+    scripted.gate.clear()
     with chat_terminal("--url", scripted_url, "--api-key", API_KEY) as chat:
         chat.prompt("base")
         chat.say("hello how are you", r"\[base\] you")
         chat.child.sendintr()
         chat.expect(r"base \(base\) · \d+ tokens · [\d.]+ tok/s · stopped")
-        wait_until(lambda: len(scripted.cancelled) == 1)
-        scripted.hold_after = None
+        wait_until(lambda: scripted.handles[0].done)
+        assert scripted.handles[0].outcome.finish_reason == "cancelled"
+        scripted.gate.set()
         chat.prompt("base")
         chat.say("thank you", r"\[base\] you said: thank you")
         chat.expect(r"base \(base\) · \d+ tokens")

@@ -11,8 +11,9 @@ from pathlib import Path
 
 import httpx
 import pytest
+from scripted_engine import wait_until
 
-from .harness import chat_terminal, read_jsonl, wait_until
+from .harness import chat_terminal, read_jsonl
 from .reference import peft_greedy
 
 KEY = "serve-key"

@@ -1,11 +1,11 @@
-"""Fixtures of the server tests; the harness itself is in server_harness.py."""
+"""Fixtures of the server tests; the scripted engine is in ../scripted_engine.py."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
-from server_harness import ScriptedEngine
+from scripted_engine import ScriptedEngine
 
 
 @pytest.fixture(scope="session")

@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from server_harness import wait_until
+from scripted_engine import wait_until
 from transformers import AutoModelForCausalLM
 
 from adapterhub.runtime.api import GenerationRequest, GenerationResult, SamplingParams

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, settings
-from server_harness import ScriptedEngine
+from scripted_engine import ScriptedEngine
 
 from adapterhub.server.app import create_app
 

@@ -9,7 +9,7 @@ import threading
 import httpx
 import openai
 import pytest
-from server_harness import ScriptedEngine, wait_until
+from scripted_engine import ScriptedEngine, wait_until
 
 from adapterhub.runtime.api import RequestError
 from adapterhub.server.app import create_app

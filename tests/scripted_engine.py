@@ -1,8 +1,10 @@
-"""A scriptable engine for transport-level tests of the server.
+"""A scriptable engine behind the real server app, for transport-level tests of the server and of
+remote chat.
 
 ``ScriptedEngine`` keeps the Engine contract's surface with a real tokenizer but fixed replies and
-a gate, so disconnects, full queues and shutdown can be driven deterministically; everything about
-what a model generates is tested against the real ``Engine`` (test_server_engine.py).
+a gate, so disconnects, full queues, shutdown, streaming and Ctrl-C can be driven deterministically;
+everything about what a model generates is tested against the real ``Engine``
+(server/test_server_engine.py, chat/test_local_engine.py).
 """
 
 from __future__ import annotations
@@ -49,7 +51,8 @@ class ScriptedHandle:
 
 
 class ScriptedEngine:
-    """Replies ``"<adapter or base> <words>..."`` (stop strings ignored); waits while ``gate`` is clear."""
+    """Replies ``"<adapter or base> <words>..."`` (stop strings ignored); from token ``hold_after`` on a
+    reply waits while ``gate`` is clear."""
 
     def __init__(self, tokenizer, base_name: str = "builtin:tiny-llama") -> None:
         self.tokenizer = tokenizer
@@ -58,6 +61,7 @@ class ScriptedEngine:
         self.max_queue = 1000
         self.gate = threading.Event()
         self.gate.set()
+        self.hold_after = 0
         self.adapters: dict[str, AdapterInfo] = {}
         self.handles: list[ScriptedHandle] = []
         self.fail_next: RequestError | None = None
@@ -110,9 +114,10 @@ class ScriptedEngine:
         return handle
 
     def _generate(self, handle: ScriptedHandle, prompt_tokens: int) -> None:
-        text, ids, finish = "", [], "length"
-        for token_id in handle.reply_ids:
-            if not self._wait_for_gate(handle):
+        text, ids = "", []
+        finish = "length" if len(handle.reply_ids) == handle.request.params.max_tokens else "stop"
+        for index, token_id in enumerate(handle.reply_ids):
+            if not self._wait_for_gate(handle, index):
                 finish = "cancelled"
                 break
             if self.fail_next is not None:
@@ -127,9 +132,9 @@ class ScriptedEngine:
         handle.outcome = GenerationResult(text, ids, prompt_tokens, len(ids), finish)
         handle.finished.set()
 
-    def _wait_for_gate(self, handle: ScriptedHandle) -> bool:
+    def _wait_for_gate(self, handle: ScriptedHandle, index: int) -> bool:
         """False once the request is cancelled."""
-        while not self.gate.wait(0.01):
+        while index >= self.hold_after and not self.gate.wait(0.01):
             if handle.cancelled.is_set():
                 return False
         return not handle.cancelled.is_set()
