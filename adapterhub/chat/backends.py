@@ -93,8 +93,8 @@ class LocalBackend:
     def open(cls, base: str | None, adapter: str | None) -> LocalBackend:
         if base is None and adapter is None:
             raise UserError("no model to chat with: pass --base MODEL, --adapter NAME or --url URL")
+        from adapterhub.hub.specs import AdapterSpec, infer_base
         from adapterhub.runtime.engine import Engine, EngineConfig
-        from adapterhub.server.launch import AdapterSpec, infer_base
 
         adapters = [] if adapter is None else [AdapterSpec(adapter, adapter)]
         engine = Engine(EngineConfig(base=infer_base(adapters, base)))
@@ -105,7 +105,7 @@ class LocalBackend:
         return [BASE_ENTRY] + [AdapterEntry(info.name, info.method) for info in self.engine.list()]
 
     def select(self, name: str) -> AdapterEntry:
-        from adapterhub.server.launch import default_name
+        from adapterhub.hub.specs import default_name
 
         if name in (BASE, self.engine.base_name):
             return BASE_ENTRY

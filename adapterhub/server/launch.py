@@ -6,15 +6,14 @@ for the requests in flight (up to the grace period), and only then is the engine
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import signal
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from adapterhub.errors import UserError
+from adapterhub.hub.specs import AdapterSpec, default_name, infer_base
 from adapterhub.server.app import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_QUEUE, DEFAULT_MAX_TOKENS_CAP
 
 if TYPE_CHECKING:
@@ -24,12 +23,6 @@ if TYPE_CHECKING:
 
 ALIAS_PATTERN = re.compile(r"^[^=\s,]+$")
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
-
-
-@dataclass(frozen=True)
-class AdapterSpec:
-    name: str  # what clients put in the ``model`` field
-    spec: str  # a store name, a local PEFT folder or REPO_ID[@REV]
 
 
 @dataclass
@@ -71,35 +64,6 @@ def parse_adapter_specs(text: str) -> list[AdapterSpec]:
             f"adapter name '{repeated[0]}' is given twice: give each one an alias, e.g. NAME2=SPEC"
         )
     return specs
-
-
-def default_name(spec: str) -> str:
-    """A local folder is named after itself; a store name or Hub repo id keeps its name, less ``@REV``."""
-    path = Path(spec).expanduser()
-    if path.is_dir():
-        return path.resolve().name
-    return spec.split("@", 1)[0]
-
-
-def infer_base(adapters: list[AdapterSpec], base: str | None) -> str:
-    """``base`` if given, else the one ``base_model_name_or_path`` all adapters share."""
-    if base:
-        return base
-    if not adapters:
-        raise UserError("nothing to serve: pass --base MODEL and/or --adapters a,b,...")
-    from adapterhub.hub import resolve
-
-    bases = {}
-    for adapter in adapters:
-        config_file = Path(resolve(adapter.spec)) / "adapter_config.json"
-        recorded = json.loads(config_file.read_text()).get("base_model_name_or_path")
-        if not recorded:
-            raise UserError(f"adapter '{adapter.name}' does not record its base model: pass --base MODEL")
-        bases[adapter.name] = recorded
-    if len(set(bases.values())) > 1:
-        listing = ", ".join(f"{name} -> {model}" for name, model in bases.items())
-        raise UserError(f"adapters were trained on different base models ({listing}): pass --base MODEL")
-    return next(iter(bases.values()))
 
 
 def build_engine(options: ServeOptions, console: Console | None = None) -> Engine:

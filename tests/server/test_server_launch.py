@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from adapterhub.errors import UserError
-from adapterhub.server.launch import AdapterSpec, infer_base, parse_adapter_specs
+from adapterhub.hub.specs import AdapterSpec, infer_base
+from adapterhub.server.launch import parse_adapter_specs
 
 
 def adapter_folder(root: Path, name: str, base: str | None) -> Path:
