@@ -60,7 +60,9 @@ def build_peft_model(recipe: Recipe, *, device: str = "auto") -> PeftModel:
     model = load_model(spec)
     if recipe.model.quantization != "none":
         model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=recipe.training.gradient_checkpointing
+            model,
+            use_gradient_checkpointing=recipe.training.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
         )
     elif recipe.training.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
