@@ -61,6 +61,8 @@ def quiet_libraries() -> None:
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", message=".*Position ids are not supported for parameter efficient")
+    # PEFT looks for a config under the base's name to see if embeddings grew; builtin: names have none.
+    warnings.filterwarnings("ignore", message="Could not find a config file in builtin:")
 
 
 def main() -> None:
