@@ -6,8 +6,11 @@ import contextlib
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
+
+ABANDONED_AFTER_S = 3600.0
 
 
 def home() -> Path:
@@ -23,6 +26,7 @@ def atomic_dir(final: Path, *, replace: bool = False) -> Iterator[Path]:
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
+    sweep_abandoned(final)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     try:
         yield tmp
@@ -38,3 +42,15 @@ def atomic_dir(final: Path, *, replace: bool = False) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def sweep_abandoned(final: Path, older_than_s: float = ABANDONED_AFTER_S) -> None:
+    """Remove temp folders that a killed writer of ``final`` left behind (a SIGKILL skips ``finally``).
+
+    Only folders untouched for ``older_than_s`` go, so a writer still at work keeps its own.
+    """
+    cutoff = time.time() - older_than_s
+    for pattern in (f".{final.name}.tmp-*", f".{final.name}.old-*"):
+        for leftover in final.parent.glob(pattern):
+            if leftover.is_dir() and leftover.stat().st_mtime < cutoff:
+                shutil.rmtree(leftover, ignore_errors=True)
