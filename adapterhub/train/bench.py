@@ -31,7 +31,7 @@ from adapterhub.recipe import Recipe, load_recipe
 from adapterhub.train.data import Tokenize, load_splits
 from adapterhub.train.evaluate import generation_accuracy, teacher_forced
 from adapterhub.train.peft_model import build_peft_model, checkpoint_unties_lm_head, count_parameters
-from adapterhub.train.trainer import peak_memory_mib, precision_flags, training_arguments
+from adapterhub.train.trainer import peak_memory_mib, precision_flags, tokenized, training_arguments
 
 BASELINE = {"dtype": "float32", "precision": "fp32", "optim": "adamw_torch"}
 
@@ -107,8 +107,7 @@ def bench_recipe(
         tokenizer = load_tokenizer(recipe.model.name)
         splits = load_splits(recipe.data)
         tokenize = Tokenize(tokenizer, recipe.data, seq2seq=seq2seq)
-        train_rows = [tokenize(row, splits.format) for row in splits.train]
-        eval_rows = [tokenize(row, splits.format) for row in splits.validation[:eval_count]]
+        train_rows, eval_rows = tokenized(splits, tokenize, eval_count)
         collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
 
     clock = StepClock(warmup)

@@ -5,13 +5,12 @@ download here, so the test overrides only the model, the data source and the ste
 """
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from adapterhub.recipe import load_recipe
+from tests.cli_runner import run_cli
 from tests.train.helpers import REPO, quiet_train, write_chat_data, write_seed_style_data
 
 CHAT_RECIPES = sorted(p for p in (REPO / "recipes").glob("*.yaml") if p.name != "quickstart.yaml")
@@ -49,27 +48,26 @@ def test_shipped_recipe_smoke_runs(tmp_path: Path, path: Path, model: str, write
 
 
 def test_bench_train_reports_the_seed_columns(tmp_path: Path) -> None:
-    command = [
-        sys.executable,
-        "-m",
-        "adapterhub",
-        "bench",
-        "train",
-        str(REPO / "recipes/seed/ia3.yaml"),
-        str(REPO / "recipes/seed/prefix_tuning.yaml"),
-        "--random",
-        "--set",
-        "model.name=builtin:tiny-mt5",
-        "--steps",
-        "2",
-        "--warmup",
-        "1",
-        "--eval-batches",
-        "1",
-        "--baseline",
-        "--json",
-    ]
-    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=600)
+    seed = REPO / "recipes" / "seed"
+    result = run_cli(
+        [
+            "bench",
+            "train",
+            str(seed / "ia3.yaml"),
+            str(seed / "prefix_tuning.yaml"),
+            "--random",
+            "--set",
+            "model.name=builtin:tiny-mt5",
+            "--steps",
+            "2",
+            "--warmup",
+            "1",
+            "--eval-batches",
+            "1",
+            "--baseline",
+            "--json",
+        ]
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads(result.stdout)
     assert report["random_weights"] is True
@@ -78,3 +76,24 @@ def test_bench_train_reports_the_seed_columns(tmp_path: Path) -> None:
         assert row["train_it_s"] > 0 and row["eval_it_s"] > 0 and row["baseline_train_it_s"] > 0
         assert row["peak_memory_mib"] > 0 and row["trainable_params"] < row["total_params"]
     assert [row["method"] for row in report["results"]] == ["ia3", "prefix_tuning"]
+
+
+def test_bench_train_on_local_data_reports_accuracy() -> None:
+    result = run_cli(
+        [
+            "bench",
+            "train",
+            "recipes/quickstart.yaml",
+            "--steps",
+            "2",
+            "--warmup",
+            "1",
+            "--eval-batches",
+            "1",
+            "--json",
+        ]
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    (row,) = json.loads(result.stdout)["results"]
+    assert isinstance(row["accuracy"], float) and 0.0 <= row["accuracy"] <= 1.0
+    assert row["trainable_params"] == 32768
