@@ -290,6 +290,31 @@ def run_bench(
     }
 
 
+def engine_options(command: Callable) -> Callable:
+    """The options every engine benchmark shares: which device, base and quantization."""
+    for option in reversed(
+        [
+            click.option(
+                "--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True
+            ),
+            click.option(
+                "--base",
+                default="builtin:tiny-llama",
+                show_default=True,
+                help="builtin:tiny-llama, a folder or random:<hub-id>",
+            ),
+            click.option(
+                "--quantize",
+                type=click.Choice(["auto", "nf4", "int8", "none"]),
+                default="auto",
+                show_default=True,
+            ),
+        ]
+    ):
+        command = option(command)
+    return command
+
+
 def _versions() -> dict[str, str]:
     import peft
     import transformers
@@ -298,20 +323,11 @@ def _versions() -> dict[str, str]:
 
 
 @click.command("serve")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-@click.option(
-    "--base",
-    default="builtin:tiny-llama",
-    show_default=True,
-    help="builtin:tiny-llama, a folder or random:<hub-id>",
-)
+@engine_options
 @click.option("--adapters", default=8, show_default=True, help="adapters, families round-robin over all five")
 @click.option("--batch", default=32, show_default=True)
 @click.option("--prompt-len", default=128, show_default=True)
 @click.option("--new-tokens", default=64, show_default=True)
-@click.option(
-    "--quantize", type=click.Choice(["auto", "nf4", "int8", "none"]), default="auto", show_default=True
-)
 @click.option("--rank", default=16, show_default=True, help="LoRA rank (all 7 projections)")
 @click.option(
     "--static-decode",

@@ -21,7 +21,7 @@ import httpx
 import torch
 
 from adapterhub.runtime.api import GenerationRequest, SamplingParams
-from adapterhub.runtime.bench import bench_engine, random_prompts, register_random_adapters
+from adapterhub.runtime.bench import bench_engine, engine_options, random_prompts, register_random_adapters
 from adapterhub.runtime.engine import Engine
 from adapterhub.server.app import create_app
 from adapterhub.server.background import serve_in_background
@@ -168,16 +168,7 @@ def run_http_bench(
 
 
 @click.command("http")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-@click.option(
-    "--base",
-    default="builtin:tiny-llama",
-    show_default=True,
-    help="builtin:tiny-llama, a folder or random:<hub-id>",
-)
-@click.option(
-    "--quantize", type=click.Choice(["auto", "nf4", "int8", "none"]), default="auto", show_default=True
-)
+@engine_options
 @click.option(
     "--adapters",
     default=5,
