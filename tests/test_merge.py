@@ -32,6 +32,7 @@ from adapterhub.cli import main
 from adapterhub.errors import UserError
 from adapterhub.merge import MergeRequest, merge
 from adapterhub.models import ModelSpec, load_model
+from tests.cli_runner import run_cli
 
 INPUT_IDS = torch.tensor([[1, 5, 9, 33, 100, 200, 7, 300, 45, 2]])
 FP32_BOUND = 1e-5
@@ -477,13 +478,7 @@ def test_merges_hub_adapter_and_pushes_the_model(
         "ADAPTERHUB_HOME": str(tmp_path / "home"),
     }
     command = ["alice/qlora@v1", "--out", str(out), "--push", "alice/qlora-merged", "--json"]
-    result = subprocess.run(
-        [sys.executable, "-m", "adapterhub", "merge", *command],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    result = run_cli(["merge", *command], env=env, cwd=None, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads(result.stdout)
     assert report["base_weights"] == "nf4" and report["adapters"][0]["spec"] == "alice/qlora@v1"

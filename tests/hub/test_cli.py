@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import hub_env, run_cli
+from tests.cli_runner import run_cli
+
+from .conftest import hub_env
 from .fake_hub import FakeHub
 
 REPO_ROOT = Path(__file__).resolve().parents[2]

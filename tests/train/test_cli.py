@@ -1,26 +1,13 @@
 """The train CLI end to end: bad input gets one clear line, a non-zero exit and no traceback."""
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.train.helpers import QUICKSTART_DATA, REPO
-
-
-def run(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    return subprocess.run(
-        [sys.executable, "-m", "adapterhub", *args],
-        capture_output=True,
-        text=True,
-        cwd=cwd,
-        env=env,
-        timeout=600,
-    )
+from tests.cli_runner import run_cli
+from tests.train.helpers import QUICKSTART_DATA
 
 
 def assert_one_line_error(result: subprocess.CompletedProcess, fragment: str) -> None:
@@ -54,7 +41,7 @@ def write_recipe(tmp_path: Path, **extra: str) -> Path:
     ],
 )
 def test_bad_input_is_one_line(tmp_path: Path, overrides: list[str], fragment: str) -> None:
-    result = run("train", str(write_recipe(tmp_path)), *overrides)
+    result = run_cli(["train", str(write_recipe(tmp_path)), *overrides])
     assert_one_line_error(result, fragment)
     assert not (tmp_path / "out").exists()
 
@@ -63,22 +50,22 @@ def test_empty_dataset_missing_columns_and_existing_output(tmp_path: Path) -> No
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
     assert_one_line_error(
-        run("train", str(write_recipe(tmp_path)), f"data.path={empty}"), "the dataset is empty"
+        run_cli(["train", str(write_recipe(tmp_path)), f"data.path={empty}"]), "the dataset is empty"
     )
     odd = tmp_path / "odd.jsonl"
     odd.write_text('{"question": "q", "answer": "a"}\n')
     assert_one_line_error(
-        run("train", str(write_recipe(tmp_path)), f"data.path={odd}"),
+        run_cli(["train", str(write_recipe(tmp_path)), f"data.path={odd}"]),
         "rows need columns prompt+completion, messages or text (found question, answer)",
     )
     (tmp_path / "out").mkdir()
     assert_one_line_error(
-        run("train", str(write_recipe(tmp_path))), "already exists: set training.overwrite=true"
+        run_cli(["train", str(write_recipe(tmp_path))]), "already exists: set training.overwrite=true"
     )
 
 
 def test_train_cli_writes_output_and_json(tmp_path: Path) -> None:
-    result = run("train", str(write_recipe(tmp_path)), "--json")
+    result = run_cli(["train", str(write_recipe(tmp_path)), "--json"])
     assert result.returncode == 0, result.stderr
     metrics = json.loads(result.stdout)
     assert metrics["steps"] == 2 and metrics["method"] == "ia3"
@@ -87,5 +74,5 @@ def test_train_cli_writes_output_and_json(tmp_path: Path) -> None:
 
 
 def test_missing_recipe_and_help() -> None:
-    assert_one_line_error(run("train", "nope.yaml"), "recipe file nope.yaml not found")
-    assert run("--help").returncode == 0
+    assert_one_line_error(run_cli(["train", "nope.yaml"]), "recipe file nope.yaml not found")
+    assert run_cli(["--help"]).returncode == 0

@@ -1,12 +1,11 @@
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from adapterhub.recipe import load_recipe
 from adapterhub.train.peft_model import count_recipe_parameters
+from tests.cli_runner import run_cli
 
 REPO = Path(__file__).resolve().parents[2]
 SEED = REPO / "recipes" / "seed"
@@ -28,13 +27,8 @@ def test_seed_recipes_reproduce_the_seed_table(method: str) -> None:
 
 
 def test_params_cli_json() -> None:
-    out = subprocess.run(
-        [sys.executable, "-m", "adapterhub", "params", str(SEED / "lora.yaml"), "method.r=16", "--json"],
-        capture_output=True,
-        text=True,
-        check=True,
-        cwd=REPO,
-    )
+    out = run_cli(["params", str(SEED / "lora.yaml"), "method.r=16", "--json"])
+    assert out.returncode == 0, out.stderr
     row = json.loads(out.stdout)
     assert row["trainable"] == 2 * SEED_COUNTS["lora"][0]
     assert row["total"] == SEED_COUNTS["lora"][1] + SEED_COUNTS["lora"][0]
