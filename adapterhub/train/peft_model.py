@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
-from transformers import PreTrainedModel
+from transformers import PreTrainedModel, set_seed
 
 from adapterhub import methods
 from adapterhub.methods.base import BuildContext
@@ -53,7 +53,11 @@ def peft_config_for(recipe: Recipe, *, weights_available: bool = True):
 
 
 def build_peft_model(recipe: Recipe, *, device: str = "auto") -> PeftModel:
-    """Load the base as the recipe says, prepare it for k-bit training if quantized, and wrap it."""
+    """Load the base as the recipe says, prepare it for k-bit training if quantized, and wrap it.
+
+    Random weights and the adapter's initial values come from ``training.seed``, so a run repeats.
+    """
+    set_seed(recipe.training.seed)
     spec = ModelSpec(
         recipe.model.name, recipe.model.quantization, recipe.model.dtype, recipe.model.random_init, device
     )

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 from peft import PeftModel
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
 from adapterhub.errors import UserError
@@ -162,3 +163,17 @@ def test_store_name_adds_the_trained_adapter_to_the_store(tmp_path: Path) -> Non
     with pytest.raises(UserError, match="store name 'tiny-ia3' is taken"):
         quiet_train(recipe(tmp_path / "again", METHODS["ia3"], output={"store_name": "tiny-ia3"}))
     assert not (tmp_path / "again" / "out").exists()
+
+
+def test_training_seed_makes_a_run_repeat(tmp_path: Path) -> None:
+    """The adapter's random initial values come from training.seed too, not only the data order."""
+    runs = [
+        quiet_train(
+            recipe(tmp_path / name, METHODS["lora"], training={"max_steps": 4, "generation_eval": False})
+        ).output_dir
+        for name in ("first", "second")
+    ]
+    first, second = (load_file(run / "adapter_model.safetensors") for run in runs)
+    assert first.keys() == second.keys()
+    assert all(torch.equal(first[key], second[key]) for key in first)
+
