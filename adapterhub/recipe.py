@@ -16,6 +16,8 @@ import yaml
 from adapterhub.errors import UserError
 from adapterhub.typecheck import describe, field_hints, matches
 
+CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
+
 
 @dataclass
 class ModelArgs:
@@ -63,6 +65,10 @@ class TrainingArgs:
     gradient_checkpointing: bool = False
     optim: str = "adamw_torch"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    # torch.compile the model: fewer, fused kernels for steps bound by per-op launch overhead.
+    # Batches are then padded to data.max_length (labels to data.max_target_length) so one shape is traced.
+    compile: bool = False
+    compile_mode: CompileMode = "default"
     lr_scheduler: str = "linear"
     warmup_steps: float = 0.0  # whole steps, or a fraction of all steps when below 1
     weight_decay: float = 0.0

@@ -9,11 +9,13 @@ from __future__ import annotations
 import csv
 import json
 import random
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from transformers import PreTrainedTokenizerBase
+import torch
+from transformers import DataCollatorForSeq2Seq, PreTrainedTokenizerBase
 
 from adapterhub.errors import UserError
 from adapterhub.recipe import DataArgs
@@ -21,6 +23,7 @@ from adapterhub.recipe import DataArgs
 FORMAT_COLUMNS = {"prompt_completion": ("prompt", "completion"), "messages": ("messages",), "text": ("text",)}
 MAX_LABELS = 32  # at most this many distinct completions make a dataset "label-style" (accuracy is reported)
 IGNORE = -100
+Collator = Callable[[list[dict[str, Any]]], Mapping[str, torch.Tensor]]
 
 
 @dataclass
@@ -199,3 +202,33 @@ class Tokenize:
         ]
         ids = encoded.input_ids
         return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}
+
+
+@dataclass
+class FixedShapeCollator:
+    """Right-pads every batch to the same lengths, so a compiled training step is traced for one shape."""
+
+    pad_token_id: int
+    input_length: int
+    label_length: int
+
+    def __call__(self, rows: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
+        def padded(key: str, length: int, value: int) -> torch.Tensor:
+            return torch.tensor([row[key][:length] + [value] * (length - len(row[key])) for row in rows])
+
+        return {
+            "input_ids": padded("input_ids", self.input_length, self.pad_token_id),
+            "attention_mask": padded("attention_mask", self.input_length, 0),
+            "labels": padded("labels", self.label_length, IGNORE),
+        }
+
+
+def collator_for(
+    tokenizer: PreTrainedTokenizerBase, args: DataArgs, *, seq2seq: bool, fixed_shape: bool
+) -> Collator:
+    """Pad to the longest row of each batch, or (``fixed_shape``) to the recipe's maximum lengths."""
+    if not fixed_shape:
+        return DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    label_length = args.max_target_length if seq2seq else args.max_length
+    return FixedShapeCollator(pad, args.max_length, label_length)

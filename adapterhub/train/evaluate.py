@@ -7,9 +7,9 @@ import time
 from typing import Any
 
 import torch
-from transformers import DataCollatorForSeq2Seq, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
-from adapterhub.train.data import IGNORE
+from adapterhub.train.data import IGNORE, Collator
 
 
 def batches(items: list, size: int):
@@ -19,7 +19,7 @@ def batches(items: list, size: int):
 
 @torch.no_grad()
 def teacher_forced(
-    model, collator: DataCollatorForSeq2Seq, examples: list[dict], *, seq2seq: bool, batch_size: int
+    model, collator: Collator, examples: list[dict], *, seq2seq: bool, batch_size: int
 ) -> dict[str, float]:
     """Mean loss over label tokens, and the share of rows whose every label token is the argmax."""
     model.eval()

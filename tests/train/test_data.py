@@ -6,8 +6,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from adapterhub.errors import UserError
+from adapterhub.models import load_tokenizer
 from adapterhub.recipe import DataArgs
-from adapterhub.train.data import load_splits
+from adapterhub.train.data import IGNORE, Tokenize, collator_for, load_splits
 
 ROWS = [{"sentence": f"the food was good {i}", "label": i % 3} for i in range(20)]
 
@@ -74,3 +75,23 @@ def test_label_beyond_label_names(tmp_path: Path) -> None:
     )
     with pytest.raises(UserError, match=r"row 2 has label 2 but data\.label_names has 2 names"):
         load_splits(args)
+
+
+@pytest.mark.parametrize("seq2seq", [False, True], ids=["causal", "seq2seq"])
+def test_fixed_shape_batches_pad_to_the_recipe_lengths(tiny_llama: Path, seq2seq: bool) -> None:
+    args = DataArgs(path="unused", max_length=24, max_target_length=5)
+    tokenizer = load_tokenizer("builtin:tiny-llama")
+    tokenize = Tokenize(tokenizer, args, seq2seq=seq2seq)
+    rows = [
+        tokenize({"prompt": p, "completion": c}, "prompt_completion")
+        for p, c in [("hi", "a b"), ("x y z", "c")]
+    ]
+    fixed = collator_for(tokenizer, args, seq2seq=seq2seq, fixed_shape=True)(rows)
+    longest = collator_for(tokenizer, args, seq2seq=seq2seq, fixed_shape=False)(rows)
+
+    assert fixed["input_ids"].shape == (2, 24)
+    assert fixed["labels"].shape == (2, 5 if seq2seq else 24)
+    for key, pad in (("input_ids", tokenizer.pad_token_id), ("attention_mask", 0), ("labels", IGNORE)):
+        width = longest[key].shape[1]
+        assert fixed[key][:, :width].tolist() == longest[key].tolist(), key
+        assert (fixed[key][:, width:] == pad).all(), key

@@ -53,6 +53,12 @@ def test_resolved_recipe_round_trips(tmp_path: Path) -> None:
         ("method: {type: ia3}\n", [], r"missing key 'data.path'"),
         (BASE + "modle: {}\n", [], r"unknown section 'modle'"),
         (BASE, ["model.quantization=nf5"], r"model.quantization: expected one of none, nf4, int8"),
+        (BASE, ["training.compile=yes please"], r"training.compile: expected bool"),
+        (
+            BASE,
+            ["training.compile_mode=fast"],
+            r"training.compile_mode: expected one of default, reduce-overhead",
+        ),
         (BASE, ["training.max_steps"], r"not section.key=value"),
         ("method: [\n", [], r"not valid YAML"),
     ],

@@ -7,10 +7,11 @@ import pytest
 import torch
 from peft import PeftModel
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, Trainer, TrainingArguments
 
 from adapterhub.errors import UserError
 from adapterhub.models import ModelSpec, load_model
+from adapterhub.train.trainer import AdapterTrainer
 from tests.train.helpers import quiet_train, recipe
 
 METHODS = {
@@ -177,3 +178,10 @@ def test_training_seed_makes_a_run_repeat(tmp_path: Path) -> None:
     assert first.keys() == second.keys()
     assert all(torch.equal(first[key], second[key]) for key in first)
 
+
+def test_adapter_trainer_counts_flops_like_trainer(tmp_path: Path, tiny_llama: Path) -> None:
+    model = load_model(ModelSpec("builtin:tiny-llama"))
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[])
+    trainer = AdapterTrainer(model=model, args=args)
+    batch = {"input_ids": torch.ones(3, 7, dtype=torch.long)}
+    assert trainer.floating_point_ops(batch) == Trainer.floating_point_ops(trainer, batch) > 0
