@@ -43,7 +43,7 @@ if [[ $SUITES == *" seed "* || $SUITES == *" cudagraphs "* ]]; then
   # one process each, to fill the inductor cache; the timed runs below then load cached kernels.
   started=$SECONDS
   for recipe in recipes/seed/*.yaml; do
-    timeout 300 python3 -m adapterhub bench train "$recipe" --random "${SEED_MODEL[@]}" \
+    timeout 240 python3 -m adapterhub bench train "$recipe" --random "${SEED_MODEL[@]}" \
       --steps 1 --warmup 1 --eval-batches 1 --json > /dev/null 2>> "$OUT/bench_train_seed_warm.log" &
   done
   wait
