@@ -144,8 +144,6 @@ def bench_data(
 def bench_recipe(
     recipe: Recipe, *, random: bool, steps: int, warmup: int, eval_batches: int, label_tokens: int
 ) -> dict[str, Any]:
-    if random:
-        recipe = replace(recipe, model=replace(recipe.model, random_init=True))
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     model = build_peft_model(recipe)
@@ -234,10 +232,7 @@ def plain_peft_baseline(
     recipe: Recipe, *, random: bool, steps: int, warmup: int, label_tokens: int
 ) -> dict[str, float]:
     """Train/it/s and peak memory of the loop PEFT's examples use: fp32, torch AdamW, no Trainer."""
-    recipe = replace(
-        recipe,
-        model=replace(recipe.model, dtype="float32", random_init=random or recipe.model.random_init),
-    )
+    recipe = replace(recipe, model=replace(recipe.model, dtype="float32"))
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     model = build_peft_model(recipe)
@@ -317,6 +312,8 @@ def bench_train(
     results = []
     for path in recipes:
         recipe = load_recipe(path, overrides)
+        if random_weights:
+            recipe = replace(recipe, model=replace(recipe.model, random_init=True))
         kwargs = {
             "random": random_weights,
             "steps": steps,
