@@ -56,3 +56,23 @@ def test_compiled_training_matches_eager_in_one_graph(
     for name, value in results[True].model.state_dict().items():
         if "lora_" in name or "ia3_" in name or "prompt_encoder" in name:
             torch.testing.assert_close(value, eager_weights[name], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", list(METHODS))
+def test_compiled_training_under_bf16_autocast_learns_in_one_graph(tmp_path: Path, method: str) -> None:
+    """The seed recipes' GPU set-up (bf16 autocast, compiled, mt5 architecture) traces without a break."""
+    torch._dynamo.reset()  # an earlier test's graphs would otherwise be reused and nothing traced here
+    counters.clear()
+    result = quiet_train(
+        recipe(
+            tmp_path,
+            METHODS[method],
+            model={"name": "builtin:tiny-mt5"},
+            data={"max_length": 48, "max_target_length": 4},
+            training={"compile": True, "precision": "bf16", "max_steps": 8, "generation_eval": False},
+        )
+    )
+    assert counters["stats"]["unique_graphs"] >= 1, "the compiled run traced nothing"
+    assert not counters["graph_break"], f"graph breaks: {dict(counters['graph_break'])}"
+    assert result.metrics["eval_loss"] < result.metrics["initial_eval_loss"]
