@@ -13,6 +13,8 @@ from adapterhub.recipe import load_recipe
 from tests.cli_runner import run_cli
 from tests.train.helpers import REPO, quiet_train, write_chat_data, write_seed_style_data
 
+# Two timed steps after one warm-up step, one eval batch: enough to fill every column.
+SHORT_BENCH = ["--steps", "2", "--warmup", "1", "--eval-batches", "1"]
 CHAT_RECIPES = sorted(p for p in (REPO / "recipes").glob("*.yaml") if p.name != "quickstart.yaml")
 SEED_RECIPES = sorted((REPO / "recipes" / "seed").glob("*.yaml"))
 SMOKE = [
@@ -58,12 +60,7 @@ def test_bench_train_reports_the_seed_columns(tmp_path: Path) -> None:
             "--random",
             "--set",
             "model.name=builtin:tiny-mt5",
-            "--steps",
-            "2",
-            "--warmup",
-            "1",
-            "--eval-batches",
-            "1",
+            *SHORT_BENCH,
             "--baseline",
             "--json",
         ]
@@ -84,12 +81,7 @@ def test_bench_train_on_local_data_reports_accuracy() -> None:
             "bench",
             "train",
             "recipes/quickstart.yaml",
-            "--steps",
-            "2",
-            "--warmup",
-            "1",
-            "--eval-batches",
-            "1",
+            *SHORT_BENCH,
             "--json",
         ]
     )
