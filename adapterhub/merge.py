@@ -12,11 +12,10 @@ imports every command module, stays fast.
 
 from __future__ import annotations
 
-import json
 import re
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -28,6 +27,8 @@ from adapterhub.paths import atomic_dir
 if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedModel
+
+    from adapterhub.contract import AdapterFiles
 
 MERGEABLE_METHODS = {"LORA": "lora", "IA3": "ia3"}
 PROMPT_FAMILY = {
@@ -58,6 +59,7 @@ class AdapterSource:
     base_model: str | None
     rank: int | None
     trained_quantization: str | None  # from the training recipe; None when it is not recorded
+    files: AdapterFiles = field(repr=False, compare=False)
 
 
 @dataclass
@@ -149,6 +151,7 @@ def plan_merge(request: MergeRequest) -> MergePlan:
     method = _common_method(adapters)
     combine = _combine_method(request, method, len(adapters))
     base = _choose_base(adapters, request.base)
+    _check_against_base(adapters, base)
     return MergePlan(
         adapters=adapters,
         out=out,
@@ -165,18 +168,12 @@ def plan_merge(request: MergeRequest) -> MergePlan:
 
 
 def read_adapter(spec: str) -> AdapterSource:
-    """Resolve ``spec`` and read its PEFT config; refuse what cannot be folded into weights."""
+    """Resolve ``spec`` and check it by the adapter contract; refuse what cannot be folded into weights."""
+    from adapterhub import contract
     from adapterhub.hub import resolve
 
     path = resolve(spec)
-    config_file = path / "adapter_config.json"
-    try:
-        config = json.loads(config_file.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise UserError(
-            f"adapter '{spec}' has no readable adapter_config.json in {path}: re-save it"
-        ) from err
-    peft_type = str(config.get("peft_type", "")).upper()
+    peft_type = str(contract.files.read_config(path)["peft_type"]).upper()
     if peft_type in PROMPT_FAMILY:
         raise UserError(
             f"adapter '{spec}' is {PROMPT_FAMILY[peft_type]}: it adds virtual tokens or key-values at run "
@@ -187,14 +184,26 @@ def read_adapter(spec: str) -> AdapterSource:
         raise UserError(
             f"adapter '{spec}' has method '{peft_type or '?'}': merge supports LoRA and IA3 adapters"
         )
+    files = contract.read_adapter(path)
     return AdapterSource(
         spec=spec,
         path=path,
         method=MERGEABLE_METHODS[peft_type],
-        base_model=config.get("base_model_name_or_path"),
-        rank=config.get("r"),
+        base_model=files.config.get("base_model_name_or_path"),
+        rank=files.config.get("r"),
         trained_quantization=_trained_quantization(path),
+        files=files,
     )
+
+
+def _check_against_base(adapters: list[AdapterSource], base: str) -> None:
+    """Every adapter fits the chosen base the way PEFT will load it (before the base's weights load)."""
+    from adapterhub import contract
+    from adapterhub.models import load_config
+
+    modules = contract.BaseModules(load_config(base))
+    for adapter in adapters:
+        contract.plan_for_base(adapter.files, modules)
 
 
 def _trained_quantization(path: Path) -> str | None:

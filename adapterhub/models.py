@@ -25,7 +25,7 @@ from transformers import (
 )
 
 from adapterhub.errors import UserError
-from adapterhub.tiny import BUILTIN_PREFIX, build_tokenizer, builtin_path
+from adapterhub.tiny import BUILTIN_PREFIX, build_tokenizer, builtin_config, builtin_path
 
 RANDOM_PREFIX = "random:"
 QUANTIZATIONS = ("none", "nf4", "int8")
@@ -88,6 +88,28 @@ def load_config(name: str) -> PretrainedConfig:
         return AutoConfig.from_pretrained(local_path(name))
     except (OSError, ValueError) as err:
         raise model_not_found(name) from err
+
+
+def offline_config(name: str) -> PretrainedConfig | None:
+    """The base's config when it is at hand without the network (builtin, folder, shipped, cached)."""
+    from transformers.utils import logging as transformers_logging
+
+    name, _ = split_random(name)
+    if name.startswith(BUILTIN_PREFIX):
+        return builtin_config(name)
+    if shipped_config_path(name) is not None or Path(name).is_dir():
+        try:
+            return load_config(name)
+        except UserError:
+            return None
+    verbosity = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_error()
+    try:
+        return AutoConfig.from_pretrained(name, local_files_only=True)
+    except (OSError, ValueError):
+        return None
+    finally:
+        transformers_logging.set_verbosity(verbosity)
 
 
 def model_not_found(name: str, what: str = "model") -> UserError:

@@ -106,11 +106,21 @@ def write_tiny(out_dir: Path, arch: str = "llama", seed: int = 0, *, replace: bo
     return out_dir
 
 
-def builtin_path(name: str) -> Path:
-    """The local folder of ``builtin:tiny-llama`` or ``builtin:tiny-mt5``, created on first use."""
+def _builtin_arch(name: str) -> str:
     arch = name.removeprefix(BUILTIN_PREFIX).removeprefix("tiny-")
     if arch not in ARCHES:
         raise UserError(f"unknown builtin model '{name}': use builtin:tiny-llama or builtin:tiny-mt5")
+    return arch
+
+
+def builtin_config(name: str) -> PretrainedConfig:
+    """A builtin model's config, without building the model."""
+    return tiny_config(_builtin_arch(name))
+
+
+def builtin_path(name: str) -> Path:
+    """The local folder of ``builtin:tiny-llama`` or ``builtin:tiny-mt5``, created on first use."""
+    arch = _builtin_arch(name)
     path = home() / "builtin" / f"tiny-{arch}"
     if (path / "config.json").exists():
         return path

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,99 +42,28 @@ def weights_file(folder: Path) -> Path | None:
     return next((folder / name for name in WEIGHT_FILES if (folder / name).is_file()), None)
 
 
-def read_config(folder: Path) -> dict:
-    """``adapter_config.json`` as a dict, checked to parse into a PEFT config."""
-    from peft import PeftConfig
+def inspect_adapter(folder: Path, label: str | None = None) -> AdapterSummary:
+    """Validate ``folder`` by the adapter contract: on its own, and against its base when that is known
+    offline (a builtin, a local folder, a shipped or cached config). ``label`` names it in messages."""
+    from adapterhub.contract import BaseModules, plan_for_base, read_adapter
+    from adapterhub.models import offline_config
 
-    path = folder / CONFIG_FILE
-    try:
-        raw = json.loads(path.read_text())
-        if not isinstance(raw, dict) or not raw.get("peft_type"):
-            raise ValueError("no peft_type")
-        PeftConfig.from_pretrained(str(folder))
-    except (OSError, ValueError, TypeError, KeyError) as err:
-        raise UserError(f"{path} is not a valid PEFT adapter config ({one_line(err)})") from err
-    return raw
-
-
-def inspect_adapter(folder: Path) -> AdapterSummary:
-    """Validate ``folder`` as a PEFT adapter: the config parses, the weights load with the expected keys."""
     folder = Path(folder)
     if not (folder / CONFIG_FILE).is_file():
         raise UserError(f"{folder} has no {CONFIG_FILE}: it is not a PEFT adapter")
-    weights = weights_file(folder)
-    if weights is None:
-        raise UserError(f"{folder} has no adapter weights ({' or '.join(WEIGHT_FILES)})")
-    config = read_config(folder)
-    method = str(config["peft_type"]).lower()
-    shapes = _tensor_shapes(weights)
-    _check_keys(method, config, shapes, weights)
+    adapter = read_adapter(folder, label)
+    base_model = adapter.config.get("base_model_name_or_path") or ""
+    base_config = offline_config(base_model) if base_model else None
+    if base_config is not None:
+        plan_for_base(adapter, BaseModules(base_config))
+    config = adapter.config
     return AdapterSummary(
-        method=method,
-        base_model=config.get("base_model_name_or_path") or "",
-        rank=config.get("r") if method == "lora" else None,
-        num_virtual_tokens=config.get("num_virtual_tokens") if method in PROMPT_METHODS else None,
-        params=sum(math.prod(shape) for shape in shapes.values()),
+        method=adapter.method,
+        base_model=base_model,
+        rank=config.get("r") if adapter.method == "lora" else None,
+        num_virtual_tokens=config.get("num_virtual_tokens") if adapter.method in PROMPT_METHODS else None,
+        params=adapter.stored_params,
     )
-
-
-def _tensor_shapes(weights: Path) -> dict[str, tuple[int, ...]]:
-    """Load every tensor (so truncated or garbled files fail here) and return their shapes."""
-    import torch
-    from safetensors.torch import load_file
-
-    try:
-        if weights.suffix == ".safetensors":
-            tensors = load_file(str(weights))
-        else:
-            tensors = torch.load(weights, map_location="cpu", weights_only=True)
-    except Exception as err:  # safetensors and torch raise assorted types for corrupt bytes
-        raise UserError(f"{weights} is corrupt or not a weights file ({one_line(err)})") from err
-    if not tensors:
-        raise UserError(f"{weights} holds no tensors: re-save the adapter")
-    return {key: tuple(tensor.shape) for key, tensor in tensors.items()}
-
-
-def _check_keys(method: str, config: dict, shapes: dict[str, tuple[int, ...]], weights: Path) -> None:
-    problem = None
-    if method == "lora":
-        problem = _lora_problem(config, shapes)
-    elif method == "ia3" and not any(key.rsplit(".", 1)[-1].startswith("ia3_") for key in shapes):
-        problem = "no ia3_l vectors"
-    elif method in PROMPT_METHODS:
-        problem = _prompt_problem(method, config, shapes)
-    if problem:
-        raise UserError(f"{weights} does not match its {method} config: {problem}; re-save the adapter")
-
-
-def _lora_problem(config: dict, shapes: dict[str, tuple[int, ...]]) -> str | None:
-    a_keys = [key for key in shapes if ".lora_A." in key]
-    if not a_keys:
-        return "no lora_A/lora_B weights"
-    rank = config.get("r")
-    for a_key in a_keys:
-        b_key = a_key.replace(".lora_A.", ".lora_B.")
-        if b_key not in shapes:
-            return f"{a_key} has no matching lora_B"
-        if shapes[a_key][0] != shapes[b_key][-1]:
-            return f"{a_key} and its lora_B disagree on the rank"
-        if not config.get("rank_pattern") and shapes[a_key][0] != rank:
-            return f"{a_key} has rank {shapes[a_key][0]} but the config says r={rank}"
-    return None
-
-
-def _prompt_problem(method: str, config: dict, shapes: dict[str, tuple[int, ...]]) -> str | None:
-    shape = shapes.get("prompt_embeddings")
-    if shape is None:
-        return "no prompt_embeddings tensor"
-    rows = (config.get("num_virtual_tokens") or 0) * (config.get("num_transformer_submodules") or 1)
-    if method == "prefix_tuning":
-        width = (config.get("num_layers") or 0) * 2 * (config.get("token_dim") or 0)
-    else:
-        width = config.get("token_dim")
-    if shape != (rows, width):
-        return f"prompt_embeddings has shape {list(shape)}, expected [{rows}, {width}]"
-    return None
 
 
 def one_line(err: BaseException) -> str:

@@ -371,7 +371,7 @@ def pull(
         raise UserError(f"{repo_id}@{ref or 'main'} has no {prefix}{CONFIG_FILE}: {hint}")
     with atomic_dir(store.entry_path(name), replace=True) as tmp:
         _download(api, repo_id, info.sha, prefix, {file_name: sizes[file_name] for file_name in wanted}, tmp)
-        summary = inspect_adapter(tmp)
+        summary = inspect_adapter(tmp, label=f"{repo_id}@{ref or 'main'}")
         if base_model:
             check_base_model(tmp, base_model, strict=strict_base)
         if is_local_path(summary.base_model):

@@ -1,10 +1,11 @@
-"""Reading adapter folders written by PEFT's ``save_pretrained`` into the engine's native form.
+"""Converting a checked PEFT adapter into the engine's native form, on the CPU tier, in the engine's dtype.
 
-Native form is computed once at load, on the CPU tier, in the engine's dtype:
+What an adapter means is decided by ``adapterhub.contract`` (PEFT's own module plan); this module
+only reshapes the saved tensors:
 
-- LoRA: per projection ``A`` (rank × in) and ``B`` already multiplied by its scaling (rank × out),
-  so a row's delta is ``(x Aᵀ) B``; rsLoRA, ``rank_pattern`` and ``alpha_pattern`` are resolved here.
-- IA3: per projection one scale vector, applied to the input (feed-forward modules) or the output.
+- LoRA: per module ``A`` (rank × in) and ``B`` multiplied by PEFT's scaling (rank × out), so a row's
+  delta is ``(x Aᵀ) B``.
+- IA3: per module one scale vector, applied to the input (feed-forward modules) or the output.
 - prompt tuning and P-tuning: the virtual-token embeddings (PEFT saves P-tuning's prompt-encoder
   output, so its encoder has already been run once by ``save_pretrained``).
 - prefix tuning: per-layer key/value blocks (PEFT saves the projected prefix, i.e. the encoder output).
@@ -12,28 +13,20 @@ Native form is computed once at load, on the CPU tier, in the engine's dtype:
 
 from __future__ import annotations
 
-import json
-import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 
+from adapterhub.contract import (
+    PREFIX,
+    AdapterFiles,
+    BaseModules,
+    ModulePlan,
+    plan_for_base,
+    read_adapter,
+)
 from adapterhub.runtime.api import RequestError
-
-PEFT_TYPES = {
-    "LORA": "lora",
-    "IA3": "ia3",
-    "PROMPT_TUNING": "prompt_tuning",
-    "P_TUNING": "p_tuning",
-    "PREFIX_TUNING": "prefix_tuning",
-}
-SUPPORTED_NAMES = "LoRA, IA3, prompt tuning, P-tuning, prefix tuning"
-PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-_MODULE_KEY = re.compile(r"^base_model\.model\.model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.(.+)$")
 
 
 @dataclass(frozen=True)
@@ -44,20 +37,20 @@ class BaseShape:
     hidden_size: int
     num_kv_heads: int
     head_dim: int
-    features: dict[str, tuple[int, int]]  # projection name -> (in_features, out_features)
+    targets: frozenset[str]  # names of the modules whose LoRA/IA3 the decoder applies per row
 
 
 @dataclass
 class NativeAdapter:
-    """One adapter in engine-native form; module keys are ``(layer index, projection name)``."""
+    """One adapter in engine-native form; module keys are the base's module names."""
 
     method: str
-    lora: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
-    ia3: dict[tuple[int, str], tuple[torch.Tensor, bool]] = field(default_factory=dict)  # (vector, on input)
+    lora: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    ia3: dict[str, tuple[torch.Tensor, bool]] = field(default_factory=dict)  # (vector, on input)
     virtual_tokens: torch.Tensor | None = None  # (n, hidden)
     prefix_kv: torch.Tensor | None = None  # (layers, 2, kv heads, n, head dim)
     flat: torch.Tensor | None = None  # the one buffer all tensors view, once packed
-    pending_scale: dict[tuple[int, str], float] = field(default_factory=dict)  # LoRA B × this, when packed
+    pending_scale: dict[str, float] = field(default_factory=dict)  # LoRA B × this, when packed
 
     @property
     def rank(self) -> int | None:
@@ -117,203 +110,90 @@ def _views(flat: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:
     return views
 
 
-def read_config(folder: Path) -> dict:
-    config_file = folder / "adapter_config.json"
-    if not config_file.exists():
-        raise RequestError(
-            f"adapter folder {folder} has no adapter_config.json: give a PEFT save_pretrained folder",
-            "corrupt_adapter",
-        )
-    try:
-        config = json.loads(config_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise RequestError(
-            f"adapter {config_file} is not valid JSON ({err}): re-save the adapter", "corrupt_adapter"
-        ) from err
-    if not isinstance(config, dict) or "peft_type" not in config:
-        raise RequestError(f"adapter {config_file} has no peft_type: re-save the adapter", "corrupt_adapter")
-    return config
-
-
-def read_weights(folder: Path) -> dict[str, torch.Tensor]:
-    safetensors_file, bin_file = folder / "adapter_model.safetensors", folder / "adapter_model.bin"
-    try:
-        if safetensors_file.exists():
-            return load_file(safetensors_file)
-        if bin_file.exists():
-            return torch.load(bin_file, map_location="cpu", weights_only=True)
-    except (SafetensorError, OSError, RuntimeError, EOFError, ValueError) as err:
-        raise RequestError(
-            f"adapter weights in {folder} are unreadable ({str(err)[:80]}): re-download or re-save it",
-            "corrupt_adapter",
-        ) from err
-    raise RequestError(
-        f"adapter folder {folder} has no adapter_model.safetensors: give a folder saved by PEFT",
-        "corrupt_adapter",
-    )
-
-
 def load_native(
-    folder: Path, base: BaseShape, *, max_rank: int, max_virtual_tokens: int, dtype: torch.dtype, pin: bool
+    folder: Path,
+    base: BaseShape,
+    modules: BaseModules,
+    *,
+    max_rank: int,
+    max_virtual_tokens: int,
+    dtype: torch.dtype,
+    pin: bool,
 ) -> NativeAdapter:
-    """Read a PEFT adapter folder, check it against the base and the slot capacity, and convert it
-    into one packed CPU-tier buffer (page-locked when ``pin``)."""
-    folder = Path(folder)
-    config = read_config(folder)
-    peft_type = str(config["peft_type"])
-    method = PEFT_TYPES.get(peft_type)
-    if method is None:
-        raise RequestError(
-            f"adapter {folder} is {peft_type}, which the runtime cannot serve: use one of {SUPPORTED_NAMES}",
-            "unsupported_adapter",
-        )
-    if config.get("modules_to_save"):
-        raise RequestError(
-            f"adapter {folder} also trains modules_to_save {config['modules_to_save']}: retrain without them",
-            "unsupported_adapter",
-        )
-    if config.get("task_type") not in (None, "CAUSAL_LM"):
-        raise RequestError(
-            f"adapter {folder} is for task {config['task_type']}: the runtime serves CAUSAL_LM adapters",
-            "incompatible_adapter",
-        )
-    weights = read_weights(folder)
-    if method == "lora":
-        adapter = _lora(folder, config, weights, base, max_rank)
-    elif method == "ia3":
-        adapter = _ia3(folder, config, weights, base)
+    """Read and check a PEFT adapter folder against the base, then convert it into one packed
+    CPU-tier buffer (page-locked when ``pin``)."""
+    adapter = read_adapter(folder)
+    plan = plan_for_base(adapter, modules)
+    if adapter.method == "lora":
+        native = _lora(adapter, plan, base, max_rank)
+    elif adapter.method == "ia3":
+        native = _ia3(adapter, plan, base)
     else:
-        adapter = _prompt(folder, method, config, weights, base, max_virtual_tokens)
-    packed = adapter.packed(dtype, pin=pin)
-    # One fp32-accumulated pass: any NaN or inf makes the sum non-finite.
-    if not torch.isfinite(torch.sum(packed.flat, dtype=torch.float32)):
-        raise RequestError(f"adapter {folder} holds NaN or inf weights: retrain it", "corrupt_adapter")
-    return packed
+        native = _prompt(adapter, base, max_virtual_tokens)
+    return native.packed(dtype, pin=pin)
 
 
-def _module_tensors(
-    folder: Path, weights: dict[str, torch.Tensor], base: BaseShape
-) -> dict[tuple[int, str], dict[str, torch.Tensor]]:
-    """Group tensors by projection, refusing any key that names a module this base does not have."""
-    grouped: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
-    for key, tensor in weights.items():
-        match = _MODULE_KEY.match(key)
-        if match is None or match[3] not in base.features or int(match[1]) >= base.num_layers:
-            raise RequestError(
-                f"adapter {folder} targets '{key}', which this base has no such projection for: "
-                f"use an adapter trained on this base (targets among {', '.join(PROJECTIONS)})",
-                "incompatible_adapter",
-            )
-        grouped.setdefault((int(match[1]), match[3]), {})[match[4]] = tensor
-    return grouped
-
-
-def _incompatible(folder: Path, what: str) -> RequestError:
+def _not_served(adapter: AdapterFiles, what: str) -> RequestError:
     return RequestError(
-        f"adapter {folder} was trained for a different base ({what}): use an adapter trained on this base",
-        "incompatible_adapter",
+        f"adapter {adapter.label}: {what} is not served by the multi-adapter runtime yet: "
+        "merge the adapter with `adapterhub merge`, or serve it with plain PEFT",
+        "unsupported_adapter",
     )
 
 
-def _pattern_value(patterns: dict, module_name: str, default: float) -> float:
-    for pattern, value in patterns.items():
-        if re.match(rf"(.*\.)?({pattern})$", module_name):
-            return value
-    return default
+def _check_targets(adapter: AdapterFiles, modules: list[str], base: BaseShape) -> None:
+    for module in modules:
+        if module not in base.targets:
+            raise _not_served(adapter, f"an adapter on '{module}'")
 
 
-def _lora(folder: Path, config: dict, weights: dict, base: BaseShape, max_rank: int) -> NativeAdapter:
-    for flag in ("use_dora", "lora_bias"):
-        if config.get(flag):
+def _lora(adapter: AdapterFiles, plan: ModulePlan, base: BaseShape, max_rank: int) -> NativeAdapter:
+    if plan.biases:
+        raise _not_served(
+            adapter, f"replacing the bias of '{plan.biases[0]}' (bias={adapter.config.get('bias')})"
+        )
+    if plan.trainable_tokens is not None:
+        raise _not_served(adapter, "trainable_token_indices")
+    _check_targets(adapter, list(plan.lora), base)
+    lora: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    scales: dict[str, float] = {}
+    for module, target in plan.lora.items():
+        if target.use_dora:
+            raise _not_served(adapter, f"DoRA (on '{module}')")
+        if target.lora_bias:
+            raise _not_served(adapter, f"lora_bias (on '{module}')")
+        if target.rank > max_rank:
             raise RequestError(
-                f"adapter {folder} uses {flag}, which the runtime does not serve: "
-                f"retrain as plain LoRA (or use one of {SUPPORTED_NAMES})",
-                "unsupported_adapter",
-            )
-    lora: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
-    scales: dict[tuple[int, str], float] = {}
-    for (layer, proj), parts in _module_tensors(folder, weights, base).items():
-        a, b = parts.get("lora_A.weight"), parts.get("lora_B.weight")
-        if a is None or b is None or set(parts) - {"lora_A.weight", "lora_B.weight"}:
-            raise RequestError(
-                f"adapter {folder} has incomplete LoRA weights for layer {layer} {proj}: re-save the adapter",
-                "corrupt_adapter",
-            )
-        in_features, out_features = base.features[proj]
-        if a.shape[1] != in_features or b.shape[0] != out_features:
-            raise _incompatible(
-                folder, f"{proj} is {a.shape[1]}→{b.shape[0]} there, {in_features}→{out_features} here"
-            )
-        rank = a.shape[0]
-        if b.shape[1] != rank:
-            raise RequestError(
-                f"adapter {folder} LoRA A and B ranks differ at {proj}: re-save it", "corrupt_adapter"
-            )
-        if rank > max_rank:
-            raise RequestError(
-                f"adapter {folder} has LoRA rank {rank} but slots hold rank {max_rank}: "
-                f"start the engine with max_lora_rank >= {rank}",
+                f"adapter {adapter.label} has LoRA rank {target.rank} but slots hold rank {max_rank}: "
+                f"start the engine with max_lora_rank >= {target.rank}",
                 "slot_capacity",
             )
-        block = "mlp" if proj in ("gate_proj", "up_proj", "down_proj") else "self_attn"
-        module_name = f"model.layers.{layer}.{block}.{proj}"
-        alpha = _pattern_value(config.get("alpha_pattern") or {}, module_name, config.get("lora_alpha", 8))
-        scaling = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
-        lora[(layer, proj)] = (a, b.t())
-        scales[(layer, proj)] = scaling
-    if not lora:
-        raise RequestError(f"adapter {folder} has no LoRA weights: re-save the adapter", "corrupt_adapter")
+        key = PREFIX + module
+        lora[module] = (adapter.weights[f"{key}.lora_A.weight"], adapter.weights[f"{key}.lora_B.weight"].t())
+        scales[module] = target.scaling
     return NativeAdapter(method="lora", lora=lora, pending_scale=scales)
 
 
-def _ia3(folder: Path, config: dict, weights: dict, base: BaseShape) -> NativeAdapter:
-    feedforward = config.get("feedforward_modules") or []
-    if isinstance(feedforward, str):
-        feedforward = [feedforward]
-    ia3: dict[tuple[int, str], tuple[torch.Tensor, bool]] = {}
-    for (layer, proj), parts in _module_tensors(folder, weights, base).items():
-        vector = parts.get("ia3_l")
-        if vector is None or len(parts) != 1:
-            raise RequestError(
-                f"adapter {folder} has unexpected IA3 tensors at {proj}: re-save it", "corrupt_adapter"
-            )
-        on_input = any(proj == name or proj.endswith(name) for name in feedforward)
-        in_features, out_features = base.features[proj]
-        if vector.numel() != (in_features if on_input else out_features):
-            raise _incompatible(folder, f"IA3 vector of {proj} has {vector.numel()} entries")
-        ia3[(layer, proj)] = (vector.flatten(), on_input)
-    if not ia3:
-        raise RequestError(f"adapter {folder} has no IA3 weights: re-save the adapter", "corrupt_adapter")
+def _ia3(adapter: AdapterFiles, plan: ModulePlan, base: BaseShape) -> NativeAdapter:
+    _check_targets(adapter, list(plan.ia3), base)
+    ia3 = {
+        module: (adapter.weights[f"{PREFIX}{module}.ia3_l"].flatten(), on_input)
+        for module, on_input in plan.ia3.items()
+    }
     return NativeAdapter(method="ia3", ia3=ia3)
 
 
-def _prompt(
-    folder: Path, method: str, config: dict, weights: dict, base: BaseShape, max_virtual_tokens: int
-) -> NativeAdapter:
-    embeddings = weights.get("prompt_embeddings")
-    if embeddings is None or embeddings.dim() != 2:
-        raise RequestError(f"adapter {folder} has no prompt_embeddings tensor: re-save it", "corrupt_adapter")
-    if config.get("num_transformer_submodules", 1) != 1:
-        raise _incompatible(folder, "it is for an encoder-decoder model")
+def _prompt(adapter: AdapterFiles, base: BaseShape, max_virtual_tokens: int) -> NativeAdapter:
+    embeddings = adapter.weights["prompt_embeddings"]
     count = embeddings.shape[0]
     if count > max_virtual_tokens:
         raise RequestError(
-            f"adapter {folder} has {count} virtual tokens but slots hold {max_virtual_tokens}: "
+            f"adapter {adapter.label} has {count} virtual tokens but slots hold {max_virtual_tokens}: "
             f"start the engine with max_virtual_tokens >= {count}",
             "slot_capacity",
         )
-    if method != "prefix_tuning":
-        if embeddings.shape[1] != base.hidden_size:
-            raise _incompatible(
-                folder, f"token width {embeddings.shape[1]}, this base has {base.hidden_size}"
-            )
-        return NativeAdapter(method=method, virtual_tokens=embeddings)
-    kv_width = base.num_kv_heads * base.head_dim
-    if embeddings.shape[1] != base.num_layers * 2 * kv_width:
-        raise _incompatible(
-            folder,
-            f"prefix width {embeddings.shape[1]}, this base needs {base.num_layers} layers × 2 × {kv_width}",
-        )
+    if adapter.method != "prefix_tuning":
+        return NativeAdapter(method=adapter.method, virtual_tokens=embeddings)
     # PEFT's get_prompt views (n, layers*2, heads, head_dim): entry 2l holds layer l's keys, 2l+1 its values.
     blocks = embeddings.view(count, base.num_layers, 2, base.num_kv_heads, base.head_dim)
-    return NativeAdapter(method=method, prefix_kv=blocks.permute(1, 2, 3, 0, 4))
+    return NativeAdapter(method=adapter.method, prefix_kv=blocks.permute(1, 2, 3, 0, 4))

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from adapterhub.contract import BaseModules
 from adapterhub.errors import UserError
 from adapterhub.models import ModelSpec, load_config, load_model, load_tokenizer, resolve_device
 from adapterhub.runtime.adapters import load_native
@@ -220,6 +221,7 @@ class Engine:
             device=self.device,
         )
         self.pool = SlotPool(self.decoder)
+        self.modules = BaseModules(model_config)  # PEFT's module plans for adapters on this base
         eos = (
             model_config.eos_token_id
             if self.model.generation_config.eos_token_id is None
@@ -261,6 +263,7 @@ class Engine:
         native = load_native(
             folder,
             self.decoder.shape,
+            self.modules,
             max_rank=self.config.max_lora_rank,
             max_virtual_tokens=self.config.max_virtual_tokens,
             dtype=self.dtype,

@@ -89,8 +89,8 @@ class Batch:
 class SlotContents:
     """What a slot's occupant wrote: LoRA rank and IA3 side per projection, to reset on the next load."""
 
-    lora: dict[tuple[int, str], int] = field(default_factory=dict)
-    ia3: dict[tuple[int, str], bool] = field(default_factory=dict)
+    lora: dict[str, int] = field(default_factory=dict)
+    ia3: dict[str, bool] = field(default_factory=dict)
 
 
 class LoraShrink:
@@ -223,19 +223,25 @@ class SlottedDecoder:
                 for member, (name, module) in enumerate(zip(group, modules, strict=True)):
                     projections[name] = SlotLinear(module, shrink, member, dtype, device)
             self.projections.append(projections)
-        targets = [target for projections in self.projections for target in projections.values()]
+        module_names = {module: name for name, module in model.named_modules()}
+        # Adapters name modules as PEFT does: by their qualified name in the Hugging Face model.
+        self.targets = {
+            module_names[target.base]: target
+            for projections in self.projections
+            for target in projections.values()
+        }
+        targets = list(self.targets.values())
         width = sum(target.in_features + target.out_features for target in targets)
         self.ia3_table = torch.ones(num_slots, width, dtype=dtype, device=device)
         offset = 0
         for target in targets:
             offset = target.bind_ia3(self.ia3_table, offset)
-        first = self.projections[0]
         self.shape = BaseShape(
             num_layers=len(layers),
             hidden_size=config.hidden_size,
             num_kv_heads=self.num_kv_heads,
             head_dim=self.head_dim,
-            features={name: (p.in_features, p.out_features) for name, p in first.items()},
+            targets=frozenset(self.targets),
         )
         # The one-hot LoRA column selectors compare each A-table row's slot with the batch row's slot.
         self.column_slot = {
@@ -287,20 +293,20 @@ class SlottedDecoder:
         for key, rank in previous.lora.items():
             new_rank = adapter.lora[key][0].shape[0] if key in adapter.lora else 0
             if rank > new_rank:
-                for rows in self.projections[key[0]][key[1]].slot_views(slot):
+                for rows in self.targets[key].slot_views(slot):
                     rows[new_rank:rank].zero_()
         for key, on_input in previous.ia3.items():
             if adapter.ia3.get(key, (None, not on_input))[1] != on_input:
-                target = self.projections[key[0]][key[1]]
+                target = self.targets[key]
                 (target.ia3_in if on_input else target.ia3_out)[slot].fill_(1.0)
         adapter = adapter.to(self.device)
         destinations, sources = [], []
-        for (layer, proj), (a, b) in adapter.lora.items():
-            slot_a, slot_b = self.projections[layer][proj].slot_views(slot)
+        for module, (a, b) in adapter.lora.items():
+            slot_a, slot_b = self.targets[module].slot_views(slot)
             destinations += [slot_a[: a.shape[0]], slot_b[: b.shape[0]]]
             sources += [a, b]
-        for (layer, proj), (vector, on_input) in adapter.ia3.items():
-            target = self.projections[layer][proj]
+        for module, (vector, on_input) in adapter.ia3.items():
+            target = self.targets[module]
             destinations.append((target.ia3_in if on_input else target.ia3_out)[slot])
             sources.append(vector)
             if not (target.uses_ia3_in if on_input else target.uses_ia3_out):
@@ -331,8 +337,7 @@ class SlottedDecoder:
         """
         saved: dict[SlotLinear, tuple[torch.Tensor, torch.Tensor | None]] = {}
         for key in {*adapter.lora, *adapter.ia3}:
-            layer, proj = key
-            target = self.projections[layer][proj]
+            target = self.targets[key]
             weight = dense_weight(target.base, self.dtype).float()
             bias = None if target.base.bias is None else target.base.bias.data
             merged_bias = bias

@@ -21,7 +21,8 @@ from peft import (
 from torch import nn
 
 from adapterhub.paths import atomic_dir
-from adapterhub.runtime.adapters import PROJECTIONS
+
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def peft_config(

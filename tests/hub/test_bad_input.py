@@ -76,7 +76,7 @@ def test_config_that_is_not_a_peft_config(
         },
     )
     code, err = run_main(["pull", "alice/odd-config"], capsys, monkeypatch)
-    assert_one_line_error(code, err, "adapter_config.json is not a valid PEFT adapter config")
+    assert_one_line_error(code, err, "adapter_config.json has no peft_type", "not a PEFT adapter config")
     assert store_listing() == held
 
 
@@ -87,20 +87,20 @@ def test_corrupt_or_mismatched_weights(hub: FakeHub, held, adapters_dir: Path, c
         hub, "alice/truncated", {"adapter_config.json": config, "adapter_model.safetensors": weights[:-40]}
     )
     code, err = run_main(["pull", "alice/truncated"], capsys, monkeypatch)
-    assert_one_line_error(code, err, "adapter_model.safetensors is corrupt")
+    assert_one_line_error(code, err, "adapter_model.safetensors are corrupt")
 
     upload_raw(
         hub, "alice/garbage", {"adapter_config.json": config, "adapter_model.safetensors": b"\x00" * 64}
     )
     code, err = run_main(["pull", "alice/garbage"], capsys, monkeypatch)
-    assert_one_line_error(code, err, "adapter_model.safetensors is corrupt")
+    assert_one_line_error(code, err, "adapter_model.safetensors are corrupt")
 
     prompt_weights = (adapters_dir / "prompt" / "adapter_model.safetensors").read_bytes()
     upload_raw(
         hub, "alice/mismatch", {"adapter_config.json": config, "adapter_model.safetensors": prompt_weights}
     )
     code, err = run_main(["pull", "alice/mismatch"], capsys, monkeypatch)
-    assert_one_line_error(code, err, "does not match its lora config", "no lora_A/lora_B weights")
+    assert_one_line_error(code, err, "do not match its lora config", "no lora_A/lora_B weights")
     assert store_listing() == held
 
 

@@ -40,7 +40,7 @@ def test_prompt_embeddings_of_the_wrong_shape_are_refused(adapter_copy) -> None:
     config_path = folder / "adapter_config.json"
     config = json.loads(config_path.read_text())
     config_path.write_text(json.dumps({**config, "num_virtual_tokens": 7}))
-    with pytest.raises(UserError, match=r"prompt_embeddings has shape \[3, 128\], expected \[7, 128\]"):
+    with pytest.raises(UserError, match="prompt_embeddings has 3 rows, num_virtual_tokens is 7"):
         inspect_adapter(folder)
 
 

@@ -61,12 +61,13 @@ def test_adapter_for_a_wider_base(served, tmp_path: Path, family: str) -> None:
     assert "different base" in message
 
 
-def test_adapter_targeting_modules_this_base_lacks(served, tmp_path: Path) -> None:
-    base = _tiny_base()
-    config = LoraConfig(task_type="CAUSAL_LM", target_modules=["lm_head"], r=4)
-    folder = write_random_adapter(base, config, tmp_path / "head", seed=4)
-    message = _refused(served, "incompatible_adapter", lambda e: e.register("head", str(folder)))
-    assert "lm_head" in message
+def test_adapter_targeting_modules_this_base_lacks(served, tiny_mt5: Path, tmp_path: Path) -> None:
+    """An MT5 adapter's q/v/wo: PEFT cannot build it on a Llama, and the message says which modules."""
+    mt5 = load_model(ModelSpec(str(tiny_mt5), device="cpu"))
+    config = LoraConfig(task_type="CAUSAL_LM", target_modules=["q", "v", "wo"], r=4)
+    folder = write_random_adapter(mt5, config, tmp_path / "mt5", seed=4)
+    message = _refused(served, "incompatible_adapter", lambda e: e.register("mt5", str(folder)))
+    assert "not found in the base model" in message and "'wo'" in message
 
 
 @pytest.mark.parametrize(
