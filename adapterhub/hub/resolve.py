@@ -6,7 +6,7 @@ from pathlib import Path
 
 from adapterhub.errors import UserError
 from adapterhub.hub import store
-from adapterhub.hub.adapter import CONFIG_FILE, check_base_model
+from adapterhub.hub.adapter import CONFIG_FILE, check_base_model, is_local_path
 
 
 def resolve(spec: str, *, strict_base: str | None = None, base_model: str | None = None) -> Path:
@@ -28,6 +28,8 @@ def resolve(spec: str, *, strict_base: str | None = None, base_model: str | None
 
 def _local_folder(spec: str) -> Path | None:
     path = Path(spec).expanduser()
+    if not path.exists() and is_local_path(spec):
+        raise UserError(f"no such folder: {path}: give an existing adapter folder, a store name or ORG/NAME")
     if not path.exists() or ("/" not in spec and store.exists(spec)):
         return None
     if not (path / CONFIG_FILE).is_file():
