@@ -30,6 +30,7 @@ from adapterhub.runtime.api import (
     RequestError,
     SamplingParams,
 )
+from adapterhub.runtime.lora import LoraRows
 from adapterhub.runtime.model import Batch, SlottedDecoder, check_architecture
 from adapterhub.runtime.slots import RegisteredAdapter, SlotPool
 
@@ -609,7 +610,7 @@ class Engine:
             rope_pos=torch.tensor(rope_pos, device=device),
             kv_len=min(max(c[-1] for c in cache_pos) + 1, self.max_context),
             slots=torch.tensor([r.slot for r in requests], device=device),
-            lora_rank=self._lora_rank(requests),
+            lora=self._lora_rows([r.slot for r in requests]),
             any_ia3=self._any_ia3(requests),
             prefix_write=tuple(torch.tensor(c, device=device) for c in prefix) if prefix[0] else None,
         )
@@ -642,7 +643,7 @@ class Engine:
             rope_pos=rope_pos.unsqueeze(1),
             kv_len=max(columns[1]) + 1,
             slots=slots,
-            lora_rank=self._lora_rank(running),
+            lora=self._lora_rows(columns[3]),
             any_ia3=self._any_ia3(running),
         )
         embeds = self.decoder.embed(tokens.unsqueeze(1), None)
@@ -659,10 +660,12 @@ class Engine:
         for column in columns:
             column.extend([0] * (rows - span))
         self._static_inputs[:, :rows].copy_(torch.tensor(columns), non_blocking=True)
+        inputs = self._static_inputs[:, :rows]
+        # A captured graph replays every row: base and idle rows gather slot 0's zero tables.
         lora_rank = self._lora_rank(running)
+        lora = LoraRows(lora_rank, inputs[3], None, None) if lora_rank else None
         any_ia3 = self._any_ia3(running)
         key = (rows, kv_len, lora_rank, any_ia3, self.decoder.layout_version)
-        inputs = self._static_inputs[:, :rows]
         batch = Batch(
             rows=slice(0, rows),
             row_index=self._row_ids[:rows].unsqueeze(1),
@@ -670,7 +673,7 @@ class Engine:
             rope_pos=inputs[2].unsqueeze(1),
             kv_len=kv_len,
             slots=inputs[3],
-            lora_rank=lora_rank,
+            lora=lora,
             any_ia3=any_ia3,
         )
 
@@ -731,6 +734,21 @@ class Engine:
 
     def _lora_rank(self, requests: list[RequestHandle]) -> int:
         return max((self.decoder.slot_rank[r.slot] for r in requests), default=0)
+
+    def _lora_rows(self, slots: list[int]) -> LoraRows | None:
+        """The LoRA rows of a forward whose batch row ``i`` serves slot ``slots[i]`` (0: base or idle)."""
+        ranks = self.decoder.slot_rank
+        rows = [row for row, slot in enumerate(slots) if ranks[slot]]
+        if not rows:
+            return None
+        lora_slots = [slots[row] for row in rows]
+        distinct = set(lora_slots)
+        return LoraRows(
+            rank=max(ranks[slot] for slot in distinct),
+            slots=torch.tensor(lora_slots, device=self.device),
+            rows=None if len(rows) == len(slots) else torch.tensor(rows, device=self.device),
+            single=lora_slots[0] if len(distinct) == 1 else None,
+        )
 
     def _advance(self, requests: list[RequestHandle], logits: torch.Tensor) -> None:
         tokens = _sample(logits, requests, self._sampler)

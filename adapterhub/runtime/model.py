@@ -6,12 +6,8 @@ embedding); this module runs them in its own loop so it controls the KV cache, m
 Every adapter that is resident on the device lives in a numbered *slot* (slot 0 is the base and
 stays identity). Per projection, the slot tables hold:
 
-- LoRA: projections reading the same input (q/k/v, gate/up) share one A table
-  (rank·slots·members × in, rank-major so the first ``r·slots·members`` rows cover every slot up to
-  rank ``r``); each projection has a B table with a row per A row. A row's delta is
-  ``((x Aᵀ) ⊙ onehot(slot)) B``: one shrink GEMM per group and one expand GEMM (fused with the add)
-  per projection for the whole batch, no Python loop over adapters; the one-hot mask zeroes the
-  columns of every other slot.
+- LoRA: each row multiplies by its own slot's A and B only (``runtime/lora.py``); projections reading
+  the same input (q/k/v, gate/up) share one A table, so one shrink serves the group.
 - IA3: one ``(slots × Σ widths)`` table holding every projection's input- and output-side scale
   vectors (ones for identity); a forward gathers each row's slice once, and each projection
   multiplies by its columns.
@@ -36,9 +32,10 @@ from transformers import PretrainedConfig
 
 from adapterhub.errors import UserError
 from adapterhub.runtime.adapters import BaseShape, NativeAdapter
+from adapterhub.runtime.lora import LoraGroup, LoraRows
 
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
-# Projections that read the same input share one LoRA A table (one shrink GEMM per group).
+# Projections that read the same input share one LoRA A table (one shrink per group).
 LORA_GROUPS = (("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",))
 
 
@@ -80,7 +77,7 @@ class Batch:
     rope_pos: torch.Tensor
     kv_len: int
     slots: torch.Tensor
-    lora_rank: int  # widest LoRA rank among this batch's slots; 0 skips the LoRA GEMMs
+    lora: LoraRows | None  # the rows with a LoRA; None skips every LoRA GEMM
     any_ia3: bool
     prefix_write: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
@@ -93,48 +90,13 @@ class SlotContents:
     ia3: dict[str, bool] = field(default_factory=dict)
 
 
-class LoraShrink:
-    """The LoRA A table shared by the projections that read one input (q/k/v, gate/up, o, down).
-
-    Rows are ordered (rank, slot, member) so the first ``r·slots·members`` rows cover every slot and
-    member up to rank ``r``: one GEMM and one one-hot mask serve the whole group.
-    """
-
-    def __init__(
-        self, in_features: int, members: int, num_slots: int, max_rank: int, dtype: torch.dtype, device: str
-    ) -> None:
-        self.members, self.num_slots, self.max_rank = members, num_slots, max_rank
-        self.lora_a = torch.zeros(max_rank * num_slots * members, in_features, dtype=dtype, device=device)
-        self.row_views: dict[int, torch.Tensor] = {}
-
-    def __call__(self, x: torch.Tensor, masks: dict[int, torch.Tensor] | None) -> torch.Tensor | None:
-        if masks is None:
-            return None
-        mask = masks[self.members]
-        rows = _leading_rows(self.lora_a, mask.shape[-1], self.row_views)
-        if x.dtype != rows.dtype:
-            x = x.to(rows.dtype)
-        return F.linear(x, rows) * mask
-
-    def slot_view(self, slot: int, member: int) -> torch.Tensor:
-        return self.lora_a.view(self.max_rank, self.num_slots, self.members, -1)[:, slot, member]
-
-
 class SlotLinear:
-    """A base projection plus every slot's LoRA B rows and IA3 vectors for it.
+    """A base projection plus every slot's LoRA (member ``member`` of its group) and IA3 vectors for it."""
 
-    Its B table has a row for every row of its group's A table; rows of the other members stay zero,
-    so the shrunk activations of the whole group multiply straight into this projection's output.
-    """
-
-    def __init__(
-        self, base: nn.Module, shrink: LoraShrink, member: int, dtype: torch.dtype, device: str
-    ) -> None:
+    def __init__(self, base: nn.Module, group: LoraGroup, member: int) -> None:
         self.base = base
-        self.shrink, self.member = shrink, member
+        self.group, self.member = group, member
         self.in_features, self.out_features = base.in_features, base.out_features
-        self.lora_b = torch.zeros(shrink.lora_a.shape[0], self.out_features, dtype=dtype, device=device)
-        self.row_views: dict[int, torch.Tensor] = {}
         self.ia3_in_columns = self.ia3_out_columns = slice(0)
         self.ia3_in = self.ia3_out = torch.empty(0)
         self.uses_ia3_in = self.uses_ia3_out = False
@@ -152,9 +114,14 @@ class SlotLinear:
         return middle + self.out_features
 
     def __call__(
-        self, x: torch.Tensor, ia3_rows: torch.Tensor | None, shrunk: torch.Tensor | None
+        self,
+        x: torch.Tensor,
+        ia3_rows: torch.Tensor | None,
+        shrunk: torch.Tensor | None,
+        lora: LoraRows | None,
     ) -> torch.Tensor:
-        """``ia3_rows``: each row's gathered IA3 table row (batch, 1, columns), None without IA3 rows."""
+        """``ia3_rows``: each row's gathered IA3 table row (batch, 1, columns), None without IA3 rows;
+        ``shrunk``: the group's ``x Aᵀ`` for the LoRA rows, None without LoRA rows."""
         if ia3_rows is not None and self.uses_ia3_in:
             x = x * ia3_rows[..., self.ia3_in_columns]
         if self.merged is not None:
@@ -164,28 +131,13 @@ class SlotLinear:
             out = self.base(x)
         if ia3_rows is not None and self.uses_ia3_out:
             out = out * ia3_rows[..., self.ia3_out_columns]
-        if shrunk is None:
+        if shrunk is None or lora is None:
             return out
-        width = shrunk.shape[-1]
-        rows = _leading_rows(self.lora_b, width, self.row_views)
-        flat = out.reshape(-1, self.out_features)
-        if flat.dtype != rows.dtype:
-            return (flat.to(rows.dtype) + shrunk.reshape(-1, width) @ rows).to(out.dtype).view(out.shape)
-        return torch.addmm(flat, shrunk.reshape(-1, width), rows).view(out.shape)
+        return self.group.expand(self.member, shrunk, lora, out)
 
     def slot_views(self, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Slot ``slot``'s LoRA rows: (max rank × in) and (max rank × out) strided views."""
-        shrink = self.shrink
-        b_rows = self.lora_b.view(shrink.max_rank, shrink.num_slots, shrink.members, -1)[:, slot, self.member]
-        return shrink.slot_view(slot, self.member), b_rows
-
-
-def _leading_rows(table: torch.Tensor, count: int, cache: dict[int, torch.Tensor]) -> torch.Tensor:
-    """``table[:count]``, kept so a forward does not re-slice (the tables are never reallocated)."""
-    rows = cache.get(count)
-    if rows is None:
-        rows = cache[count] = table[:count]
-    return rows
+        """Slot ``slot``'s LoRA rows: (max rank × in) and (max rank × out) views."""
+        return self.group.slot_views(slot, self.member)
 
 
 class SlottedDecoder:
@@ -219,9 +171,16 @@ class SlottedDecoder:
             projections: dict[str, SlotLinear] = {}
             for group in LORA_GROUPS:
                 modules = [getattr(self._parent(layer, name), name) for name in group]
-                shrink = LoraShrink(modules[0].in_features, len(group), num_slots, max_rank, dtype, device)
+                tables = LoraGroup(
+                    modules[0].in_features,
+                    [m.out_features for m in modules],
+                    num_slots,
+                    max_rank,
+                    dtype,
+                    device,
+                )
                 for member, (name, module) in enumerate(zip(group, modules, strict=True)):
-                    projections[name] = SlotLinear(module, shrink, member, dtype, device)
+                    projections[name] = SlotLinear(module, tables, member)
             self.projections.append(projections)
         module_names = {module: name for name, module in model.named_modules()}
         # Adapters name modules as PEFT does: by their qualified name in the Hugging Face model.
@@ -243,13 +202,6 @@ class SlottedDecoder:
             head_dim=self.head_dim,
             targets=frozenset(self.targets),
         )
-        # The one-hot LoRA column selectors compare each A-table row's slot with the batch row's slot.
-        self.column_slot = {
-            len(group): torch.arange(max_rank * num_slots * len(group), device=device)
-            // len(group)
-            % num_slots
-            for group in LORA_GROUPS
-        }
         self.virtual_tokens = torch.zeros(
             num_slots, max_virtual_tokens, config.hidden_size, dtype=dtype, device=device
         )
@@ -389,13 +341,7 @@ class SlottedDecoder:
         if batch.prefix_write is not None:
             rows, positions, slots, indices = batch.prefix_write
             self.kv[:, :, rows, :, positions] = self.prefix_kv[:, :, slots, :, indices]
-        masks = None
-        if batch.lora_rank:
-            masks = {}
-            for members, column_slot in self.column_slot.items():
-                width = batch.lora_rank * self.num_slots * members
-                selected = column_slot[:width].unsqueeze(0) == batch.slots.unsqueeze(1)
-                masks[members] = selected.to(self.dtype).unsqueeze(1)
+        lora = batch.lora
         ia3_rows = self.ia3_table[batch.slots].unsqueeze(1) if batch.any_ia3 else None
         keys_visible = torch.arange(batch.kv_len, device=self.device).view(
             1, 1, -1
@@ -411,10 +357,10 @@ class SlottedDecoder:
             attn = layer.self_attn
             x = layer.input_layernorm(hidden)
             size, length, _ = x.shape
-            shrunk = proj["q_proj"].shrink(x, masks)
-            q = proj["q_proj"](x, ia3_rows, shrunk).view(size, length, -1, self.head_dim)
-            k = proj["k_proj"](x, ia3_rows, shrunk).view(size, length, -1, self.head_dim)
-            v = proj["v_proj"](x, ia3_rows, shrunk).view(size, length, -1, self.head_dim)
+            shrunk = proj["q_proj"].group.shrink(x, lora)
+            q = proj["q_proj"](x, ia3_rows, shrunk, lora).view(size, length, -1, self.head_dim)
+            k = proj["k_proj"](x, ia3_rows, shrunk, lora).view(size, length, -1, self.head_dim)
+            v = proj["v_proj"](x, ia3_rows, shrunk, lora).view(size, length, -1, self.head_dim)
             if hasattr(attn, "q_norm"):
                 q, k = attn.q_norm(q), attn.k_norm(k)
             q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
@@ -435,13 +381,14 @@ class SlottedDecoder:
                 .transpose(1, 2)
                 .reshape(size, length, -1)
             )
-            hidden = hidden + proj["o_proj"](out, ia3_rows, proj["o_proj"].shrink(out, masks))
+            hidden = hidden + proj["o_proj"](out, ia3_rows, proj["o_proj"].group.shrink(out, lora), lora)
             x = layer.post_attention_layernorm(hidden)
-            shrunk = proj["gate_proj"].shrink(x, masks)
-            gate = layer.mlp.act_fn(proj["gate_proj"](x, ia3_rows, shrunk)) * proj["up_proj"](
-                x, ia3_rows, shrunk
+            shrunk = proj["gate_proj"].group.shrink(x, lora)
+            gate = layer.mlp.act_fn(proj["gate_proj"](x, ia3_rows, shrunk, lora)) * proj["up_proj"](
+                x, ia3_rows, shrunk, lora
             )
-            hidden = hidden + proj["down_proj"](gate, ia3_rows, proj["down_proj"].shrink(gate, masks))
+            down = proj["down_proj"]
+            hidden = hidden + down(gate, ia3_rows, down.group.shrink(gate, lora), lora)
         picked = hidden[torch.arange(hidden.shape[0], device=self.device), last]
         return self.model.lm_head(self.decoder.norm(picked)).float()
 

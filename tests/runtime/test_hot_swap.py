@@ -18,7 +18,7 @@ def _slot_tensors(engine: Engine) -> list:
     decoder = engine.decoder
     tables = [decoder.virtual_tokens, decoder.prefix_kv, decoder.kv, decoder.ia3_table]
     for layer in decoder.projections:
-        tables += [t for target in layer.values() for t in (target.shrink.lora_a, target.lora_b)]
+        tables += [t for target in layer.values() for t in (target.group.a, *target.group.b)]
     return tables
 
 
