@@ -161,7 +161,8 @@ def _read_layers(model: torch.nn.Module, plan: ModulePlan, where: str) -> None:
         elif isinstance(module, IA3Layer):
             plan.ia3[name] = bool(module.is_feedforward)
         elif isinstance(module, TrainableTokensLayer):
-            owner = name.removesuffix(".token_adapter")
+            # Beneath a LoRA on the same module the wrapper sits at '<module>.base_layer'.
+            owner = name.removesuffix(".token_adapter").removesuffix(".base_layer")
             if module.tied_adapter is not None:
                 tied_outputs.append(owner)
             else:

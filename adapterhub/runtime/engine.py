@@ -22,7 +22,7 @@ import torch
 from adapterhub.contract import BaseModules
 from adapterhub.errors import UserError
 from adapterhub.models import ModelSpec, load_config, load_model, load_tokenizer, resolve_device
-from adapterhub.runtime.adapters import load_native
+from adapterhub.runtime.adapters import Capacity, load_native
 from adapterhub.runtime.api import (
     AdapterInfo,
     GenerationRequest,
@@ -30,8 +30,8 @@ from adapterhub.runtime.api import (
     RequestError,
     SamplingParams,
 )
-from adapterhub.runtime.lora import LoraRows
-from adapterhub.runtime.model import Batch, SlottedDecoder, check_architecture
+from adapterhub.runtime.families import family_for
+from adapterhub.runtime.model import Batch, SlottedDecoder
 from adapterhub.runtime.slots import RegisteredAdapter, SlotPool
 
 DEFAULT_MAX_CONTEXT = 4096
@@ -50,6 +50,7 @@ class EngineConfig:
     max_queue: int = 256
     max_context: int | None = None  # prompt + virtual tokens + generation; default: the base's, up to 4096
     max_virtual_tokens: int = 64  # prompt/P-tuning/prefix slot capacity
+    max_trainable_tokens: int = 64  # embedding rows one adapter's trainable_token_indices may replace
     # Decode with bucketed static shapes (rows and KV length rounded up to powers of two), replayed
     # as CUDA graphs on CUDA. "auto": on for CUDA, off (dynamic shapes) on CPU.
     static_decode: str = "auto"
@@ -198,24 +199,23 @@ class Engine:
         if quantization == "auto":
             quantization = "nf4" if self.device.startswith("cuda") else "none"
         self.quantization = quantization
-        check_architecture(load_config(config.base), config.base)
+        family = family_for(load_config(config.base), config.base)
         self.model = load_model(ModelSpec(config.base, quantization, config.dtype, device=self.device))
         self.model.eval()
         self.tokenizer = load_tokenizer(config.base)
         self.base_name = config.base
         self.dtype = self.model.model.embed_tokens.weight.dtype
         model_config = self.model.config
-        limits = [model_config.max_position_embeddings, config.max_context or DEFAULT_MAX_CONTEXT]
-        if getattr(model_config, "sliding_window", None) and getattr(
-            model_config, "use_sliding_window", True
-        ):
-            limits.append(model_config.sliding_window)
-        self.max_context = min(limits)
+        self.max_context = min(
+            model_config.max_position_embeddings, config.max_context or DEFAULT_MAX_CONTEXT
+        )
         self.decoder = SlottedDecoder(
             self.model,
+            family,
             num_slots=config.max_adapters + 1,
             max_rank=config.max_lora_rank,
             max_virtual_tokens=config.max_virtual_tokens,
+            max_trainable_tokens=config.max_trainable_tokens,
             max_batch=config.max_batch_size,
             max_context=self.max_context,
             dtype=self.dtype,
@@ -261,12 +261,15 @@ class Engine:
 
     def register(self, name: str, spec: str) -> AdapterInfo:
         folder = self._resolve(spec)
+        capacity = Capacity(
+            self.config.max_lora_rank, self.config.max_virtual_tokens, self.config.max_trainable_tokens
+        )
         native = load_native(
             folder,
             self.decoder.shape,
             self.modules,
-            max_rank=self.config.max_lora_rank,
-            max_virtual_tokens=self.config.max_virtual_tokens,
+            self.decoder,
+            capacity,
             dtype=self.dtype,
             pin=self.device.startswith("cuda"),
         )
@@ -473,9 +476,10 @@ class Engine:
                     raise RequestError(
                         f"'{self._merged.info.name}' is already merged: unmerge() first", "bad_request"
                     )
-                if adapter.info.method not in ("lora", "ia3"):
+                if not adapter.native.mergeable:
                     raise RequestError(
-                        f"merge folds LoRA or IA3 only, '{name}' is {adapter.info.method}: serve it unmerged",
+                        f"merge folds LoRA or IA3 on projections only, '{name}' is {adapter.info.method}"
+                        " (or adapts the embedding): serve it unmerged",
                         "bad_request",
                     )
             self._drain()
@@ -610,12 +614,11 @@ class Engine:
             rope_pos=torch.tensor(rope_pos, device=device),
             kv_len=min(max(c[-1] for c in cache_pos) + 1, self.max_context),
             slots=torch.tensor([r.slot for r in requests], device=device),
-            lora=self._lora_rows([r.slot for r in requests]),
-            any_ia3=self._any_ia3(requests),
+            adapters=self.decoder.adapter_rows([r.slot for r in requests]),
             prefix_write=tuple(torch.tensor(c, device=device) for c in prefix) if prefix[0] else None,
         )
         virtual_index = tuple(torch.tensor(c, device=device) for c in virtual) if virtual[0] else None
-        embeds = self.decoder.embed(torch.tensor(token_ids, device=device), virtual_index)
+        embeds = self.decoder.embed(torch.tensor(token_ids, device=device), batch, virtual_index)
         return self.decoder.forward(embeds, batch, torch.tensor(last, device=device))
 
     def _decode(self) -> None:
@@ -643,10 +646,9 @@ class Engine:
             rope_pos=rope_pos.unsqueeze(1),
             kv_len=max(columns[1]) + 1,
             slots=slots,
-            lora=self._lora_rows(columns[3]),
-            any_ia3=self._any_ia3(running),
+            adapters=self.decoder.adapter_rows(columns[3]),
         )
-        embeds = self.decoder.embed(tokens.unsqueeze(1), None)
+        embeds = self.decoder.embed(tokens.unsqueeze(1), batch, None)
         logits = self.decoder.forward(embeds, batch, self._zeros[:span])
         self._last_batch_size = len(running)
         self._advance(running, logits[[r.row for r in running]])
@@ -661,11 +663,8 @@ class Engine:
             column.extend([0] * (rows - span))
         self._static_inputs[:, :rows].copy_(torch.tensor(columns), non_blocking=True)
         inputs = self._static_inputs[:, :rows]
-        # A captured graph replays every row: base and idle rows gather slot 0's zero tables.
-        lora_rank = self._lora_rank(running)
-        lora = LoraRows(lora_rank, inputs[3], None, None) if lora_rank else None
-        any_ia3 = self._any_ia3(running)
-        key = (rows, kv_len, lora_rank, any_ia3, self.decoder.layout_version)
+        adapters = self.decoder.adapter_rows(columns[3], static_slots=inputs[3])
+        key = (rows, kv_len, adapters.key, self.decoder.layout_version)
         batch = Batch(
             rows=slice(0, rows),
             row_index=self._row_ids[:rows].unsqueeze(1),
@@ -673,12 +672,11 @@ class Engine:
             rope_pos=inputs[2].unsqueeze(1),
             kv_len=kv_len,
             slots=inputs[3],
-            lora=lora,
-            any_ia3=any_ia3,
+            adapters=adapters,
         )
 
         def step() -> torch.Tensor:
-            embeds = self.decoder.embed(inputs[0].unsqueeze(1), None)
+            embeds = self.decoder.embed(inputs[0].unsqueeze(1), batch, None)
             return self.decoder.forward(embeds, batch, self._zeros[:rows])
 
         if not self.cuda_graphs:
@@ -726,28 +724,6 @@ class Engine:
         native = request.adapter.native if request.slot else None
         return (
             native.virtual_tokens.shape[0] if native is not None and native.virtual_tokens is not None else 0
-        )
-
-    @staticmethod
-    def _any_ia3(requests: list[RequestHandle]) -> bool:
-        return any(r.slot and r.adapter.native.ia3 for r in requests)
-
-    def _lora_rank(self, requests: list[RequestHandle]) -> int:
-        return max((self.decoder.slot_rank[r.slot] for r in requests), default=0)
-
-    def _lora_rows(self, slots: list[int]) -> LoraRows | None:
-        """The LoRA rows of a forward whose batch row ``i`` serves slot ``slots[i]`` (0: base or idle)."""
-        ranks = self.decoder.slot_rank
-        rows = [row for row, slot in enumerate(slots) if ranks[slot]]
-        if not rows:
-            return None
-        lora_slots = [slots[row] for row in rows]
-        distinct = set(lora_slots)
-        return LoraRows(
-            rank=max(ranks[slot] for slot in distinct),
-            slots=torch.tensor(lora_slots, device=self.device),
-            rows=None if len(rows) == len(slots) else torch.tensor(rows, device=self.device),
-            single=lora_slots[0] if len(distinct) == 1 else None,
         )
 
     def _advance(self, requests: list[RequestHandle], logits: torch.Tensor) -> None:

@@ -37,7 +37,8 @@ class LoraGroup:
 
     ``a``: (slots, max rank, members, in); ``b[m]``: (slots, max rank, out of member m), already
     multiplied by the adapter's scaling. Rank-major rows make ``[:, :r]`` cover every member up to
-    rank ``r`` in one contiguous block per slot.
+    rank ``r`` in one contiguous block per slot. A group few adapters use (the output head, whose B is
+    vocabulary-wide) is allocated when the first of them loads.
     """
 
     def __init__(
@@ -48,19 +49,34 @@ class LoraGroup:
         max_rank: int,
         dtype: torch.dtype,
         device: str,
+        *,
+        allocate: bool = True,
     ) -> None:
         self.members = len(out_features)
-        self.in_features = in_features
-        self.a = torch.zeros(num_slots, max_rank, self.members, in_features, dtype=dtype, device=device)
-        self.b = [torch.zeros(num_slots, max_rank, out, dtype=dtype, device=device) for out in out_features]
+        self.in_features, self.out_features = in_features, out_features
+        self.num_slots, self.max_rank, self.dtype, self.device = num_slots, max_rank, dtype, device
+        self.a: torch.Tensor | None = None
+        self.b: list[torch.Tensor] = []
+        if allocate:
+            self.allocate()
+
+    def allocate(self) -> None:
+        if self.a is None:
+            shape = (self.num_slots, self.max_rank, self.members, self.in_features)
+            self.a = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            self.b = [
+                torch.zeros(self.num_slots, self.max_rank, out, dtype=self.dtype, device=self.device)
+                for out in self.out_features
+            ]
 
     def slot_views(self, slot: int, member: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Slot ``slot``'s (max rank × in) A rows and (max rank × out) B rows of one member."""
+        self.allocate()
         return self.a[slot, :, member], self.b[member][slot]
 
     def shrink(self, x: torch.Tensor, lora: LoraRows | None) -> torch.Tensor | None:
         """``x Aᵀ`` of each LoRA row: (LoRA rows, tokens, rank × members), columns rank-major."""
-        if lora is None:
+        if lora is None or self.a is None:
             return None
         rank, width = lora.rank, lora.rank * self.members
         if x.dtype != self.a.dtype:

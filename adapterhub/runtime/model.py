@@ -1,24 +1,26 @@
-"""The batched forward: a Llama-family decoder whose every row may name a different adapter.
+"""The batched forward: a decoder whose every row may name a different adapter.
 
-The Hugging Face model only lends its weights (its Linear/Linear4bit modules, norms and rotary
-embedding); this module runs them in its own loop so it controls the KV cache, masks and positions.
+The Hugging Face model only lends its weights (its Linear/Linear4bit modules, norms, embedding and
+rotary embedding); this module runs them in its own loop so it controls the KV cache, masks and
+positions. What differs between decoder families (fused projections, sandwich norms, softcaps, q/k
+norms, sliding windows) is a ``Family`` description from ``runtime/families/``; the loop below reads it.
 
 Every adapter that is resident on the device lives in a numbered *slot* (slot 0 is the base and
-stays identity). Per projection, the slot tables hold:
+stays identity). The modules adapters change carry every slot's tables (``runtime/targets.py``):
 
-- LoRA: each row multiplies by its own slot's A and B only (``runtime/lora.py``); projections reading
-  the same input (q/k/v, gate/up) share one A table, so one shrink serves the group.
-- IA3: one ``(slots × Σ widths)`` table holding every projection's input- and output-side scale
-  vectors (ones for identity); a forward gathers each row's slice once, and each projection
-  multiplies by its columns.
+- LoRA: each row multiplies by its own slot's A and B only (``runtime/lora.py``), on the projections,
+  the output head and the input embedding.
+- IA3, DoRA and bias vectors: one ``(slots × Σ widths)`` table per kind; a forward gathers each row's
+  slice once and each projection multiplies (or adds) its columns.
+- Trainable tokens: per-slot replacement rows of the embedding (and of a tied output head).
 
 Prompt families live in model-wide tables: ``virtual_tokens`` (slots × n × hidden) replace the
 embeddings at a row's first positions, and ``prefix_kv`` (layers × 2 × slots × kv heads × n × head dim)
 is copied into the row's KV cache ahead of its prompt.
 
-The KV cache is preallocated: one region of ``max_context`` positions per batch row. A row's tokens
-sit at cache positions 0.. of its region; queries see keys at positions <= their own, so batches of
-ragged prompts need no padding tokens among the keys.
+The KV cache is preallocated at full length: one region of ``max_context`` positions per batch row.
+A row's tokens sit at cache positions 0.. of its region; queries see keys at positions <= their own
+(and, in a sliding-window layer, within the window), so batches of ragged prompts need no padding.
 """
 
 from __future__ import annotations
@@ -28,44 +30,44 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import PretrainedConfig
 
-from adapterhub.errors import UserError
 from adapterhub.runtime.adapters import BaseShape, NativeAdapter
+from adapterhub.runtime.families import Family, head_dim
 from adapterhub.runtime.lora import LoraGroup, LoraRows
+from adapterhub.runtime.targets import RowVectors, SlotEmbedding, SlotLinear, VectorTable, is_quantized
 
-SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
-# Projections that read the same input share one LoRA A table (one shrink per group).
-LORA_GROUPS = (("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",))
+ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "qkv_proj", "o_proj")
 
 
-def check_architecture(config: PretrainedConfig, base_name: str) -> None:
-    model_type = config.model_type
-    if model_type not in SUPPORTED_ARCHITECTURES or config.is_encoder_decoder:
-        raise UserError(
-            f"base '{base_name}' is a {model_type} model; the runtime serves Llama-family decoders "
-            f"({', '.join(SUPPORTED_ARCHITECTURES)}, SmolLM): choose one of those"
+@dataclass(frozen=True)
+class AdapterRows:
+    """Which adapter features one forward needs, derived from the slots of its rows."""
+
+    lora: LoraRows | None = None  # rows with a LoRA on a projection or the output head
+    embedding_lora: LoraRows | None = None
+    ia3: bool = False
+    dora: bool = False
+    bias: bool = False
+    tokens: bool = False  # some row's adapter replaces embedding rows
+    tied_tokens: bool = False  # ... and the rows of a tied output head
+
+    @property
+    def key(self) -> tuple:
+        """What a captured decode graph depends on besides shapes."""
+        return (
+            self.lora.rank if self.lora else 0,
+            self.embedding_lora.rank if self.embedding_lora else 0,
+            self.ia3,
+            self.dora,
+            self.bias,
+            self.tokens,
+            self.tied_tokens,
         )
-
-
-def is_quantized(module: nn.Module) -> bool:
-    return type(module).__name__ in ("Linear4bit", "Linear8bitLt")
-
-
-def dense_weight(module: nn.Module, dtype: torch.dtype) -> torch.Tensor:
-    """The weight a projection multiplies by, as a dense matrix; 4-bit weights are dequantized."""
-    if type(module).__name__ == "Linear4bit":
-        import bitsandbytes.functional as bnb_functional
-
-        return bnb_functional.dequantize_4bit(module.weight.data, module.weight.quant_state).to(dtype)
-    if is_quantized(module):
-        raise UserError("merge on an int8 base is not supported: use quantization none or nf4 to merge")
-    return module.weight.data
 
 
 @dataclass
 class Batch:
-    """Everything one forward needs besides the input embeddings; built by the engine per step.
+    """Everything one forward needs besides the token ids; built by the engine per step.
 
     ``rows`` picks the batch rows of the KV cache (a slice for decode, an index tensor for prefill);
     ``cache_pos``/``rope_pos`` are (batch, tokens); ``slots`` (batch,) names each row's adapter slot.
@@ -77,100 +79,65 @@ class Batch:
     rope_pos: torch.Tensor
     kv_len: int
     slots: torch.Tensor
-    lora: LoraRows | None  # the rows with a LoRA; None skips every LoRA GEMM
-    any_ia3: bool
+    adapters: AdapterRows
     prefix_write: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
 
 @dataclass
-class SlotContents:
-    """What a slot's occupant wrote: LoRA rank and IA3 side per projection, to reset on the next load."""
+class SlotFeatures:
+    """What a slot's occupant wrote, to plan batches and to reset on the next load."""
 
-    lora: dict[str, int] = field(default_factory=dict)
-    ia3: dict[str, bool] = field(default_factory=dict)
+    lora: dict[str, int] = field(default_factory=dict)  # module -> rank
+    embedding_lora: int = 0  # rank
+    ia3: dict[str, bool] = field(default_factory=dict)  # module -> on its input
+    dora: tuple[str, ...] = ()
+    bias: tuple[str, ...] = ()
+    token_ids: tuple[int, ...] = ()
+    tied_tokens: bool = False
 
-
-class SlotLinear:
-    """A base projection plus every slot's LoRA (member ``member`` of its group) and IA3 vectors for it."""
-
-    def __init__(self, base: nn.Module, group: LoraGroup, member: int) -> None:
-        self.base = base
-        self.group, self.member = group, member
-        self.in_features, self.out_features = base.in_features, base.out_features
-        self.ia3_in_columns = self.ia3_out_columns = slice(0)
-        self.ia3_in = self.ia3_out = torch.empty(0)
-        self.uses_ia3_in = self.uses_ia3_out = False
-        # A dense merged (weight, bias) standing in for a 4-bit base while an adapter is merged.
-        self.merged: tuple[torch.Tensor, torch.Tensor | None] | None = None
-
-    def bind_ia3(self, table: torch.Tensor, offset: int) -> int:
-        """Take this projection's columns of the shared IA3 table; returns the next free column."""
-        middle = offset + self.in_features
-        self.ia3_in_columns, self.ia3_out_columns = (
-            slice(offset, middle),
-            slice(middle, middle + self.out_features),
-        )
-        self.ia3_in, self.ia3_out = table[:, self.ia3_in_columns], table[:, self.ia3_out_columns]
-        return middle + self.out_features
-
-    def __call__(
-        self,
-        x: torch.Tensor,
-        ia3_rows: torch.Tensor | None,
-        shrunk: torch.Tensor | None,
-        lora: LoraRows | None,
-    ) -> torch.Tensor:
-        """``ia3_rows``: each row's gathered IA3 table row (batch, 1, columns), None without IA3 rows;
-        ``shrunk``: the group's ``x Aᵀ`` for the LoRA rows, None without LoRA rows."""
-        if ia3_rows is not None and self.uses_ia3_in:
-            x = x * ia3_rows[..., self.ia3_in_columns]
-        if self.merged is not None:
-            weight, bias = self.merged
-            out = F.linear(x.to(weight.dtype), weight, bias)
-        else:
-            out = self.base(x)
-        if ia3_rows is not None and self.uses_ia3_out:
-            out = out * ia3_rows[..., self.ia3_out_columns]
-        if shrunk is None or lora is None:
-            return out
-        return self.group.expand(self.member, shrunk, lora, out)
-
-    def slot_views(self, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Slot ``slot``'s LoRA rows: (max rank × in) and (max rank × out) views."""
-        return self.group.slot_views(slot, self.member)
+    @property
+    def lora_rank(self) -> int:
+        return max(self.lora.values(), default=0)
 
 
 class SlottedDecoder:
-    """Runs a Llama-family model over a batch of rows with per-row adapters, writing a static KV cache."""
+    """Runs a decoder over a batch of rows with per-row adapters, writing a static KV cache."""
 
     def __init__(
         self,
         model: nn.Module,
+        family: Family,
         *,
         num_slots: int,
         max_rank: int,
         max_virtual_tokens: int,
+        max_trainable_tokens: int,
         max_batch: int,
         max_context: int,
         dtype: torch.dtype,
         device: str,
     ) -> None:
         config = model.config
-        self.model = model
+        self.model, self.family, self.config = model, family, config
         self.decoder = model.model
         self.dtype, self.device = dtype, device
         self.num_slots, self.max_rank, self.max_context = num_slots, max_rank, max_context
+        self.max_trainable_tokens = max_trainable_tokens
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
-        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        self.scaling = self.head_dim**-0.5
+        self.head_dim = head_dim(config)
+        self.scaling = family.query_scale(config)
+        self.attention_softcap = family.softcap(config, family.attention_softcap)
+        self.final_softcap = family.softcap(config, family.final_softcap)
         self.group = self.num_heads // self.num_kv_heads
+        self.windows = family.windows(config)
         layers = self.decoder.layers
-        self.projections: list[dict[str, SlotLinear]] = []
+        self.vectors = {"ia3": VectorTable(1.0), "dora": VectorTable(1.0), "bias": VectorTable(0.0)}
+        self.layers: list[dict[str, SlotLinear]] = []
         for layer in layers:
             projections: dict[str, SlotLinear] = {}
-            for group in LORA_GROUPS:
-                modules = [getattr(self._parent(layer, name), name) for name in group]
+            for names in family.lora_groups:
+                modules = [getattr(self._parent(layer, name), name) for name in names]
                 tables = LoraGroup(
                     modules[0].in_features,
                     [m.out_features for m in modules],
@@ -179,28 +146,31 @@ class SlottedDecoder:
                     dtype,
                     device,
                 )
-                for member, (name, module) in enumerate(zip(group, modules, strict=True)):
-                    projections[name] = SlotLinear(module, tables, member)
-            self.projections.append(projections)
+                for member, (name, module) in enumerate(zip(names, modules, strict=True)):
+                    projections[name] = SlotLinear(module, tables, member, self.vectors)
+            self.layers.append(projections)
+        head = model.lm_head
+        head_tables = LoraGroup(
+            head.in_features, [head.out_features], num_slots, max_rank, dtype, device, allocate=False
+        )
+        self.lm_head = SlotLinear(head, head_tables, 0, self.vectors)
+        self.embedding = SlotEmbedding(self.decoder.embed_tokens, num_slots, max_rank, dtype, device)
+        self.vectors["ia3"].allocate(num_slots, dtype, device)
         module_names = {module: name for name, module in model.named_modules()}
         # Adapters name modules as PEFT does: by their qualified name in the Hugging Face model.
         self.targets = {
-            module_names[target.base]: target
-            for projections in self.projections
-            for target in projections.values()
+            module_names[target.base]: target for layer in self.layers for target in layer.values()
         }
-        targets = list(self.targets.values())
-        width = sum(target.in_features + target.out_features for target in targets)
-        self.ia3_table = torch.ones(num_slots, width, dtype=dtype, device=device)
-        offset = 0
-        for target in targets:
-            offset = target.bind_ia3(self.ia3_table, offset)
+        self.targets[module_names[head]] = self.lm_head
+        self.embedding_name = module_names[self.decoder.embed_tokens]
         self.shape = BaseShape(
             num_layers=len(layers),
             hidden_size=config.hidden_size,
             num_kv_heads=self.num_kv_heads,
             head_dim=self.head_dim,
             targets=frozenset(self.targets),
+            embedding=self.embedding_name,
+            tied_output=module_names[head] if getattr(config, "tie_word_embeddings", False) else None,
         )
         self.virtual_tokens = torch.zeros(
             num_slots, max_virtual_tokens, config.hidden_size, dtype=dtype, device=device
@@ -225,46 +195,55 @@ class SlottedDecoder:
             dtype=dtype,
             device=device,
         )
-        self.slot_rank = [0] * num_slots
-        self.slot_contents = [SlotContents() for _ in range(num_slots)]
-        self.layout_version = 0  # bumped when a projection starts using IA3
+        self.slots = [SlotFeatures() for _ in range(num_slots)]
+        self.layout_version = 0  # bumped when a module starts using a vector a captured graph skips
 
-    @staticmethod
-    def _parent(layer: nn.Module, projection: str) -> nn.Module:
-        return layer.mlp if projection in ("gate_proj", "up_proj", "down_proj") else layer.self_attn
+    def _parent(self, layer: nn.Module, projection: str) -> nn.Module:
+        return layer.self_attn if projection in ATTENTION_PROJECTIONS else layer.mlp
+
+    # -- what the adapter conversion reads of the base ------------------------------------------
+
+    def dense_weight(self, module: str) -> torch.Tensor:
+        return self.targets[module].dense_weight(self.dtype)
+
+    def bias(self, module: str) -> torch.Tensor | None:
+        return self.targets[module].base_bias
+
+    def parameter(self, name: str) -> torch.Tensor:
+        return self.model.get_parameter(name)
 
     # -- slots -----------------------------------------------------------------------------------
 
     def load_slot(self, slot: int, adapter: NativeAdapter) -> None:
         """Copy an adapter into slot ``slot``'s preallocated rows; every other slot is untouched.
 
-        Rows the previous occupant wrote and this adapter does not overwrite are reset to identity
+        What the previous occupant wrote and this adapter does not overwrite is reset to identity
         first; a LoRA replacing a LoRA of the same shape needs no reset at all.
         """
-        previous = self.slot_contents[slot]
-        for key, rank in previous.lora.items():
-            new_rank = adapter.lora[key][0].shape[0] if key in adapter.lora else 0
-            if rank > new_rank:
-                for rows in self.targets[key].slot_views(slot):
-                    rows[new_rank:rank].zero_()
-        for key, on_input in previous.ia3.items():
-            if adapter.ia3.get(key, (None, not on_input))[1] != on_input:
-                target = self.targets[key]
-                (target.ia3_in if on_input else target.ia3_out)[slot].fill_(1.0)
+        self._reset(slot, adapter)
         adapter = adapter.to(self.device)
         destinations, sources = [], []
         for module, (a, b) in adapter.lora.items():
             slot_a, slot_b = self.targets[module].slot_views(slot)
             destinations += [slot_a[: a.shape[0]], slot_b[: b.shape[0]]]
             sources += [a, b]
+        if adapter.embedding_lora is not None:
+            a, b = adapter.embedding_lora
+            self.embedding.allocate_lora()
+            destinations += [
+                self.embedding.lora_a[slot, :, : a.shape[1]],
+                self.embedding.lora_b[slot, : b.shape[0]],
+            ]
+            sources += [a, b]
         for module, (vector, on_input) in adapter.ia3.items():
-            target = self.targets[module]
-            destinations.append((target.ia3_in if on_input else target.ia3_out)[slot])
+            destinations.append(self._vector_view("ia3_in" if on_input else "ia3_out", module, slot))
             sources.append(vector)
-            if not (target.uses_ia3_in if on_input else target.uses_ia3_out):
-                self.layout_version += 1  # a captured decode graph no longer covers this projection
-            target.uses_ia3_in |= on_input
-            target.uses_ia3_out |= not on_input
+        for kind, vectors in (("dora", adapter.dora), ("bias", adapter.bias)):
+            for module, vector in vectors.items():
+                destinations.append(self._vector_view(kind, module, slot))
+                sources.append(vector)
+        if adapter.tokens is not None:
+            self._load_tokens(slot, adapter)
         if adapter.virtual_tokens is not None:
             destinations.append(self.virtual_tokens[slot, : adapter.virtual_tokens.shape[0]])
             sources.append(adapter.virtual_tokens)
@@ -273,11 +252,95 @@ class SlottedDecoder:
             sources.append(adapter.prefix_kv)
         if destinations:
             torch._foreach_copy_(destinations, sources)
-        self.slot_contents[slot] = SlotContents(
-            lora={key: a.shape[0] for key, (a, _) in adapter.lora.items()},
-            ia3={key: on_input for key, (_, on_input) in adapter.ia3.items()},
+        self.slots[slot] = SlotFeatures(
+            lora={module: a.shape[0] for module, (a, _) in adapter.lora.items()},
+            embedding_lora=0 if adapter.embedding_lora is None else adapter.embedding_lora[0].shape[1],
+            ia3={module: on_input for module, (_, on_input) in adapter.ia3.items()},
+            dora=tuple(adapter.dora),
+            bias=tuple(adapter.bias),
+            token_ids=() if adapter.tokens is None else adapter.tokens.ids,
+            tied_tokens=adapter.tokens is not None and adapter.tokens.tied,
         )
-        self.slot_rank[slot] = adapter.rank or 0
+
+    def _vector_view(self, use: str, module: str, slot: int) -> torch.Tensor:
+        """Slot ``slot``'s columns of one module's vector, allocating the table on first use."""
+        target = self.targets[module]
+        kind = use.removesuffix("_in").removesuffix("_out")
+        table = self.vectors[kind]
+        table.allocate(self.num_slots, self.dtype, self.device)
+        if use not in target.uses:
+            target.uses.add(use)
+            self.layout_version += 1  # a captured decode graph does not apply this vector
+        return table.tensor[slot, getattr(target, use)]
+
+    def _load_tokens(self, slot: int, adapter: NativeAdapter) -> None:
+        tokens = adapter.tokens
+        embedding = self.embedding
+        embedding.allocate_tokens(self.max_trainable_tokens)
+        ids = torch.tensor(tokens.ids, device=self.device)
+        embedding.token_rows[slot, : len(tokens.ids)] = tokens.rows
+        embedding.token_ids[slot, : len(tokens.ids)] = ids
+        embedding.token_index[slot, ids] = torch.arange(len(tokens.ids), device=self.device)
+
+    def _reset(self, slot: int, adapter: NativeAdapter) -> None:
+        previous = self.slots[slot]
+        for module, rank in previous.lora.items():
+            new_rank = adapter.lora[module][0].shape[0] if module in adapter.lora else 0
+            if rank > new_rank:
+                for rows in self.targets[module].slot_views(slot):
+                    rows[new_rank:rank].zero_()
+        if previous.embedding_lora:
+            self.embedding.lora_a[slot, :, : previous.embedding_lora].zero_()
+            self.embedding.lora_b[slot, : previous.embedding_lora].zero_()
+        for module, on_input in previous.ia3.items():
+            if adapter.ia3.get(module, (None, not on_input))[1] != on_input:
+                self._vector_view("ia3_in" if on_input else "ia3_out", module, slot).fill_(1.0)
+        for module in previous.dora:
+            if module not in adapter.dora:
+                self._vector_view("dora", module, slot).fill_(1.0)
+        for module in previous.bias:
+            if module not in adapter.bias:
+                self._vector_view("bias", module, slot).zero_()
+        if previous.token_ids:
+            ids = torch.tensor(previous.token_ids, device=self.device)
+            self.embedding.token_index[slot, ids] = -1
+            self.embedding.token_ids[slot] = -1
+
+    def adapter_rows(self, slots: list[int], static_slots: torch.Tensor | None = None) -> AdapterRows:
+        """The features a forward over rows serving ``slots`` (0: base or idle) needs.
+
+        With ``static_slots`` (a captured decode graph replays every row) LoRA gathers over all rows,
+        base and idle rows reading slot 0's zero tables; otherwise only the LoRA rows are computed.
+        """
+        features = [self.slots[slot] for slot in slots]
+        lora = self._lora_rows(slots, [f.lora_rank for f in features], static_slots)
+        embedding = self._lora_rows(slots, [f.embedding_lora for f in features], static_slots)
+        return AdapterRows(
+            lora=lora,
+            embedding_lora=embedding,
+            ia3=any(f.ia3 for f in features),
+            dora=any(f.dora for f in features),
+            bias=any(f.bias for f in features),
+            tokens=any(f.token_ids for f in features),
+            tied_tokens=any(f.tied_tokens for f in features),
+        )
+
+    def _lora_rows(
+        self, slots: list[int], ranks: list[int], static_slots: torch.Tensor | None
+    ) -> LoraRows | None:
+        rows = [row for row, rank in enumerate(ranks) if rank]
+        if not rows:
+            return None
+        rank = max(ranks)
+        if static_slots is not None:
+            return LoraRows(rank, static_slots, None, None)
+        lora_slots = [slots[row] for row in rows]
+        return LoraRows(
+            rank=rank,
+            slots=torch.tensor(lora_slots, device=self.device),
+            rows=None if len(rows) == len(slots) else torch.tensor(rows, device=self.device),
+            single=lora_slots[0] if len(set(lora_slots)) == 1 else None,
+        )
 
     # -- merge -----------------------------------------------------------------------------------
 
@@ -285,31 +348,38 @@ class SlottedDecoder:
         """Fold a LoRA or IA3 adapter into the base; return copies of what was touched, for ``unmerge``.
 
         Dense bases are changed in place (the copies restore them bit-exactly). 4-bit bases are never
-        touched: the touched projections get a dequantized, merged dense weight that stands in for them.
+        touched: the touched projections get a dequantized, merged dense weight that stands in for them,
+        as do projections that gain a bias they do not have.
         """
         saved: dict[SlotLinear, tuple[torch.Tensor, torch.Tensor | None]] = {}
-        for key in {*adapter.lora, *adapter.ia3}:
-            target = self.targets[key]
-            weight = dense_weight(target.base, self.dtype).float()
-            bias = None if target.base.bias is None else target.base.bias.data
-            merged_bias = bias
-            if key in adapter.lora:
-                a, b = adapter.lora[key]
+        for module in {*adapter.lora, *adapter.ia3, *adapter.dora, *adapter.bias}:
+            target = self.targets[module]
+            weight = target.dense_weight(self.dtype).float()
+            bias = target.base_bias
+            merged_bias = None if bias is None else bias.float()
+            if module in adapter.lora:
+                a, b = adapter.lora[module]
                 weight = weight + b.to(self.device).float().t() @ a.to(self.device).float()
-            if key in adapter.ia3:
-                vector, on_input = adapter.ia3[key]
+            if module in adapter.ia3:
+                vector, on_input = adapter.ia3[module]
                 vector = vector.to(self.device).float()
                 weight = weight * (vector.unsqueeze(0) if on_input else vector.unsqueeze(1))
-                if bias is not None and not on_input:
-                    merged_bias = (bias.float() * vector).to(bias.dtype)
-            if is_quantized(target.base):
-                target.merged = (weight.to(self.dtype), merged_bias)
+                if merged_bias is not None and not on_input:
+                    merged_bias = merged_bias * vector
+            if module in adapter.dora:
+                weight = weight * adapter.dora[module].to(self.device).float().unsqueeze(1)
+            if module in adapter.bias:
+                delta = adapter.bias[module].to(self.device).float()
+                merged_bias = delta if merged_bias is None else merged_bias + delta
+            cast_bias = None if merged_bias is None else merged_bias.to(self.dtype)
+            if is_quantized(target.base) or (bias is None and cast_bias is not None):
+                target.merged = (weight.to(self.dtype), cast_bias)
                 saved[target] = (torch.empty(0), None)
                 continue
-            saved[target] = (target.base.weight.data.clone(), None if bias is None else bias.clone())
+            saved[target] = (target.base.weight.data.clone(), None if bias is None else bias.data.clone())
             target.base.weight.data.copy_(weight.to(target.base.weight.dtype))
             if bias is not None:
-                target.base.bias.data.copy_(merged_bias)
+                target.base.bias.data.copy_(cast_bias)
         return saved
 
     def unmerge(self, saved: dict[SlotLinear, tuple[torch.Tensor, torch.Tensor | None]]) -> None:
@@ -324,12 +394,15 @@ class SlottedDecoder:
     # -- forward ---------------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def embed(self, token_ids: torch.Tensor, virtual: tuple[torch.Tensor, ...] | None) -> torch.Tensor:
+    def embed(
+        self, token_ids: torch.Tensor, batch: Batch, virtual: tuple[torch.Tensor, ...] | None
+    ) -> torch.Tensor:
         """Token embeddings, with a prompt row's first positions replaced by its virtual tokens.
 
         ``virtual`` is flat (batch row, position, slot, virtual index) for every virtual position.
         """
-        embeds = self.decoder.embed_tokens(token_ids)
+        adapters = batch.adapters
+        embeds = self.embedding(token_ids, batch.slots, adapters.embedding_lora, adapters.tokens)
         if virtual is not None:
             rows, positions, slots, indices = virtual
             embeds[rows, positions] = self.virtual_tokens[slots, indices].to(embeds.dtype)
@@ -341,59 +414,138 @@ class SlottedDecoder:
         if batch.prefix_write is not None:
             rows, positions, slots, indices = batch.prefix_write
             self.kv[:, :, rows, :, positions] = self.prefix_kv[:, :, slots, :, indices]
-        lora = batch.lora
-        ia3_rows = self.ia3_table[batch.slots].unsqueeze(1) if batch.any_ia3 else None
-        keys_visible = torch.arange(batch.kv_len, device=self.device).view(
-            1, 1, -1
-        ) <= batch.cache_pos.unsqueeze(-1)
-        size, length = keys_visible.shape[:2]
-        attention_mask = (
-            keys_visible.unsqueeze(1).expand(size, self.group, length, -1).reshape(size, 1, -1, batch.kv_len)
+        adapters, family = batch.adapters, self.family
+        lora = adapters.lora
+        vectors = RowVectors(
+            ia3=self.vectors["ia3"].rows(batch.slots) if adapters.ia3 else None,
+            dora=self.vectors["dora"].rows(batch.slots) if adapters.dora else None,
+            bias=self.vectors["bias"].rows(batch.slots) if adapters.bias else None,
         )
-        cos, sin = self.decoder.rotary_emb(embeds, batch.rope_pos)
-        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        masks = self._masks(batch)
+        rotary = self._rotary(embeds, batch.rope_pos)
         hidden = embeds
-        for index, (layer, proj) in enumerate(zip(self.decoder.layers, self.projections, strict=True)):
+        for index, (layer, proj) in enumerate(zip(self.decoder.layers, self.layers, strict=True)):
             attn = layer.self_attn
             x = layer.input_layernorm(hidden)
             size, length, _ = x.shape
-            shrunk = proj["q_proj"].group.shrink(x, lora)
-            q = proj["q_proj"](x, ia3_rows, shrunk, lora).view(size, length, -1, self.head_dim)
-            k = proj["k_proj"](x, ia3_rows, shrunk, lora).view(size, length, -1, self.head_dim)
-            v = proj["v_proj"](x, ia3_rows, shrunk, lora).view(size, length, -1, self.head_dim)
-            if hasattr(attn, "q_norm"):
+            q, k, v = self._qkv(proj, x, vectors, lora)
+            q = q.view(size, length, -1, self.head_dim)
+            k = k.view(size, length, -1, self.head_dim)
+            v = v.view(size, length, -1, self.head_dim)
+            if family.qk_norm:
                 q, k = attn.q_norm(q), attn.k_norm(k)
             q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+            cos, sin = rotary[index]
             q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
             key_cache, value_cache = self.kv[index, 0], self.kv[index, 1]
             key_cache[batch.row_index, :, batch.cache_pos] = k.transpose(1, 2).to(self.dtype)
             value_cache[batch.row_index, :, batch.cache_pos] = v.transpose(1, 2).to(self.dtype)
             keys = key_cache[batch.rows, :, : batch.kv_len]
             values = value_cache[batch.rows, :, : batch.kv_len]
-            # Grouped-query attention as plain attention: each KV head's query heads become extra query
-            # rows, so no backend needs GQA support and the KV cache is never repeated.
-            grouped = q.reshape(size, self.num_kv_heads, self.group * length, self.head_dim)
-            out = F.scaled_dot_product_attention(
-                grouped, keys, values, attn_mask=attention_mask, scale=self.scaling
-            )
+            out = self._attention(q, keys, values, masks[self.windows[index]])
             out = (
                 out.view(size, self.num_heads, length, self.head_dim)
                 .transpose(1, 2)
                 .reshape(size, length, -1)
             )
-            hidden = hidden + proj["o_proj"](out, ia3_rows, proj["o_proj"].group.shrink(out, lora), lora)
-            x = layer.post_attention_layernorm(hidden)
-            shrunk = proj["gate_proj"].group.shrink(x, lora)
-            gate = layer.mlp.act_fn(proj["gate_proj"](x, ia3_rows, shrunk, lora)) * proj["up_proj"](
-                x, ia3_rows, shrunk, lora
-            )
+            o_proj = proj["o_proj"]
+            out = o_proj(out, vectors, o_proj.group.shrink(out, lora), lora)
+            if family.sandwich_norms:
+                hidden = hidden + layer.post_attention_layernorm(out)
+                x = layer.pre_feedforward_layernorm(hidden)
+            else:
+                hidden = hidden + out
+                x = layer.post_attention_layernorm(hidden)
+            gate, up = self._gate_up(proj, x, vectors, lora)
+            gated = getattr(layer.mlp, family.activation)(gate) * up
             down = proj["down_proj"]
-            hidden = hidden + down(gate, ia3_rows, down.group.shrink(gate, lora), lora)
-        picked = hidden[torch.arange(hidden.shape[0], device=self.device), last]
-        return self.model.lm_head(self.decoder.norm(picked)).float()
+            out = down(gated, vectors, down.group.shrink(gated, lora), lora)
+            hidden = hidden + (layer.post_feedforward_layernorm(out) if family.sandwich_norms else out)
+        picked = self.decoder.norm(hidden[torch.arange(hidden.shape[0], device=self.device), last]).unsqueeze(
+            1
+        )
+        logits = self.lm_head(picked, vectors, self.lm_head.group.shrink(picked, lora), lora).squeeze(1)
+        if adapters.tied_tokens:
+            logits = self.embedding.tied_logits(picked.squeeze(1), batch.slots, logits)
+        if self.final_softcap is not None:
+            logits = torch.tanh(logits / self.final_softcap) * self.final_softcap
+        return logits.float()
+
+    def _qkv(
+        self, proj: dict[str, SlotLinear], x: torch.Tensor, vectors: RowVectors, lora: LoraRows | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        names = self.family.qkv
+        shrunk = proj[names[0]].group.shrink(x, lora)
+        if len(names) == 3:
+            q, k, v = (proj[name](x, vectors, shrunk, lora) for name in names)
+            return q, k, v
+        fused = proj[names[0]](x, vectors, shrunk, lora)
+        kv_width = self.num_kv_heads * self.head_dim
+        return fused.split([self.num_heads * self.head_dim, kv_width, kv_width], dim=-1)
+
+    def _gate_up(
+        self, proj: dict[str, SlotLinear], x: torch.Tensor, vectors: RowVectors, lora: LoraRows | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        names = self.family.gate_up
+        shrunk = proj[names[0]].group.shrink(x, lora)
+        if len(names) == 2:
+            return proj[names[0]](x, vectors, shrunk, lora), proj[names[1]](x, vectors, shrunk, lora)
+        gate, up = proj[names[0]](x, vectors, shrunk, lora).chunk(2, dim=-1)
+        return gate, up
+
+    def _masks(self, batch: Batch) -> dict[int | None, torch.Tensor]:
+        """One (batch, 1, group·tokens, keys) mask per distinct window among the layers.
+
+        Grouped-query attention runs as plain attention: each KV head's query heads become extra query
+        rows, so no backend needs GQA support and the KV cache is never repeated.
+        """
+        keys = torch.arange(batch.kv_len, device=self.device).view(1, 1, -1)
+        queries = batch.cache_pos.unsqueeze(-1)
+        causal = keys <= queries
+        size, length = causal.shape[:2]
+        masks = {}
+        for window in set(self.windows):
+            # transformers' sliding window: a query sees the keys of the last ``window`` positions.
+            visible = causal if window is None else causal & (keys > queries - window)
+            masks[window] = (
+                visible.unsqueeze(1).expand(size, self.group, length, -1).reshape(size, 1, -1, batch.kv_len)
+            )
+        return masks
+
+    def _attention(
+        self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
+        size, _, length, _ = q.shape
+        grouped = q.reshape(size, self.num_kv_heads, self.group * length, self.head_dim)
+        if self.attention_softcap is None:
+            return F.scaled_dot_product_attention(grouped, keys, values, attn_mask=mask, scale=self.scaling)
+        # Softcapped logits (Gemma 2), as transformers' eager attention computes them.
+        scores = grouped @ keys.transpose(-1, -2) * self.scaling
+        scores = torch.tanh(scores / self.attention_softcap) * self.attention_softcap
+        scores = scores.masked_fill(~mask, float("-inf"))
+        return scores.softmax(dim=-1, dtype=torch.float32).to(q.dtype) @ values
+
+    def _rotary(
+        self, embeds: torch.Tensor, positions: torch.Tensor
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Each layer's (cos, sin), shaped to broadcast over heads."""
+        rotary = self.decoder.rotary_emb
+        if not self.family.rotary_per_layer_type:
+            cos, sin = rotary(embeds, positions)
+            return [(cos.unsqueeze(1), sin.unsqueeze(1))] * len(self.layers)
+        types = self.config.layer_types
+        by_type = {}
+        for kind in set(types):
+            cos, sin = rotary(embeds, positions, kind)
+            by_type[kind] = (cos.unsqueeze(1), sin.unsqueeze(1))
+        return [by_type[kind] for kind in types]
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
+    """Rotary embedding on the first ``cos.shape[-1]`` dimensions (all of them, unless partial)."""
+    width = cos.shape[-1]
+    if width < x.shape[-1]:
+        return torch.cat((_rotate(x[..., :width], cos, sin), x[..., width:]), dim=-1)
+    half = width // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos + rotated * sin

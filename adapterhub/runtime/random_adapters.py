@@ -26,17 +26,28 @@ PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "
 
 
 def peft_config(
-    family: str, *, rank: int = 8, num_virtual_tokens: int = 4, rslora: bool = False
+    family: str,
+    *,
+    rank: int = 8,
+    num_virtual_tokens: int = 4,
+    rslora: bool = False,
+    target_modules: list[str] | None = None,
+    **lora_options,
 ) -> PeftConfig:
-    """A PEFT config of one family; LoRA and IA3 target every projection of a Llama-family layer."""
+    """A PEFT config of one family; LoRA and IA3 target every projection of a Llama-family layer.
+
+    ``lora_options`` go to ``LoraConfig`` as they are (``use_dora``, ``lora_bias``,
+    ``trainable_token_indices``, ...).
+    """
     if family == "lora":
         return LoraConfig(
             task_type="CAUSAL_LM",
             r=rank,
             lora_alpha=2 * rank,
-            target_modules=list(PROJECTIONS),
+            target_modules=target_modules or list(PROJECTIONS),
             use_rslora=rslora,
             lora_dropout=0.0,
+            **lora_options,
         )
     if family == "ia3":
         return IA3Config(
@@ -84,10 +95,27 @@ def strip_peft_layers(model: nn.Module) -> None:
     """Put every module PEFT wrapped back in its place.
 
     PEFT's own ``unload()`` refuses IA3 on 4-bit bases ("cannot merge"), though nothing needs merging.
+    Wrappers nest (a LoRA over trainable tokens over the output head): the outermost one is replaced by
+    the innermost original module, and what was inside it is not visited again.
     """
     from peft.tuners.tuners_utils import BaseTunerLayer
+    from peft.utils.other import AuxiliaryTrainingWrapper
 
+    def original(module: nn.Module) -> nn.Module:
+        while True:
+            if isinstance(module, AuxiliaryTrainingWrapper):  # trainable tokens, modules_to_save
+                module = module.original_module
+            elif isinstance(module, BaseTunerLayer) and hasattr(module, "base_layer"):
+                module = module.base_layer
+            else:
+                return module
+
+    replaced: list[str] = []
     for name, module in list(model.named_modules()):
-        if isinstance(module, BaseTunerLayer):
+        if any(name.startswith(prefix + ".") for prefix in replaced):
+            continue
+        unwrapped = original(module)
+        if unwrapped is not module:
             parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, module.get_base_layer())
+            setattr(model.get_submodule(parent), child, unwrapped)
+            replaced.append(name)

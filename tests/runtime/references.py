@@ -17,10 +17,16 @@ from adapterhub.runtime.engine import Engine, EngineConfig
 BASE = "builtin:tiny-llama"
 NEW_TOKENS = 8
 PROMPTS = ("hello world how are", "the cat", "a quick brown fox jumps over the lazy dog and")
-# Two LoRAs (one rsLoRA of another rank) so a row served the other LoRA's slot would show.
+# Two LoRAs (one rsLoRA of another rank) so a row served the other LoRA's slot would show; and the
+# LoRA options that add per-slot tables beyond A and B: DoRA, a bias on B, LoRA on the embedding and
+# the output head with trainable tokens.
 ADAPTERS = {
     "lora": dict(family="lora", rank=8),
     "lora_rs": dict(family="lora", rank=4, rslora=True),
+    "dora": dict(family="lora", rank=4, use_dora=True),
+    "lora_bias": dict(family="lora", rank=2, lora_bias=True, target_modules=["q_proj", "down_proj"]),
+    "embed_head": dict(family="lora", rank=4, target_modules=["embed_tokens", "lm_head", "v_proj"]),
+    "tokens": dict(family="lora", rank=4, target_modules=["o_proj"], trainable_token_indices=[5, 70, 120]),
     "ia3": dict(family="ia3"),
     "prompt": dict(family="prompt_tuning", num_virtual_tokens=4),
     "ptune": dict(family="p_tuning", num_virtual_tokens=5),
@@ -30,7 +36,7 @@ ADAPTERS = {
 
 def make_engine(adapter_dirs: dict[str, Path], **overrides) -> Engine:
     settings = dict(
-        base=BASE, quantization="none", device="cpu", max_adapters=8, max_lora_rank=16, max_batch_size=16
+        base=BASE, quantization="none", device="cpu", max_adapters=12, max_lora_rank=16, max_batch_size=32
     )
     engine = Engine(EngineConfig(**(settings | overrides)))
     for name, folder in adapter_dirs.items():

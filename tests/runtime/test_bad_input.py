@@ -144,7 +144,7 @@ def test_registering_a_name_twice_is_refused(served, adapter_dirs: dict[str, Pat
 
 
 def test_non_llama_base_is_refused(tiny_mt5: Path) -> None:
-    with pytest.raises(UserError, match="Llama-family"):
+    with pytest.raises(UserError, match="the fast runtime does not serve"):
         Engine(EngineConfig(base="builtin:tiny-mt5", quantization="none", device="cpu"))
 
 

@@ -14,9 +14,9 @@ from .references import ADAPTERS, PROMPTS, greedy, make_engine, peft_reference
 LOGIT_TOLERANCE = 1e-4
 
 
-def _mixed_rows() -> list[tuple[str | None, str]]:
-    """Every adapter and the base, each on two prompts of different lengths, interleaved."""
-    names = [None, *ADAPTERS]
+def _mixed_rows(names: list[str]) -> list[tuple[str | None, str]]:
+    """Every adapter named and the base, each on two prompts of different lengths, interleaved."""
+    names = [None, *names]
     return [(name, PROMPTS[(i + turn) % len(PROMPTS)]) for turn in range(2) for i, name in enumerate(names)]
 
 
@@ -38,7 +38,7 @@ def test_each_family_alone_matches_peft(
 def _check_mixed_batch(
     engine: Engine, adapter_dirs: dict[str, Path], quantization: str, tolerance: float = LOGIT_TOLERANCE
 ) -> None:
-    rows = _mixed_rows()
+    rows = _mixed_rows([info.name for info in engine.list()])
     requests = [greedy(prompt, name) for name, prompt in rows]
     logits = engine.score(requests)
     handles = [engine.submit(request) for request in requests]
@@ -64,12 +64,17 @@ def test_one_batch_mixing_all_five_families_and_base_matches_peft(
 
 
 # LLM.int8 picks its fp16 outlier columns across every token of a batch, so int8 logits depend on
-# the batch companions (measured ~2e-3 here); tokens must still match.
-@pytest.mark.parametrize(("quantization", "tolerance"), [("nf4", LOGIT_TOLERANCE), ("int8", 1e-2)])
+# the batch companions (measured up to 2.6e-3 for base rows and 1.1e-2 for the embedding LoRA's larger
+# activations, against 1e-6 alone); tokens must still match.
+@pytest.mark.parametrize(("quantization", "tolerance"), [("nf4", LOGIT_TOLERANCE), ("int8", 2e-2)])
 def test_mixed_batch_on_quantized_base_matches_peft_on_the_same_base(
     adapter_dirs: dict[str, Path], quantization: str, tolerance: float
 ) -> None:
-    engine = make_engine(adapter_dirs, quantization=quantization)
+    # DoRA needs the dense base weight, which LLM.int8 cannot give back: refused there, tested apart.
+    served = {
+        name: folder for name, folder in adapter_dirs.items() if quantization != "int8" or name != "dora"
+    }
+    engine = make_engine(served, quantization=quantization)
     assert engine.quantization == quantization
     _check_mixed_batch(engine, adapter_dirs, quantization, tolerance)
 

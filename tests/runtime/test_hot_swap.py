@@ -16,8 +16,8 @@ from .references import ADAPTERS, PROMPTS, greedy, make_engine, peft_reference
 
 def _slot_tensors(engine: Engine) -> list:
     decoder = engine.decoder
-    tables = [decoder.virtual_tokens, decoder.prefix_kv, decoder.kv, decoder.ia3_table]
-    for layer in decoder.projections:
+    tables = [decoder.virtual_tokens, decoder.prefix_kv, decoder.kv, decoder.vectors["ia3"].tensor]
+    for layer in decoder.layers:
         tables += [t for target in layer.values() for t in (target.group.a, *target.group.b)]
     return tables
 
@@ -100,8 +100,8 @@ def test_reloading_a_slot_resets_exactly_what_the_previous_occupant_left(engine:
     decoder = engine.decoder
     natives = {info.name: engine._adapters[info.name].native for info in engine.list()}
     slot = decoder.num_slots - 1
-    first_a, first_b = decoder.projections[0]["q_proj"].slot_views(slot)
-    ia3_side = decoder.projections[0]["k_proj"].ia3_out
+    first_a, first_b = decoder.layers[0]["q_proj"].slot_views(slot)
+    ia3_side = decoder.vectors["ia3"].tensor[:, decoder.layers[0]["k_proj"].ia3_out]
 
     decoder.load_slot(slot, natives["lora"])  # rank 8
     decoder.load_slot(slot, natives["lora_rs"])  # rank 4: rows 4..7 must be zero again

@@ -1,0 +1,196 @@
+"""The base modules adapters change, each wrapped with every slot's tables for it.
+
+- ``SlotLinear``: a projection (or the output head) with per-slot LoRA (``runtime/lora.py``), IA3
+  input/output scales, DoRA's output-side scale and an additive output bias (LoRA's ``lora_bias``,
+  and the biases that ``bias="all"``/``"lora_only"`` adapters replace).
+- ``SlotEmbedding``: the input embedding with per-slot LoRA (``B A[ids]``) and PEFT's trainable
+  tokens (rows of the embedding, and of a tied output head, that an adapter replaces).
+
+Per-slot vectors of every projection share one ``(slots × Σ widths)`` table per kind, so a forward
+gathers each row's slice once (``RowVectors``) and each projection reads its columns. Tables that
+few adapters need (DoRA, biases, embedding LoRA, trainable tokens) are allocated on first use.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from adapterhub.runtime.lora import LoraGroup, LoraRows
+
+
+class VectorTable:
+    """One per-slot vector per (module, side), all in a single ``(slots × Σ widths)`` tensor."""
+
+    def __init__(self, fill: float) -> None:
+        self.fill = fill
+        self.width = 0
+        self.tensor: torch.Tensor | None = None
+
+    def columns(self, width: int) -> slice:
+        """Reserve ``width`` columns (before the table is allocated)."""
+        start, self.width = self.width, self.width + width
+        return slice(start, self.width)
+
+    def allocate(self, num_slots: int, dtype: torch.dtype, device: str) -> None:
+        if self.tensor is None:
+            self.tensor = torch.full((num_slots, self.width), self.fill, dtype=dtype, device=device)
+
+    def rows(self, slots: torch.Tensor) -> torch.Tensor | None:
+        """Each batch row's slice, shaped (batch, 1, width) to broadcast over tokens."""
+        return None if self.tensor is None else self.tensor[slots].unsqueeze(1)
+
+
+@dataclass(frozen=True)
+class RowVectors:
+    """One forward's gathered per-slot vectors; None where no row of the batch uses that kind."""
+
+    ia3: torch.Tensor | None = None
+    dora: torch.Tensor | None = None
+    bias: torch.Tensor | None = None
+
+
+class SlotLinear:
+    """A base linear module plus every slot's LoRA (member ``member`` of ``group``) and vectors for it."""
+
+    def __init__(
+        self, base: nn.Module, group: LoraGroup, member: int, tables: dict[str, VectorTable]
+    ) -> None:
+        self.base = base
+        self.group, self.member = group, member
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.ia3_in = tables["ia3"].columns(self.in_features)
+        self.ia3_out = tables["ia3"].columns(self.out_features)
+        self.dora = tables["dora"].columns(self.out_features)
+        self.bias = tables["bias"].columns(self.out_features)
+        # Which of its vectors some resident adapter has written (the others are identity everywhere).
+        self.uses: set[str] = set()
+        # A dense merged (weight, bias) standing in for a 4-bit base while an adapter is merged.
+        self.merged: tuple[torch.Tensor, torch.Tensor | None] | None = None
+
+    @property
+    def base_bias(self) -> torch.Tensor | None:
+        return None if self.base.bias is None else self.base.bias
+
+    def __call__(
+        self, x: torch.Tensor, vectors: RowVectors, shrunk: torch.Tensor | None, lora: LoraRows | None
+    ) -> torch.Tensor:
+        """``shrunk``: the group's ``x Aᵀ`` for the LoRA rows, None without LoRA rows."""
+        if vectors.ia3 is not None and "ia3_in" in self.uses:
+            x = x * vectors.ia3[..., self.ia3_in]
+        if self.merged is not None:
+            weight, bias = self.merged
+            out = F.linear(x.to(weight.dtype), weight, bias)
+        else:
+            out = self.base(x)
+        if vectors.ia3 is not None and "ia3_out" in self.uses:
+            out = out * vectors.ia3[..., self.ia3_out]
+        if shrunk is not None and lora is not None:
+            out = self.group.expand(self.member, shrunk, lora, out)
+        if vectors.dora is not None and "dora" in self.uses:
+            # DoRA: m/‖W + sBA‖ scales the weight's output and the LoRA's, never the base bias.
+            scale = vectors.dora[..., self.dora]
+            bias = self.base_bias if self.merged is None else self.merged[1]
+            out = out * scale if bias is None else (out - bias) * scale + bias
+        if vectors.bias is not None and "bias" in self.uses:
+            out = out + vectors.bias[..., self.bias]
+        return out
+
+    def slot_views(self, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Slot ``slot``'s LoRA rows: (max rank × in) and (max rank × out) views."""
+        return self.group.slot_views(slot, self.member)
+
+    def dense_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """The weight this module multiplies by, as a dense matrix; 4-bit weights are dequantized."""
+        return dense_weight(self.base, dtype)
+
+
+class SlotEmbedding:
+    """The input embedding plus every slot's embedding LoRA and trainable tokens."""
+
+    def __init__(self, base: nn.Embedding, num_slots: int, max_rank: int, dtype: torch.dtype, device: str):
+        self.base = base
+        self.num_slots, self.max_rank, self.dtype, self.device = num_slots, max_rank, dtype, device
+        self.vocab, self.hidden = base.weight.shape
+        # Gemma's embedding scales its output; PEFT scales an embedding LoRA's and a trainable token's too.
+        scale = getattr(base, "embed_scale", None)
+        self.scale = None if scale is None else scale.to(dtype)
+        self.lora_a: torch.Tensor | None = None  # (slots, vocab, max rank)
+        self.lora_b: torch.Tensor | None = None  # (slots, max rank, hidden), scaling included
+        self.token_index: torch.Tensor | None = None  # (slots, vocab): row of token_rows, or -1
+        self.token_rows: torch.Tensor | None = None  # (slots, capacity, hidden)
+        self.token_ids: torch.Tensor | None = None  # (slots, capacity): the replaced ids, -1 padding
+
+    def allocate_lora(self) -> None:
+        if self.lora_a is None:
+            shape = (self.num_slots, self.vocab, self.max_rank)
+            self.lora_a = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            self.lora_b = torch.zeros(
+                self.num_slots, self.max_rank, self.hidden, dtype=self.dtype, device=self.device
+            )
+
+    def allocate_tokens(self, capacity: int) -> None:
+        if self.token_index is None:
+            self.token_index = torch.full(
+                (self.num_slots, self.vocab), -1, dtype=torch.long, device=self.device
+            )
+            self.token_rows = torch.zeros(
+                self.num_slots, capacity, self.hidden, dtype=self.dtype, device=self.device
+            )
+            self.token_ids = torch.full((self.num_slots, capacity), -1, dtype=torch.long, device=self.device)
+
+    def __call__(
+        self, ids: torch.Tensor, slots: torch.Tensor, lora: LoraRows | None, tokens: bool
+    ) -> torch.Tensor:
+        """Embeddings of ``ids`` (batch, tokens) for rows serving ``slots`` (batch,)."""
+        embeds = self.base(ids)
+        if tokens and self.token_index is not None:
+            index = self.token_index[slots.unsqueeze(1), ids]
+            replaced = self.token_rows[slots.unsqueeze(1), index.clamp(min=0)]
+            if self.scale is not None:
+                replaced = replaced * self.scale
+            embeds = torch.where((index >= 0).unsqueeze(-1), replaced.to(embeds.dtype), embeds)
+        if lora is not None and self.lora_a is not None:
+            rows_ids = ids if lora.rows is None else ids.index_select(0, lora.rows)
+            after_a = self.lora_a[:, :, : lora.rank][lora.slots.unsqueeze(1), rows_ids]
+            delta = torch.bmm(after_a, self.lora_b[:, : lora.rank][lora.slots])
+            if self.scale is not None:
+                delta = delta * self.scale
+            delta = delta.to(embeds.dtype)
+            embeds = embeds + delta if lora.rows is None else embeds.index_add(0, lora.rows, delta)
+        return embeds
+
+    def tied_logits(self, hidden: torch.Tensor, slots: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """Logits of a tied output head whose rows the rows' trainable tokens replace.
+
+        Added as a difference, ``h · (row − W[id])ᵀ``, so that whatever else adds to those logits (a
+        LoRA on the head) stays, as it does in PEFT, where the replaced rows sit beneath the LoRA.
+        """
+        ids = self.token_ids[slots]  # (batch, capacity), -1 padding
+        original = self.base.weight[ids.clamp(min=0)].to(self.dtype)
+        change = torch.bmm(self.token_rows[slots] - original, hidden.unsqueeze(-1).to(self.dtype)).squeeze(-1)
+        # Padding entries add into one spare column past the vocabulary, dropped afterwards.
+        columns = torch.where(ids >= 0, ids, logits.shape[1])
+        spare = logits.new_zeros(logits.shape[0], 1)
+        widened = torch.cat([logits, spare], dim=1).scatter_add(1, columns, change.to(logits.dtype))
+        return widened[:, :-1]
+
+
+def is_quantized(module: nn.Module) -> bool:
+    return type(module).__name__ in ("Linear4bit", "Linear8bitLt")
+
+
+def dense_weight(module: nn.Module, dtype: torch.dtype) -> torch.Tensor:
+    """The weight a projection multiplies by, as a dense matrix; 4-bit weights are dequantized."""
+    from adapterhub.errors import UserError
+
+    if type(module).__name__ == "Linear4bit":
+        import bitsandbytes.functional as bnb_functional
+
+        return bnb_functional.dequantize_4bit(module.weight.data, module.weight.quant_state).to(dtype)
+    if is_quantized(module):
+        raise UserError("int8 weights cannot be read back as a dense matrix: use quantization none or nf4")
+    return module.weight.data
