@@ -379,8 +379,12 @@ class SlottedDecoder:
         return embeds
 
     @torch.inference_mode()
-    def forward(self, embeds: torch.Tensor, batch: Batch, last: torch.Tensor) -> torch.Tensor:
-        """Run the decoder over ``embeds`` (batch, tokens, hidden); float logits at ``last`` of each row."""
+    def forward(
+        self, embeds: torch.Tensor, batch: Batch, last: torch.Tensor | tuple[torch.Tensor, torch.Tensor]
+    ) -> torch.Tensor:
+        """Run the decoder over ``embeds`` (batch, tokens, hidden); float logits at position ``last``
+        of each row, or at each (input row, position) pair when ``last`` is a pair of flat tensors
+        (prompt logprobs need every position of some rows)."""
         if batch.prefix_write is not None:
             rows, positions, slots, indices = batch.prefix_write
             self.kv[:, :, rows, :, positions] = self.prefix_kv[:, :, slots, :, indices]
@@ -437,7 +441,10 @@ class SlottedDecoder:
                 x, ia3_rows, shrunk
             )
             hidden = hidden + proj["down_proj"](gate, ia3_rows, proj["down_proj"].shrink(gate, masks))
-        picked = hidden[torch.arange(hidden.shape[0], device=self.device), last]
+        if isinstance(last, tuple):
+            picked = hidden[last]
+        else:
+            picked = hidden[torch.arange(hidden.shape[0], device=self.device), last]
         return self.model.lm_head(self.decoder.norm(picked)).float()
 
 
