@@ -93,7 +93,7 @@ class GrammarMasks:
         self._executor: Any = None
 
     def apply(self, logits: torch.Tensor, constrained: list[tuple[int, Any]]) -> None:
-        """Set to -inf every token that ``constrained`` (batch position, matcher) rows may not take."""
+        """Set to -inf every token that the ``constrained`` (batch position, matcher) rows may not take."""
         import llguidance
         from llguidance.torch import fill_next_token_bitmask_par
 
@@ -102,7 +102,7 @@ class GrammarMasks:
         rows = logits.shape[0]
         mask = self.bitmask[:rows]
         mask.fill_(-1)
-        fill_next_token_bitmask_par(self._executor, constrained, mask)
+        fill_next_token_bitmask_par(self._executor, [(m, i) for i, m in constrained], mask)
         words = mask.to(self.device, non_blocking=True)
         allowed = ((words.unsqueeze(-1) >> self.bits) & 1).view(rows, -1)[:, : logits.shape[-1]]
         logits.masked_fill_(allowed == 0, float("-inf"))
