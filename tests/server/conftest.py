@@ -90,6 +90,7 @@ def write_tool_base(folder: Path, template: str) -> Path:
     tokenizer.chat_template = template
     config = tiny_config("llama")
     config.vocab_size = 576  # room for the added tokens; widths stay multiples of 64
+    config.max_position_embeddings = 2048  # tool descriptions are long in a 512-token vocabulary
     torch.manual_seed(5)
     model = AutoModelForCausalLM.from_config(config)
     model.generation_config.pad_token_id, model.generation_config.eos_token_id = 0, 2
