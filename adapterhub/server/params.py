@@ -58,9 +58,9 @@ def _logit_bias(bias: dict[str, float] | None) -> tuple[tuple[int, float], ...]:
 
 
 def output_grammar(body: CompletionRequest | ChatCompletionRequest) -> GrammarSpec | None:
-    """The constraint that ``response_format`` (chat) or vLLM's ``guided_*`` fields ask for; at most one."""
+    """The constraint that ``response_format`` or vLLM's ``guided_*`` fields ask for; at most one."""
     found: list[tuple[str, GrammarSpec]] = []
-    response_format = getattr(body, "response_format", None)
+    response_format = body.response_format
     if response_format is not None and response_format.type == "json_object":
         found.append(("response_format", GrammarSpec("json_schema", '{"type": "object"}')))
     if response_format is not None and response_format.type == "json_schema":

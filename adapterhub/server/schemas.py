@@ -69,6 +69,20 @@ class StreamOptions(Body):
         return ("include_obfuscation",)
 
 
+class JsonSchemaFormat(Body):
+    name: str = Field(min_length=1, max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+
+
+class ResponseFormat(Body):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
 class SamplingFields(Body):
     """What completions and chat share: the model (adapter or base) and the sampling knobs."""
 
@@ -107,6 +121,9 @@ class SamplingFields(Body):
     guided_regex: str | None = Field(default=None, description="vLLM: a regular expression.")
     guided_choice: list[str] | None = Field(default=None, description="vLLM: one of these strings.")
     guided_grammar: str | None = Field(default=None, description="vLLM: a GBNF or Lark grammar.")
+    response_format: ResponseFormat | None = Field(
+        default=None, description="Chat: OpenAI's; completions: vLLM's extra of the same shape."
+    )
 
 
 class CompletionRequest(SamplingFields):
@@ -181,27 +198,12 @@ class NamedToolChoice(Body):
     function: NamedFunction
 
 
-class JsonSchemaFormat(Body):
-    name: str = Field(min_length=1, max_length=64)
-    description: str | None = None
-    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
-    strict: bool | None = None
-
-    model_config = ConfigDict(extra="allow", populate_by_name=True)
-
-
-class ResponseFormat(Body):
-    type: Literal["text", "json_object", "json_schema"]
-    json_schema: JsonSchemaFormat | None = None
-
-
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool | None = None
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
-    response_format: ResponseFormat | None = None
     tools: list[Tool] | None = Field(default=None, min_length=1)
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
