@@ -129,24 +129,36 @@ def http_phases(
     stream: bool,
     concurrency: int,
     variants: dict[str, dict],
+    repeats: int,
     progress: Callable[[str], None],
 ) -> dict:
-    """Run every variant over HTTP (after one untimed warm-up round of it) and report each one's
-    throughput, latencies, and its ratio to the plain run."""
-    result: dict = {}
-    for name, extra in variants.items():
-        bodies = workload_bodies(jobs, new_tokens, stream, extra)
+    """Run every variant over HTTP (after one untimed warm-up round of each), ``repeats`` rounds of
+    all of them in turn, and report each one's median throughput, its latencies over all rounds,
+    and its ratio to the plain run (median over rounds; every round's ratio is listed too)."""
+    bodies = {name: workload_bodies(jobs, new_tokens, stream, extra) for name, extra in variants.items()}
+    for name, batch in bodies.items():
         progress(f"http {name}: warming up")
-        http_phase(url, bodies[:concurrency], concurrency)
-        progress(f"http {name}: {len(bodies)} requests from {concurrency} clients")
-        seconds, timings = http_phase(url, bodies, concurrency)
-        latencies = [latency for latency, _, _ in timings]
-        first_tokens = [first for _, first, _ in timings if first is not None]
-        tokens = sum(count for _, _, count in timings)
+        http_phase(url, batch[:concurrency], concurrency)
+    rates: dict[str, list[float]] = {name: [] for name in variants}
+    timings: dict[str, list[tuple[float, float | None, int]]] = {name: [] for name in variants}
+    tokens: dict[str, int] = {}
+    for round_ in range(repeats):
+        for name, batch in bodies.items():
+            progress(
+                f"http {name} ({round_ + 1}/{repeats}): {len(batch)} requests from {concurrency} clients"
+            )
+            seconds, measured = http_phase(url, batch, concurrency)
+            tokens[name] = sum(count for _, _, count in measured)
+            rates[name].append(tokens[name] / seconds)
+            timings[name] += measured
+    result: dict = {}
+    for name in variants:
+        latencies = [latency for latency, _, _ in timings[name]]
+        first_tokens = [first for _, first, _ in timings[name] if first is not None]
         prefix = "http" if name == "plain" else name
-        result[f"{prefix}_tok_s"] = round(tokens / seconds, 2)
-        result[f"{prefix}_tokens"] = tokens
-        result[f"{prefix}_requests_s"] = round(len(bodies) / seconds, 2)
+        result[f"{prefix}_tok_s"] = round(statistics.median(rates[name]), 2)
+        result[f"{prefix}_tokens"] = tokens[name]
+        result[f"{prefix}_requests_s"] = round(statistics.median(rates[name]) * len(jobs) / tokens[name], 2)
         result[f"{prefix}_latency_p50_ms"] = _percentile_ms(latencies, 0.5)
         result[f"{prefix}_latency_p95_ms"] = _percentile_ms(latencies, 0.95)
         if name == "plain":
@@ -155,7 +167,9 @@ def http_phases(
             result[f"{prefix}_ttft_p50_ms"] = _percentile_ms(first_tokens, 0.5)
             result[f"{prefix}_ttft_p95_ms"] = _percentile_ms(first_tokens, 0.95)
         if name != "plain":
-            result[f"{name}_over_plain"] = round(result[f"{prefix}_tok_s"] / result["http_tok_s"], 3)
+            each = [rate / plain for rate, plain in zip(rates[name], rates["plain"], strict=True)]
+            result[f"{name}_over_plain"] = round(statistics.median(each), 3)
+            result[f"{name}_over_plain_each"] = [round(ratio, 3) for ratio in each]
     return result
 
 
@@ -183,6 +197,7 @@ def run_http_bench(
     json_schema: Path | None = None,
     url: str | None = None,
     models: str | None = None,
+    repeats: int = 1,
 ) -> dict:
     variants = phase_variants(logprobs, json_schema)
     shape = {
@@ -193,6 +208,7 @@ def run_http_bench(
         "new_tokens": new_tokens,
         "stream": stream,
         "phases": list(variants),
+        "repeats": repeats,
     }
     if url is not None:
         from adapterhub.models import load_config
@@ -210,6 +226,7 @@ def run_http_bench(
             stream=stream,
             concurrency=concurrency,
             variants=variants,
+            repeats=repeats,
             progress=progress,
         )
         return {**measured, "url": url, "models": names, **shape}
@@ -247,6 +264,7 @@ def run_http_bench(
                     stream=stream,
                     concurrency=concurrency,
                     variants=variants,
+                    repeats=repeats,
                     progress=progress,
                 )
         finally:
@@ -294,6 +312,13 @@ def run_http_bench(
 )
 @click.option("--url", help="drive this OpenAI-compatible server instead (prompts from --base's vocabulary)")
 @click.option("--models", help="with --url: the model names to use, round-robin (default: all it lists)")
+@click.option(
+    "--repeats",
+    default=1,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="rounds of all HTTP runs in turn; medians are reported (use 3+ on a busy machine)",
+)
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
 def bench_http(as_json: bool, **options) -> None:
     """The server's throughput and latency against the engine called directly, same requests."""

@@ -27,7 +27,7 @@ def test_http_bench_reports_plain_logprobs_and_constrained_runs(tmp_path: Path) 
     assert result["phases"] == ["plain", "logprobs", "json_schema"]
     assert result["http_tok_s"] > 0 and result["http_ttft_p50_ms"] <= result["http_latency_p95_ms"]
     for name in ("logprobs", "json_schema"):
-        assert result[f"{name}_over_plain"] == round(result[f"{name}_tok_s"] / result["http_tok_s"], 3)
+        assert result[f"{name}_over_plain"] == result[f"{name}_over_plain_each"][0] > 0
 
 
 def test_http_bench_drives_another_server_by_url() -> None:
