@@ -67,6 +67,12 @@ def served(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory):
                     break
             except httpx.TransportError:
                 time.sleep(0.2)
+        cards = httpx.get(f"{url}/v1/models").json()["data"]
+        assert [(card["id"], card["parent"]) for card in cards] == [
+            ("tiny", None),
+            ("lora", "tiny"),
+            ("prefix", "tiny"),
+        ]
         yield url, folders
     finally:
         server.terminate()
