@@ -270,13 +270,8 @@ class _Server:
             prompt_logprobs=prompt_logprobs,
             grammar=output_grammar(body),
         )
-        echo = [
-            p if isinstance(p, str) else self.engine.tokenizer.decode(p, skip_special_tokens=True)
-            for p in prompts
-        ]
-        reply = self._reply(
-            body, chat=False, echo=echo if body.echo else None, logprobs=body.logprobs is not None
-        )
+        echo = [self._prompt_text(prompt) for prompt in prompts] if body.echo else None
+        reply = self._reply(body, chat=False, echo=echo, logprobs=body.logprobs is not None)
         return await self._respond(request, body, prompts, params, reply)
 
     async def chat_completions(self, body: ChatCompletionRequest, request: Request) -> Response:
@@ -309,6 +304,16 @@ class _Server:
         )
         reply = self._reply(body, chat=True, logprobs=bool(body.logprobs), tools=plan)
         return await self._respond(request, body, [prompt], params, reply)
+
+    def _prompt_text(self, prompt: str | list[int]) -> str:
+        """What an echoed prompt shows: the string as sent, or the text of its token ids."""
+        if isinstance(prompt, str):
+            return prompt
+        vocab = self.engine.vocab_size
+        if any(not 0 <= token < vocab for token in prompt):
+            message = f"prompt has token ids outside the vocabulary (0..{vocab - 1})"
+            raise ApiError(400, message, "invalid_value", "prompt")
+        return self.engine.tokenizer.decode(prompt, skip_special_tokens=True)
 
     def _reply(self, body: SamplingFields, *, chat: bool, **options: Any) -> Reply:
         return Reply(

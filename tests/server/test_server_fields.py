@@ -379,6 +379,10 @@ def test_conflicting_and_invalid_fields_are_a_400(url: str) -> None:
         f"{url}/v1/completions", json={"model": "lora", "prompt": "hi", "guided_regex": "a(b"}, timeout=60
     )
     assert bad_grammar.status_code == 400 and "regex" in bad_grammar.json()["error"]["message"]
+    echoed = httpx.post(
+        f"{url}/v1/completions", json={"model": "lora", "prompt": [-1], "echo": True}, timeout=60
+    )
+    assert echoed.status_code == 400 and echoed.json()["error"]["param"] == "prompt"
     zero = httpx.post(
         f"{url}/v1/completions", json={"model": "lora", "prompt": "hi", "max_tokens": 0}, timeout=60
     )

@@ -49,6 +49,8 @@ def served(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory):
         "builtin:tiny-llama",
         "--adapters",
         specs,
+        "--served-model-name",
+        "tiny",
     ]
     server = subprocess.Popen(
         [*command, "--port", str(port)],
