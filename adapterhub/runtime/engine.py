@@ -148,7 +148,8 @@ class RequestHandle:
         shown = self.token_ids
         finished = None
         if self.matcher is not None and not self.matcher.consume_token(token):
-            raise RequestError(f"grammar refused token {token}: {self.matcher.get_error()}", "bad_request")
+            reason = (self.matcher.get_error().splitlines() or ["no reason given"])[0][:300]
+            raise RequestError(f"grammar refused token {token}: {reason}", "bad_request")
         if (token in eos_ids and not params.ignore_eos) or token in params.stop_token_ids:
             finished, shown = "stop", self.token_ids[:-1]
         elif self.matcher is not None and self.matcher.is_stopped():

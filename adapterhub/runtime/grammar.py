@@ -45,7 +45,8 @@ def serialize(spec: GrammarSpec) -> str:
         if spec.kind == "gbnf":
             return llguidance.grammar_from("gbnf", spec.text)
     except ValueError as err:
-        raise RequestError(f"{spec.kind} constraint is not valid: {err}", "bad_request") from err
+        first = (str(err).splitlines() or [type(err).__name__])[0][:300]
+        raise RequestError(f"{spec.kind} constraint is not valid: {first}", "bad_request") from err
     raise RequestError(f"unknown grammar kind '{spec.kind}': use one of {GrammarSpec.KINDS}", "bad_request")
 
 

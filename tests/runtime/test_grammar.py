@@ -126,3 +126,4 @@ def test_a_grammar_that_does_not_compile_is_refused_at_submit(engine: Engine, sp
     with pytest.raises(RequestError) as refused:
         engine.submit(GenerationRequest(PROMPTS[0], None, SamplingParams(grammar=spec)))
     assert refused.value.code == "bad_request" and spec.kind in str(refused.value)
+    assert "\n" not in str(refused.value)  # one line, whatever the library printed
