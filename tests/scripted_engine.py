@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 
 from adapterhub.runtime.api import AdapterInfo, GenerationRequest, GenerationResult, RequestError
+from adapterhub.runtime.vocabulary import Vocabulary
 
 REPLY_WORDS = ("good", "fast", "clean", "happy", "fresh")
 
@@ -58,6 +59,8 @@ class ScriptedEngine:
         self.tokenizer = tokenizer
         self.base_name = base_name
         self.max_context = 64
+        self.vocab_size = len(tokenizer)
+        self.vocabulary = Vocabulary(tokenizer, self.vocab_size, {tokenizer.eos_token_id})
         self.max_queue = 1000
         self.gate = threading.Event()
         self.gate.set()

@@ -2,7 +2,8 @@
 
 Follow one token: ``submit`` tokenizes the prompt and queues it; ``_step`` admits queued requests
 into free batch rows (loading their adapters into device slots), prefills them in one forward, and
-then runs one decode forward over every running row; ``_sample`` picks each row's next token;
+then runs one decode forward over every running row; ``Sampler.sample`` (``sampling.py``) processes
+each row's logits with its own parameters and grammar mask, and picks its next token;
 ``RequestHandle.accept`` streams it, checks EOS, stop strings and limits; finished rows leave the batch
 before the next step. The forward itself is ``SlottedDecoder.forward`` in ``model.py``.
 """
@@ -15,6 +16,7 @@ import warnings
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -28,11 +30,14 @@ from adapterhub.runtime.api import (
     GenerationRequest,
     GenerationResult,
     RequestError,
-    SamplingParams,
+    TokenLogprob,
 )
 from adapterhub.runtime.families import family_for
+from adapterhub.runtime.grammar import Grammars
 from adapterhub.runtime.model import Batch, SlottedDecoder
+from adapterhub.runtime.sampling import Sampler, check_params, prompt_logprobs
 from adapterhub.runtime.slots import RegisteredAdapter, SlotPool
+from adapterhub.runtime.vocabulary import Vocabulary
 
 DEFAULT_MAX_CONTEXT = 4096
 CUDAGraph = torch.cuda.CUDAGraph
@@ -69,12 +74,15 @@ class RequestHandle:
         self.prompt_ids = prompt_ids
         self.adapter = adapter
         self.generator: torch.Generator | None = None
+        self.matcher = None  # the grammar's llguidance matcher, when the request is constrained
         self.row = -1
         self.slot = 0
         self.prompt_end = 0  # KV cache positions taken by prefix, virtual and prompt tokens
         self.cache_len = 0  # next KV cache position of this row
         self.rope_next = 0  # rotary position of the next token
         self.token_ids: list[int] = []
+        self.logprobs: list[TokenLogprob] | None = None if self.params.logprobs is None else []
+        self.prompt_logprobs: list[TokenLogprob | None] | None = None
         self.text = ""  # streamed so far
         # Incremental detokenization: text of token_ids[:read_offset] is settled in ``decoded``;
         # decoding from prefix_offset keeps the context a tokenizer needs (e.g. leading spaces).
@@ -115,43 +123,72 @@ class RequestHandle:
             prompt_tokens=len(self.prompt_ids),
             completion_tokens=len(self.token_ids),
             finish_reason=reason,
+            prompt_token_ids=self.prompt_ids,
+            logprobs=self.logprobs,
+            prompt_logprobs=self.prompt_logprobs,
         )
         self._done.set()
 
     # -- tokens ----------------------------------------------------------------------------------
 
-    def accept(self, token: int, decode: Callable[[list[int]], str], eos_ids: set[int], room: int) -> bool:
-        """Take one generated token, stream its text delta; True when the request is finished."""
+    def accept(
+        self,
+        token: int,
+        logprob: TokenLogprob | None,
+        decode: Callable[..., str],
+        eos_ids: set[int],
+        room: int,
+    ) -> bool:
+        """Take one generated token, stream its text delta; True when the request is finished.
+
+        A stop token (EOS unless ``ignore_eos``, or one of ``stop_token_ids``) ends the request and
+        adds no text, as in vLLM; so does the token that completes the request's grammar.
+        """
+        params = self.params
         self.token_ids.append(token)
+        if self.logprobs is not None and logprob is not None:
+            self.logprobs.append(logprob)
+        shown = self.token_ids
         finished = None
-        if token in eos_ids:
+        if self.matcher is not None and not self.matcher.consume_token(token):
+            reason = (self.matcher.get_error().splitlines() or ["no reason given"])[0][:300]
+            raise RequestError(f"grammar refused token {token}: {reason}", "bad_request")
+        if (token in eos_ids and not params.ignore_eos) or token in params.stop_token_ids:
+            finished, shown = "stop", self.token_ids[:-1]
+        elif self.matcher is not None and self.matcher.is_stopped():
             finished = "stop"
-        elif len(self.token_ids) >= min(self.params.max_tokens, room):
+        elif len(self.token_ids) >= min(params.max_tokens, room):
             finished = "length"
-        if self.request.on_token is None and not any(self.params.stop):
+        # vLLM looks for stop strings only once min_tokens tokens are out.
+        stops = params.stop if len(self.token_ids) > params.min_tokens else ()
+        text_of = partial(decode, skip_special_tokens=params.skip_special_tokens)
+        if self.request.on_token is None and not any(params.stop):
             # Nothing streams or stops on text: decode once, at the end.
             if finished is not None:
-                self.text = decode(self.token_ids)
+                self.text = text_of(shown)
                 self.finish(finished)
             return finished is not None
-        full = self._decoded_so_far(decode)
-        stop_at = _first_stop(full, self.params.stop, len(self.text))
+        full = self._decoded_so_far(text_of, shown)
+        stop_at = _first_stop(full, stops, len(self.text))
         if stop_at is not None:
             full, finished = full[:stop_at], "stop"
         if finished is None:
             # Hold back an incomplete UTF-8 character and anything that may begin a stop string.
-            full = full[: len(full) - _held_back(full, self.params.stop)]
+            full = full[: len(full) - _held_back(full, stops)]
         delta = full[len(self.text) :] if full.startswith(self.text) else ""
         self.text += delta
         if self.request.on_token is not None:
-            self.request.on_token(token, delta)
+            if params.logprobs is None:
+                self.request.on_token(token, delta)
+            else:
+                self.request.on_token(token, delta, logprob)
         if finished is not None:
             self.finish(finished)
         return finished is not None
 
-    def _decoded_so_far(self, decode: Callable[[list[int]], str]) -> str:
-        """All generated text, decoding only the last few tokens (O(1) per token, not O(length))."""
-        ids = self.token_ids
+    def _decoded_so_far(self, decode: Callable[[list[int]], str], ids: list[int]) -> str:
+        """The text of ``ids`` (the generated tokens, less a final stop token), decoding only the
+        last few tokens (O(1) per token, not O(length))."""
         settled = decode(ids[self.prefix_offset : self.read_offset])
         tail = decode(ids[self.prefix_offset :])[len(settled) :]
         if tail and not tail.endswith("\ufffd"):
@@ -175,18 +212,6 @@ def _held_back(text: str, stops: tuple[str, ...]) -> int:
         if any(stop.startswith(text[-size:]) for stop in stops if stop):
             return size
     return 0
-
-
-def _check_params(params: SamplingParams) -> None:
-    problems = [
-        (params.max_tokens < 1, f"max_tokens {params.max_tokens}: use 1 or more"),
-        (params.temperature < 0, f"temperature {params.temperature}: use 0 (greedy) or more"),
-        (not 0 < params.top_p <= 1, f"top_p {params.top_p}: use a value in (0, 1]"),
-        (params.top_k < 0, f"top_k {params.top_k}: use 0 (off) or more"),
-    ]
-    for bad, message in problems:
-        if bad:
-            raise RequestError(f"bad sampling parameter {message}", "bad_request")
 
 
 class Engine:
@@ -231,6 +256,9 @@ class Engine:
         self.eos_ids = {eos} if isinstance(eos, int) else set(eos or [])
         if self.tokenizer.eos_token_id is not None:
             self.eos_ids.add(self.tokenizer.eos_token_id)
+        self.vocab_size = model_config.vocab_size
+        self.vocabulary = Vocabulary(self.tokenizer, self.vocab_size, self.eos_ids)
+        self.grammars = Grammars(self.vocabulary)
         self._adapters: dict[str, RegisteredAdapter] = {}
         self._waiting: deque[RequestHandle] = deque()
         self._rows: list[RequestHandle | None] = [None] * config.max_batch_size
@@ -254,8 +282,9 @@ class Engine:
         self._static_inputs = torch.zeros(4, config.max_batch_size, dtype=torch.long, device=self.device)
         self._row_ids = torch.arange(config.max_batch_size, device=self.device)
         self._zeros = torch.zeros(config.max_batch_size, dtype=torch.long, device=self.device)
-        self._sampler = torch.Generator(device=self.device)
-        self._sampler.seed()
+        noise = torch.Generator(device=self.device)
+        noise.seed()
+        self.sampler = Sampler(config.max_batch_size, self.vocab_size, self.device, noise)
 
     # -- registry --------------------------------------------------------------------------------
 
@@ -343,13 +372,14 @@ class Engine:
     # -- requests --------------------------------------------------------------------------------
 
     def submit(self, request: GenerationRequest) -> RequestHandle:
-        _check_params(request.params)
+        check_params(request.params, self.vocab_size)
+        matcher = None if request.params.grammar is None else self.grammars.matcher(request.params.grammar)
         if isinstance(request.prompt, str):
             with self._tokenizer_lock:
                 prompt_ids = self.tokenizer(request.prompt)["input_ids"]
         else:
             prompt_ids = [int(token) for token in request.prompt]
-            if any(not 0 <= token < self.model.config.vocab_size for token in prompt_ids):
+            if any(not 0 <= token < self.vocab_size for token in prompt_ids):
                 raise RequestError(
                     "prompt has token ids outside the vocabulary: tokenize with engine.tokenizer",
                     "bad_request",
@@ -373,6 +403,7 @@ class Engine:
                     f"queue is full ({self.config.max_queue} waiting): retry later", "overloaded"
                 )
             handle = RequestHandle(request, prompt_ids, adapter)
+            handle.matcher = matcher
             if request.params.seed is not None and request.params.temperature > 0:
                 handle.generator = torch.Generator(device=self.device).manual_seed(request.params.seed)
             self._waiting.append(handle)
@@ -571,19 +602,38 @@ class Engine:
     def _leave(self, request: RequestHandle) -> None:
         if self._rows[request.row] is request:
             self._rows[request.row] = None
+            self.sampler.leave(request.row)
         if request.adapter is not None and request.slot:
             request.adapter.users -= 1
             self.pool.release_if_removed(request.adapter)
 
     def _prefill(self, requests: list[RequestHandle]) -> None:
+        for request in requests:
+            self.sampler.seat(
+                request.row, request.params, request.prompt_ids, request.matcher is not None, self.eos_ids
+            )
         logits = self._prefill_logits(requests)
         self._last_batch_size = len(requests)
-        self._advance(requests, logits)
+        generating = []
+        for index, request in enumerate(requests):
+            if request.params.max_tokens == 0:  # scored, nothing to generate
+                self._leave(request)
+                request.finish("length")
+            else:
+                generating.append(index)
+        if generating:
+            self._advance([requests[i] for i in generating], logits[generating])
 
     def _prefill_logits(self, requests: list[RequestHandle]) -> torch.Tensor:
-        """One forward over the new rows' prompts: virtual tokens first, prefix K/V copied ahead of them."""
+        """One forward over the new rows' prompts: virtual tokens first, prefix K/V copied ahead of them.
+
+        Returns each row's last-position logits; rows that asked for prompt logprobs also get them
+        (``request.prompt_logprobs``), from the logits at every prompt position.
+        """
         length = max(len(r.prompt_ids) + self._virtual_count(r) for r in requests)
         token_ids, cache_pos, rope_pos, last = [], [], [], []
+        pick_rows: list[int] = []
+        pick_positions: list[int] = []
         virtual: list[list[int]] = [[], [], [], []]
         prefix: list[list[int]] = [[], [], [], []]
         for index, request in enumerate(requests):
@@ -597,6 +647,11 @@ class Engine:
             # PEFT: prefix rows continue positions after the prefix; virtual tokens take positions 0..n-1.
             rope_pos.append([offset + t for t in range(length)])
             last.append(len(ids) - 1)
+            # Echo rows: every prompt position (each predicts the next prompt token, the last one
+            # the first generated token); other rows: the last position only.
+            scored = range(count, len(ids)) if request.params.prompt_logprobs is not None else [len(ids) - 1]
+            pick_rows += [index] * len(scored)
+            pick_positions += scored
             for t in range(count):
                 for column, value in zip(virtual, (index, t, request.slot, t), strict=True):
                     column.append(value)
@@ -619,7 +674,19 @@ class Engine:
         )
         virtual_index = tuple(torch.tensor(c, device=device) for c in virtual) if virtual[0] else None
         embeds = self.decoder.embed(torch.tensor(token_ids, device=device), batch, virtual_index)
-        return self.decoder.forward(embeds, batch, torch.tensor(last, device=device))
+        if all(request.params.prompt_logprobs is None for request in requests):
+            return self.decoder.forward(embeds, batch, torch.tensor(last, device=device))
+        picks = (torch.tensor(pick_rows, device=device), torch.tensor(pick_positions, device=device))
+        logits = self.decoder.forward(embeds, batch, picks)
+        ends, start = [], 0
+        for request in requests:
+            end = start + (len(request.prompt_ids) if request.params.prompt_logprobs is not None else 1)
+            if request.params.prompt_logprobs is not None:
+                top = request.params.prompt_logprobs
+                request.prompt_logprobs = prompt_logprobs(logits[start : end - 1], request.prompt_ids, top)
+            ends.append(end - 1)
+            start = end
+        return logits[ends]
 
     def _decode(self) -> None:
         """One decode forward over rows 0..highest running row; idle rows in between attend to themselves."""
@@ -727,60 +794,23 @@ class Engine:
         )
 
     def _advance(self, requests: list[RequestHandle], logits: torch.Tensor) -> None:
-        tokens = _sample(logits, requests, self._sampler)
-        for request, token in zip(requests, tokens, strict=True):
+        tokens, logprobs = self.sampler.sample(logits, requests)
+        for request, token, logprob in zip(requests, tokens, logprobs, strict=True):
             room = self.max_context - request.prompt_end + 1
             try:
-                finished = request.accept(token, self._decode_text, self.eos_ids, room)
-            except Exception as err:  # a failing stream callback ends its own request only
+                finished = request.accept(token, logprob, self._decode_text, self.eos_ids, room)
+            except Exception as err:  # a failing stream callback or grammar ends its own request only
                 self._leave(request)
                 request.fail(err)
                 continue
             if finished:
                 self._leave(request)
 
-    def _decode_text(self, token_ids: list[int]) -> str:
+    def _decode_text(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
         with self._tokenizer_lock:
-            return self.tokenizer.decode(token_ids, skip_special_tokens=True)
+            return self.tokenizer.decode(token_ids, skip_special_tokens=skip_special_tokens)
 
 
 def _bucket(size: int, smallest: int, largest: int) -> int:
     """``size`` rounded up to a power of two (at least ``smallest``), but never above ``largest``."""
     return min(largest, max(smallest, 1 << (size - 1).bit_length()))
-
-
-def _sample(logits: torch.Tensor, requests: list[RequestHandle], shared: torch.Generator) -> list[int]:
-    """Greedy rows take the argmax; sampling rows filter by top-k/top-p and race exponential noise.
-
-    Each seeded request draws its noise from its own generator, so its tokens do not depend on
-    which other requests share its batch.
-    """
-    greedy = logits.argmax(dim=-1)
-    sampling = [i for i, r in enumerate(requests) if r.params.temperature > 0]
-    if not sampling:
-        return greedy.tolist()
-    picked = logits[sampling]
-    device = logits.device
-    temperature = torch.tensor([requests[i].params.temperature for i in sampling], device=device)
-    top_k = torch.tensor([requests[i].params.top_k or logits.shape[-1] for i in sampling], device=device)
-    top_p = torch.tensor([requests[i].params.top_p for i in sampling], device=device)
-    scaled = picked / temperature.unsqueeze(1)
-    ordered, order = scaled.sort(dim=-1, descending=True)
-    rank = torch.arange(ordered.shape[-1], device=device).unsqueeze(0)
-    probs = ordered.softmax(dim=-1)
-    keep = (rank < top_k.unsqueeze(1)) & (probs.cumsum(dim=-1) - probs < top_p.unsqueeze(1))
-    filtered = torch.full_like(scaled, float("-inf")).scatter(
-        1, order, ordered.masked_fill(~keep, float("-inf"))
-    )
-    noise = torch.stack(
-        [
-            torch.empty(logits.shape[-1], device=device).exponential_(
-                generator=requests[i].generator or shared
-            )
-            for i in sampling
-        ]
-    )
-    choice = (filtered.softmax(dim=-1) / noise).argmax(dim=-1)
-    tokens = greedy.clone()
-    tokens[sampling] = choice
-    return tokens.tolist()

@@ -409,8 +409,12 @@ class SlottedDecoder:
         return embeds
 
     @torch.inference_mode()
-    def forward(self, embeds: torch.Tensor, batch: Batch, last: torch.Tensor) -> torch.Tensor:
-        """Run the decoder over ``embeds`` (batch, tokens, hidden); float logits at ``last`` of each row."""
+    def forward(
+        self, embeds: torch.Tensor, batch: Batch, last: torch.Tensor | tuple[torch.Tensor, torch.Tensor]
+    ) -> torch.Tensor:
+        """Run the decoder over ``embeds`` (batch, tokens, hidden); float logits at position ``last``
+        of each row, or at each (input row, position) pair when ``last`` is a pair of flat tensors
+        (prompt logprobs need every position of some rows)."""
         if batch.prefix_write is not None:
             rows, positions, slots, indices = batch.prefix_write
             self.kv[:, :, rows, :, positions] = self.prefix_kv[:, :, slots, :, indices]
@@ -461,12 +465,22 @@ class SlottedDecoder:
             down = proj["down_proj"]
             out = down(gated, vectors, down.group.shrink(gated, lora), lora)
             hidden = hidden + (layer.post_feedforward_layernorm(out) if family.sandwich_norms else out)
-        picked = self.decoder.norm(hidden[torch.arange(hidden.shape[0], device=self.device), last]).unsqueeze(
-            1
-        )
-        logits = self.lm_head(picked, vectors, self.lm_head.group.shrink(picked, lora), lora).squeeze(1)
-        if adapters.tied_tokens:
-            logits = self.embedding.tied_logits(picked.squeeze(1), batch.slots, logits)
+        if isinstance(last, tuple):
+            return self._logits(self.decoder.norm(hidden), batch, vectors)[last]
+        picked = hidden[torch.arange(hidden.shape[0], device=self.device), last]
+        return self._logits(self.decoder.norm(picked).unsqueeze(1), batch, vectors)[:, 0]
+
+    def _logits(self, normed: torch.Tensor, batch: Batch, vectors: RowVectors) -> torch.Tensor:
+        """Float logits of ``normed`` (batch, tokens, hidden), every row through its own adapter."""
+        lora = batch.adapters.lora
+        logits = self.lm_head(normed, vectors, self.lm_head.group.shrink(normed, lora), lora)
+        if batch.adapters.tied_tokens:
+            size, length, vocab = logits.shape
+            slots = batch.slots.repeat_interleave(length)
+            flat = self.embedding.tied_logits(
+                normed.reshape(size * length, -1), slots, logits.reshape(-1, vocab)
+            )
+            logits = flat.view(size, length, vocab)
         if self.final_softcap is not None:
             logits = torch.tanh(logits / self.final_softcap) * self.final_softcap
         return logits.float()

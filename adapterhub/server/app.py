@@ -14,27 +14,38 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import anyio
 from fastapi import Depends, FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from adapterhub import __version__
 from adapterhub.runtime.api import AdapterInfo, RequestError, SamplingParams
 from adapterhub.server.bridge import Generations
 from adapterhub.server.errors import ERROR_RESPONSES, ApiError, add_error_handlers
 from adapterhub.server.metrics import ServerMetrics
 from adapterhub.server.middleware import BodySizeLimit, RecordRequests
+from adapterhub.server.params import output_grammar, sampling_params
 from adapterhub.server.replies import GenerationStream, Reply, collect_cancelling_on_disconnect, sse_events
 from adapterhub.server.schemas import (
     AdapterLoadRequest,
+    Body,
     ChatCompletion,
     ChatCompletionRequest,
+    ChatMessage,
     Completion,
     CompletionRequest,
     DeletedModel,
+    DetokenizeRequest,
+    DetokenizeResponse,
+    LoraLoadRequest,
+    LoraUnloadRequest,
     ModelCard,
     ModelList,
     SamplingFields,
+    TokenizeRequest,
+    TokenizeResponse,
 )
+from adapterhub.server.tools import ToolPlan, plan_tools, render
 
 if TYPE_CHECKING:
     from adapterhub.runtime.engine import Engine
@@ -56,13 +67,17 @@ def create_app(
     max_queue: int = DEFAULT_MAX_QUEUE,
     max_tokens_cap: int = DEFAULT_MAX_TOKENS_CAP,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    served_model_name: str | None = None,
 ) -> FastAPI:
     """The FastAPI app serving ``engine`` (already started by the caller) over the OpenAI API.
 
     ``max_queue`` bounds generations in flight (429 beyond), ``max_tokens_cap`` the tokens one
     completion may ask for (400 beyond), ``max_body_bytes`` the request body (413 beyond).
+    ``served_model_name`` is the base model's id for clients (default: ``engine.base_name``).
     """
-    server = _Server(engine, max_queue=max_queue, max_tokens_cap=max_tokens_cap)
+    server = _Server(
+        engine, max_queue=max_queue, max_tokens_cap=max_tokens_cap, served_model_name=served_model_name
+    )
     app = FastAPI(title="adapterhub", summary="OpenAI-compatible multi-adapter server", version="1")
     app.state.metrics = server.metrics
 
@@ -71,7 +86,11 @@ def create_app(
 
     @app.get("/health")
     def health() -> dict[str, Any]:
-        return {"status": "ok", "base": engine.base_name, "adapters": len(engine.list())}
+        return {"status": "ok", "base": server.model_name, "adapters": len(engine.list())}
+
+    @app.get("/version")
+    def version() -> dict[str, str]:
+        return {"version": __version__}
 
     @app.get("/metrics", response_class=Response)
     def metrics() -> Response:
@@ -111,13 +130,23 @@ def _add_v1_routes(app: FastAPI, server: _Server, api_key: str | None) -> None:
     route("/v1/chat/completions", server.chat_completions, "POST", ChatCompletion, **streamed)
     route("/v1/adapters", server.load_adapter, "POST", ModelCard, status_code=201)
     route("/v1/adapters/{name:path}", server.unload_adapter, "DELETE", DeletedModel)
+    # vLLM's names for the same operations, through the same methods (and so the same policy).
+    text = {"responses": {200: {"content": {"text/plain": {"schema": {"type": "string"}}}}}}
+    route("/v1/load_lora_adapter", server.load_lora_adapter, "POST", None, **text)
+    route("/v1/unload_lora_adapter", server.unload_lora_adapter, "POST", None, **text)
+    route("/tokenize", server.tokenize, "POST", TokenizeResponse)
+    route("/detokenize", server.detokenize, "POST", DetokenizeResponse)
+    route("/tokenizer_info", server.tokenizer_info, "GET", None)
 
 
 class _Server:
     """The routes' state: the engine, the limits, the metrics and the generations in flight."""
 
-    def __init__(self, engine: Engine, *, max_queue: int, max_tokens_cap: int) -> None:
+    def __init__(
+        self, engine: Engine, *, max_queue: int, max_tokens_cap: int, served_model_name: str | None
+    ) -> None:
         self.engine = engine
+        self.model_name = served_model_name or engine.base_name
         self.max_queue = max_queue
         self.max_tokens_cap = max_tokens_cap
         self.metrics = ServerMetrics(engine)
@@ -129,12 +158,12 @@ class _Server:
         return {"object": "list", "data": [self._base_card(), *adapters]}
 
     async def get_model(self, model: str) -> dict[str, Any]:
-        if model == self.engine.base_name:
+        if model == self.model_name:
             return self._base_card()
         return self._adapter_card(self._find_adapter(model))
 
     async def load_adapter(self, body: AdapterLoadRequest) -> dict[str, Any]:
-        if body.name == self.engine.base_name or any(a.name == body.name for a in self.engine.list()):
+        if body.name == self.model_name or any(a.name == body.name for a in self.engine.list()):
             message = (
                 f"model '{body.name}' is already served: DELETE /v1/adapters/{body.name} or pick another name"
             )
@@ -153,19 +182,151 @@ class _Server:
         await anyio.to_thread.run_sync(self.engine.unregister, name)
         return {"id": name, "object": "model", "deleted": True}
 
+    async def load_lora_adapter(self, body: LoraLoadRequest) -> PlainTextResponse:
+        """vLLM's route: the same load as ``POST /v1/adapters``, answered as vLLM answers."""
+        if body.load_inplace:
+            message = "'load_inplace' is not supported: unload the adapter first, then load it"
+            raise ApiError(400, message, "unsupported", "load_inplace")
+        await self.load_adapter(AdapterLoadRequest(name=body.lora_name, source=body.lora_path))
+        return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
+
+    async def unload_lora_adapter(self, body: LoraUnloadRequest) -> PlainTextResponse:
+        await self.unload_adapter(body.lora_name)
+        return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
+
+    # -- vLLM's tokenizer routes (lm-eval's remote tokenizer uses them) -----------------------------
+
+    async def tokenize(self, body: TokenizeRequest) -> dict[str, Any]:
+        _refuse_unsupported(body)
+        self._check_model(body.model)
+        tokenizer = self.engine.tokenizer
+        if (body.prompt is None) == (body.messages is None):
+            raise ApiError(400, "send a prompt or messages, not both", "invalid_value", "prompt")
+        if body.messages is not None:
+            if not body.add_generation_prompt:
+                raise ApiError(
+                    400,
+                    "add_generation_prompt false is not supported",
+                    "unsupported",
+                    "add_generation_prompt",
+                )
+            tokens = render(tokenizer, body.messages, None, self.model_name)
+            if body.add_special_tokens:
+                raise ApiError(
+                    400,
+                    "add_special_tokens with messages is not supported",
+                    "unsupported",
+                    "add_special_tokens",
+                )
+        else:
+            special = True if body.add_special_tokens is None else body.add_special_tokens
+            tokens = list(tokenizer(body.prompt, add_special_tokens=special)["input_ids"])
+        strings = tokenizer.convert_ids_to_tokens(tokens) if body.return_token_strs else None
+        return {
+            "count": len(tokens),
+            "max_model_len": self.engine.max_context,
+            "tokens": tokens,
+            "token_strs": strings,
+        }
+
+    async def detokenize(self, body: DetokenizeRequest) -> dict[str, Any]:
+        _refuse_unsupported(body)
+        self._check_model(body.model)
+        vocab = self.engine.vocab_size
+        if any(not 0 <= token < vocab for token in body.tokens):
+            raise ApiError(400, f"tokens must be ids in 0..{vocab - 1}", "invalid_value", "tokens")
+        return {"prompt": self.engine.tokenizer.decode(body.tokens)}
+
+    async def tokenizer_info(self) -> dict[str, Any]:
+        tokenizer = self.engine.tokenizer
+        return {
+            "tokenizer_class": type(tokenizer).__name__,
+            "eos_token": tokenizer.eos_token,
+            "bos_token": tokenizer.bos_token,
+            "pad_token": tokenizer.pad_token,
+            "unk_token": tokenizer.unk_token,
+            "chat_template": getattr(tokenizer, "chat_template", None),
+            "model_max_length": self.engine.max_context,
+            "vocab_size": self.engine.vocab_size,
+        }
+
+    # -- generation ------------------------------------------------------------------------------
+
     async def completions(self, body: CompletionRequest, request: Request) -> Response:
         _refuse_unsupported(body)
-        params = self._sampling_params(body, body.max_tokens, COMPLETIONS_DEFAULT_MAX_TOKENS)
-        return await self._respond(request, body, _prompts(body.prompt), params, chat=False)
+        max_tokens = COMPLETIONS_DEFAULT_MAX_TOKENS if body.max_tokens is None else body.max_tokens
+        if max_tokens == 0 and not body.echo:
+            message = "max_tokens 0 generates nothing: send echo true with it to score the prompt"
+            raise ApiError(400, message, "invalid_value", "max_tokens")
+        self._check_cap(max_tokens)
+        prompts = _prompts(body.prompt)
+        prompt_logprobs = None
+        if body.echo:  # with max_tokens 0 the engine scores the prompt whether or not logprobs are shown
+            prompt_logprobs = body.logprobs if body.logprobs is not None else (0 if max_tokens == 0 else None)
+        params = sampling_params(
+            body,
+            max_tokens=max_tokens,
+            logprobs=body.logprobs,
+            prompt_logprobs=prompt_logprobs,
+            grammar=output_grammar(body),
+        )
+        echo = [self._prompt_text(prompt) for prompt in prompts] if body.echo else None
+        reply = self._reply(body, chat=False, echo=echo, logprobs=body.logprobs is not None)
+        return await self._respond(request, body, prompts, params, reply)
 
     async def chat_completions(self, body: ChatCompletionRequest, request: Request) -> Response:
         _refuse_unsupported(body)
-        max_tokens = body.max_completion_tokens or body.max_tokens
-        params = self._sampling_params(body, max_tokens, self.max_tokens_cap)
-        return await self._respond(request, body, [self._chat_prompt(body)], params, chat=True)
+        if body.top_logprobs and not body.logprobs:
+            raise ApiError(400, "top_logprobs needs logprobs: true", "invalid_value", "top_logprobs")
+        max_tokens = body.max_completion_tokens or body.max_tokens or self.max_tokens_cap
+        self._check_cap(max_tokens)
+        tokenizer = self.engine.tokenizer
+        plan = plan_tools(body, tokenizer, body.model)
+        grammar = output_grammar(body)
+        if plan is not None and plan.grammar is not None and grammar is not None:
+            message = (
+                f"tool_choice {_choice_name(plan)} and an output format both constrain the output: give one"
+            )
+            raise ApiError(400, message, "invalid_value", "tool_choice")
+        tools = (
+            None
+            if plan is None or body.tools is None
+            else [t.model_dump(exclude_none=True) for t in body.tools]
+        )
+        prompt = render(tokenizer, body.messages, tools, body.model)
+        params = sampling_params(
+            body,
+            max_tokens=max_tokens,
+            logprobs=(body.top_logprobs or 0) if body.logprobs else None,
+            grammar=grammar if plan is None or plan.grammar is None else plan.grammar,
+            # Some templates mark their tool-call tags special; the parser must see them (as vLLM does).
+            skip_special_tokens=False if plan is not None else None,
+        )
+        reply = self._reply(body, chat=True, logprobs=bool(body.logprobs), tools=plan)
+        return await self._respond(request, body, [prompt], params, reply)
 
-    def _sampling_params(self, body: SamplingFields, max_tokens: int | None, default: int) -> SamplingParams:
-        max_tokens = max_tokens or default
+    def _prompt_text(self, prompt: str | list[int]) -> str:
+        """What an echoed prompt shows: the string as sent, or the text of its token ids."""
+        if isinstance(prompt, str):
+            return prompt
+        vocab = self.engine.vocab_size
+        if any(not 0 <= token < vocab for token in prompt):
+            message = f"prompt has token ids outside the vocabulary (0..{vocab - 1})"
+            raise ApiError(400, message, "invalid_value", "prompt")
+        return self.engine.tokenizer.decode(prompt, skip_special_tokens=True)
+
+    def _reply(self, body: SamplingFields, *, chat: bool, **options: Any) -> Reply:
+        return Reply(
+            body.model,
+            chat=chat,
+            started=time.perf_counter(),
+            metrics=self.metrics,
+            vocabulary=getattr(self.engine, "vocabulary", None),
+            n=body.n,
+            **options,
+        )
+
+    def _check_cap(self, max_tokens: int) -> None:
         if max_tokens > self.max_tokens_cap:
             raise ApiError(
                 400,
@@ -174,32 +335,6 @@ class _Server:
                 "max_tokens_too_large",
                 "max_tokens",
             )
-        stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
-        return SamplingParams(
-            max_tokens=max_tokens,
-            temperature=body.temperature,
-            top_p=body.top_p,
-            seed=body.seed,
-            stop=stop,
-        )
-
-    def _chat_prompt(self, body: ChatCompletionRequest) -> list[int]:
-        tokenizer = self.engine.tokenizer
-        if not getattr(tokenizer, "chat_template", None):
-            raise ApiError(
-                400,
-                f"base model '{self.engine.base_name}' has no chat template: use /v1/completions",
-                "no_chat_template",
-            )
-        messages = [{"role": m.role, "content": _message_text(m.content)} for m in body.messages]
-        try:
-            encoded = tokenizer.apply_chat_template(
-                messages, add_generation_prompt=True, tokenize=True, return_dict=True
-            )
-        except Exception as err:  # the template itself raises on conversations it does not accept
-            message = f"messages rejected by the chat template: {err}"
-            raise ApiError(400, message, "bad_messages", "messages") from err
-        return list(encoded["input_ids"])
 
     async def _respond(
         self,
@@ -207,20 +342,18 @@ class _Server:
         body: SamplingFields,
         prompts: list[str | list[int]],
         params: SamplingParams,
-        *,
-        chat: bool,
+        reply: Reply,
     ) -> Response:
         count = len(prompts) * body.n
         if self.in_flight + count > self.max_queue:
             message = f"server queue is full ({self.max_queue} generations in flight): retry shortly"
             raise ApiError(429, message, "overloaded")
-        adapter = None if body.model == self.engine.base_name else body.model
+        adapter = None if body.model == self.model_name else body.model
         generations = Generations(self.engine, stream=body.stream)
         for prompt in prompts:
             for choice in range(body.n):
                 seed = None if params.seed is None else params.seed + choice
                 generations.submit(prompt, adapter, replace(params, seed=seed))
-        reply = Reply(body.model, chat=chat, started=time.perf_counter(), metrics=self.metrics)
         self._track(count)
         if body.stream:
             usage = body.stream_options is not None and body.stream_options.include_usage
@@ -240,6 +373,10 @@ class _Server:
         self.in_flight += delta
         self.metrics.in_flight.set(self.in_flight)
 
+    def _check_model(self, model: str | None) -> None:
+        if model is not None and model != self.model_name:
+            self._find_adapter(model)
+
     def _find_adapter(self, name: str) -> AdapterInfo:
         for info in self.engine.list():
             if info.name == name:
@@ -248,7 +385,7 @@ class _Server:
 
     def _base_card(self) -> dict[str, Any]:
         base = self.engine.base_name
-        return self._card(base, root=base, parent=None, metadata={"kind": "base"})
+        return self._card(self.model_name, root=base, parent=None, metadata={"kind": "base"})
 
     def _adapter_card(self, info: AdapterInfo) -> dict[str, Any]:
         metadata = {
@@ -259,7 +396,7 @@ class _Server:
             "rank": info.rank,
             "num_virtual_tokens": info.num_virtual_tokens,
         }
-        return self._card(info.name, root=info.source, parent=self.engine.base_name, metadata=metadata)
+        return self._card(info.name, root=info.source, parent=self.model_name, metadata=metadata)
 
     def _card(self, model_id: str, *, root: str, parent: str | None, metadata: dict) -> dict[str, Any]:
         return {
@@ -269,15 +406,35 @@ class _Server:
             "owned_by": "adapterhub",
             "root": root,
             "parent": parent,
+            "max_model_len": self.engine.max_context,
             "metadata": metadata,
         }
 
 
-def _refuse_unsupported(body: SamplingFields) -> None:
+def _choice_name(plan: ToolPlan) -> str:
+    return "(a named function)" if plan.named else "required"
+
+
+def _refuse_unsupported(body: Body) -> None:
+    """One 400 naming the first field this server does not honour, content parts first."""
+    for index, message in enumerate(getattr(body, "messages", None) or []):
+        _refuse_content_parts(message, f"messages.{index}")
     unsupported = body.unsupported_fields()
     if unsupported:
         name = unsupported[0]
         raise ApiError(400, f"'{name}' is not supported by this server: leave it out", "unsupported", name)
+
+
+def _refuse_content_parts(message: ChatMessage, where: str) -> None:
+    if isinstance(message.content, list):
+        for index, part in enumerate(message.content):
+            if part.type != "text" or part.text is None:
+                param = f"{where}.content.{index}"
+                text = (
+                    f"content part type '{part.type}' is not supported: "
+                    "this server serves text models, send text parts"
+                )
+                raise ApiError(400, text, "unsupported", param)
 
 
 def _prompts(prompt: str | list[str] | list[int] | list[list[int]]) -> list[str | list[int]]:
@@ -288,11 +445,3 @@ def _prompts(prompt: str | list[str] | list[int] | list[list[int]]) -> list[str 
     if all(isinstance(item, int) for item in prompt):
         return [list(prompt)]  # type: ignore[arg-type]
     return list(prompt)  # type: ignore[arg-type]
-
-
-def _message_text(content: Any) -> str:
-    if content is None:
-        return ""
-    if isinstance(content, str):
-        return content
-    return "".join(part.text for part in content)

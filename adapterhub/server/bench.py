@@ -1,9 +1,16 @@
-"""``adapterhub bench http``: what the HTTP layer costs over calling the engine directly.
+"""``adapterhub bench http``: what the HTTP layer, logprobs and constrained decoding cost.
 
-The same requests (random prompts, adapters of all five families round-robin plus the base)
-run twice at the same concurrency: once as ``engine.generate`` calls from worker threads, once
-as HTTP completions from as many clients against a real uvicorn server on 127.0.0.1.
-Every request generates exactly ``--new-tokens`` (EOS is ignored), so token counts match.
+The same requests (random token-id prompts, the base and adapters of all five families
+round-robin) run at the same concurrency: as ``engine.generate`` calls from worker threads, then as
+HTTP completions from as many clients against a real uvicorn server on 127.0.0.1 — plain, with
+``logprobs`` (``--logprobs``) and constrained by a JSON schema (``--json-schema FILE``), each
+reported as a ratio to the plain HTTP run of the same invocation. Every unconstrained request
+generates exactly ``--new-tokens`` (``ignore_eos``); a constrained one ends when its schema is
+complete, so its phase reports its own token count.
+
+``--url URL`` drives any OpenAI-compatible server instead (vLLM, or another adapterhub) with the
+same workload: prompts drawn from ``--base``'s vocabulary, the models that server lists (or
+``--models``), the same lengths and concurrency. The engine phase is then skipped.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ from adapterhub.server.app import create_app
 from adapterhub.server.background import serve_in_background
 
 ADAPTER_RANK = 8
+TOP_LOGPROBS = 5  # OpenAI's largest for completions
 
 
 def http_request(http: httpx.Client, url: str, body: dict) -> tuple[float, float | None, int]:
@@ -43,6 +51,8 @@ def http_request(http: httpx.Client, url: str, body: dict) -> tuple[float, float
             if not line.startswith("data: {"):
                 continue
             chunk = json.loads(line.removeprefix("data: "))
+            if "error" in chunk:
+                raise RuntimeError(f"the server failed a request: {chunk['error']['message']}")
             if chunk["choices"] and chunk["choices"][0]["text"]:
                 first_token = first_token or time.perf_counter() - started
             if chunk.get("usage"):
@@ -82,6 +92,95 @@ def http_phase(
             client.close()
 
 
+def workload_bodies(
+    jobs: list[tuple[list[int], str]], new_tokens: int, stream: bool, extra: dict
+) -> list[dict]:
+    return [
+        {
+            "model": model,
+            "prompt": prompt,
+            "max_tokens": new_tokens,
+            "temperature": 0,
+            "stream": stream,
+            **({"stream_options": {"include_usage": True}} if stream else {}),
+            **extra,
+        }
+        for prompt, model in jobs
+    ]
+
+
+def phase_variants(logprobs: bool, json_schema: Path | None) -> dict[str, dict]:
+    """The HTTP phases to run, by name, as extra request fields; ``plain`` first, always."""
+    variants: dict[str, dict] = {"plain": {"ignore_eos": True}}
+    if logprobs:
+        variants["logprobs"] = {"ignore_eos": True, "logprobs": TOP_LOGPROBS}
+    if json_schema is not None:
+        schema = json.loads(json_schema.read_text())
+        response_format = {"type": "json_schema", "json_schema": {"name": json_schema.stem, "schema": schema}}
+        variants["json_schema"] = {"response_format": response_format}
+    return variants
+
+
+def http_phases(
+    url: str,
+    jobs: list[tuple[list[int], str]],
+    *,
+    new_tokens: int,
+    stream: bool,
+    concurrency: int,
+    variants: dict[str, dict],
+    repeats: int,
+    progress: Callable[[str], None],
+) -> dict:
+    """Run every variant over HTTP (after one untimed warm-up round of each), ``repeats`` rounds of
+    all of them in turn, and report each one's median throughput, its latencies over all rounds,
+    and its ratio to the plain run (median over rounds; every round's ratio is listed too)."""
+    bodies = {name: workload_bodies(jobs, new_tokens, stream, extra) for name, extra in variants.items()}
+    for name, batch in bodies.items():
+        progress(f"http {name}: warming up")
+        http_phase(url, batch[:concurrency], concurrency)
+    rates: dict[str, list[float]] = {name: [] for name in variants}
+    timings: dict[str, list[tuple[float, float | None, int]]] = {name: [] for name in variants}
+    tokens: dict[str, int] = {}
+    for round_ in range(repeats):
+        for name, batch in bodies.items():
+            progress(
+                f"http {name} ({round_ + 1}/{repeats}): {len(batch)} requests from {concurrency} clients"
+            )
+            seconds, measured = http_phase(url, batch, concurrency)
+            tokens[name] = sum(count for _, _, count in measured)
+            rates[name].append(tokens[name] / seconds)
+            timings[name] += measured
+    result: dict = {}
+    for name in variants:
+        latencies = [latency for latency, _, _ in timings[name]]
+        first_tokens = [first for _, first, _ in timings[name] if first is not None]
+        prefix = "http" if name == "plain" else name
+        result[f"{prefix}_tok_s"] = round(statistics.median(rates[name]), 2)
+        result[f"{prefix}_tokens"] = tokens[name]
+        result[f"{prefix}_requests_s"] = round(statistics.median(rates[name]) * len(jobs) / tokens[name], 2)
+        result[f"{prefix}_latency_p50_ms"] = _percentile_ms(latencies, 0.5)
+        result[f"{prefix}_latency_p95_ms"] = _percentile_ms(latencies, 0.95)
+        if name == "plain":
+            result["http_latency_mean_ms"] = round(1000 * statistics.fmean(latencies), 2)
+        if first_tokens:
+            result[f"{prefix}_ttft_p50_ms"] = _percentile_ms(first_tokens, 0.5)
+            result[f"{prefix}_ttft_p95_ms"] = _percentile_ms(first_tokens, 0.95)
+        if name != "plain":
+            each = [rate / plain for rate, plain in zip(rates[name], rates["plain"], strict=True)]
+            result[f"{name}_over_plain"] = round(statistics.median(each), 3)
+            result[f"{name}_over_plain_each"] = [round(ratio, 3) for ratio in each]
+    return result
+
+
+def remote_models(url: str, models: str | None) -> list[str]:
+    if models:
+        return [name.strip() for name in models.split(",") if name.strip()]
+    listed = httpx.get(f"{url}/v1/models", timeout=60)
+    listed.raise_for_status()
+    return [card["id"] for card in listed.json()["data"]]
+
+
 def run_http_bench(
     *,
     device: str,
@@ -94,7 +193,43 @@ def run_http_bench(
     new_tokens: int,
     stream: bool,
     progress: Callable[[str], None],
+    logprobs: bool = False,
+    json_schema: Path | None = None,
+    url: str | None = None,
+    models: str | None = None,
+    repeats: int = 1,
 ) -> dict:
+    variants = phase_variants(logprobs, json_schema)
+    shape = {
+        "base": base,
+        "requests": requests,
+        "concurrency": concurrency,
+        "prompt_len": prompt_len,
+        "new_tokens": new_tokens,
+        "stream": stream,
+        "phases": list(variants),
+        "repeats": repeats,
+    }
+    if url is not None:
+        from adapterhub.models import load_config
+
+        url = url.rstrip("/").removesuffix("/v1")
+        names = remote_models(url, models)
+        generator = torch.Generator().manual_seed(0)
+        vocab = load_config(base).vocab_size
+        prompts = torch.randint(3, vocab, (requests, prompt_len), generator=generator).tolist()
+        jobs = [(prompts[i], names[i % len(names)]) for i in range(requests)]
+        measured = http_phases(
+            url,
+            jobs,
+            new_tokens=new_tokens,
+            stream=stream,
+            concurrency=concurrency,
+            variants=variants,
+            repeats=repeats,
+            progress=progress,
+        )
+        return {**measured, "url": url, "models": names, **shape}
     progress(f"loading {base}")
     engine = bench_engine(
         base=base,
@@ -113,57 +248,37 @@ def run_http_bench(
         _, families = register_random_adapters(engine, adapters, Path(tmp), rank=ADAPTER_RANK)
         names = [None, *families]
         jobs = [(prompts[i], names[i % len(names)]) for i in range(requests)]
-        bodies = [
-            {
-                "model": name or engine.base_name,
-                "prompt": prompt,
-                "max_tokens": new_tokens,
-                "temperature": 0,
-                "stream": stream,
-                "stream_options": {"include_usage": True} if stream else None,
-            }
-            for prompt, name in jobs
-        ]
         engine.start()
         try:
             progress("warming up")
             engine_phase(engine, jobs[: len(names)], params, concurrency)
             progress(f"engine: {requests} requests from {concurrency} threads")
             engine_s, engine_tokens = engine_phase(engine, jobs, params, concurrency)
-            progress(f"http: {requests} requests from {concurrency} clients")
-            with serve_in_background(create_app(engine, max_queue=requests)) as url:
-                http_s, timings = http_phase(url, bodies, concurrency)
+            app = create_app(engine, max_queue=requests)
+            with serve_in_background(app) as local:
+                http_jobs = [(prompt, name or engine.base_name) for prompt, name in jobs]
+                measured = http_phases(
+                    local,
+                    http_jobs,
+                    new_tokens=new_tokens,
+                    stream=stream,
+                    concurrency=concurrency,
+                    variants=variants,
+                    repeats=repeats,
+                    progress=progress,
+                )
         finally:
             engine.stop()
-    latencies = [latency for latency, _, _ in timings]
-    first_tokens = [first for _, first, _ in timings if first is not None]
-    http_tokens = sum(tokens for _, _, tokens in timings)
-    result = {
-        "engine_tok_s": round(engine_tokens / engine_s, 2),
-        "http_tok_s": round(http_tokens / http_s, 2),
-        "http_over_engine": round((http_tokens / http_s) / (engine_tokens / engine_s), 3),
-        "http_requests_s": round(requests / http_s, 2),
-        "http_latency_p50_ms": _percentile_ms(latencies, 0.5),
-        "http_latency_p95_ms": _percentile_ms(latencies, 0.95),
-        "http_latency_mean_ms": round(1000 * statistics.fmean(latencies), 2),
-        "engine_tokens": engine_tokens,
-        "http_tokens": http_tokens,
-    }
-    if first_tokens:
-        result["http_ttft_p50_ms"] = _percentile_ms(first_tokens, 0.5)
-        result["http_ttft_p95_ms"] = _percentile_ms(first_tokens, 0.95)
     return {
-        **result,
+        "engine_tok_s": round(engine_tokens / engine_s, 2),
+        "http_over_engine": round(measured["http_tok_s"] / (engine_tokens / engine_s), 3),
+        "engine_tokens": engine_tokens,
+        **measured,
         "device": engine.device,
         "device_name": torch.cuda.get_device_name() if engine.device.startswith("cuda") else "cpu",
-        "base": base,
         "quantization": engine.quantization,
         "adapters": adapters,
-        "requests": requests,
-        "concurrency": concurrency,
-        "prompt_len": prompt_len,
-        "new_tokens": new_tokens,
-        "stream": stream,
+        **shape,
     }
 
 
@@ -189,19 +304,44 @@ def run_http_bench(
 @click.option(
     "--stream/--no-stream", default=True, show_default=True, help="stream (and measure time to first token)"
 )
+@click.option("--logprobs", is_flag=True, help=f"add a run with logprobs={TOP_LOGPROBS}, as a ratio to plain")
+@click.option(
+    "--json-schema",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="add a run constrained by this JSON schema, as a ratio to plain",
+)
+@click.option("--url", help="drive this OpenAI-compatible server instead (prompts from --base's vocabulary)")
+@click.option("--models", help="with --url: the model names to use, round-robin (default: all it lists)")
+@click.option(
+    "--repeats",
+    default=1,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="rounds of all HTTP runs in turn; medians are reported (use 3+ on a busy machine)",
+)
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
 def bench_http(as_json: bool, **options) -> None:
     """The server's throughput and latency against the engine called directly, same requests."""
     from rich.console import Console
     from rich.table import Table
 
+    if options["models"] and not options["url"]:
+        raise click.UsageError("--models names the models of a --url server: give --url too")
+    if options["json_schema"] is not None:
+        try:
+            json.loads(options["json_schema"].read_text())
+        except ValueError as err:
+            raise click.BadParameter(
+                f"{options['json_schema']} is not JSON: {err}", param_hint="--json-schema"
+            ) from None
     console = Console(stderr=True)
     with console.status("benchmark") as status:
         result = run_http_bench(**options, progress=lambda message: status.update(message))
     if as_json:
         click.echo(json.dumps(result, indent=2))
         return
-    table = Table(title=f"http bench: {result['base']} {result['quantization']} on {result['device_name']}")
+    title = f"http bench: {result['base']}" + (f" at {result['url']}" if "url" in result else "")
+    table = Table(title=title)
     table.add_column("metric")
     table.add_column("value", justify="right")
     for key, value in result.items():

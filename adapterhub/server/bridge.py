@@ -16,7 +16,13 @@ from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
-from adapterhub.runtime.api import GenerationRequest, GenerationResult, RequestError, SamplingParams
+from adapterhub.runtime.api import (
+    GenerationRequest,
+    GenerationResult,
+    RequestError,
+    SamplingParams,
+    TokenLogprob,
+)
 
 if TYPE_CHECKING:
     from adapterhub.runtime.engine import Engine
@@ -26,6 +32,7 @@ if TYPE_CHECKING:
 class TextDelta:
     index: int
     text: str
+    logprob: TokenLogprob | None = None  # the token's, when the request asked for logprobs
 
 
 @dataclass
@@ -89,11 +96,17 @@ class Generations:
                     unfinished.discard(event.index)
                 yield event
 
-    def _on_token(self, index: int, token_id: int, text: str) -> None:
+    def prompt_of(self, index: int) -> tuple[list[int], list | None]:
+        """Generation ``index``'s prompt token ids and, when it asked for them, their logprobs
+        (known once its prefill ran, so before any of its events)."""
+        handle = self.handles[index]
+        return list(getattr(handle, "prompt_ids", [])), getattr(handle, "prompt_logprobs", None)
+
+    def _on_token(self, index: int, token_id: int, text: str, logprob: TokenLogprob | None = None) -> None:
         if self.first_token_at is None:
             self.first_token_at = time.perf_counter()
         if self.stream:
-            self._post(TextDelta(index, text))
+            self._post(TextDelta(index, text, logprob))
 
     def _wait(self, index: int, handle: Any) -> None:
         try:

@@ -67,6 +67,10 @@ from adapterhub.server.app import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_QUEUE, DEF
     help="Seconds in-flight requests get to finish on SIGTERM.",
 )
 @click.option(
+    "--served-model-name",
+    help="The base model's id for clients (default: --base as given, e.g. a local path).",
+)
+@click.option(
     "--strict-base",
     is_flag=True,
     help="Refuse adapters recorded for another base model (default: warn and serve them).",

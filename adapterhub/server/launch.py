@@ -40,6 +40,7 @@ class ServeOptions:
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     grace_s: float = 30.0
     strict_base: bool = False
+    served_model_name: str | None = None
 
 
 def parse_adapter_specs(text: str) -> list[AdapterSpec]:
@@ -106,6 +107,7 @@ def serve(options: ServeOptions) -> None:
         max_queue=options.max_queue,
         max_tokens_cap=options.max_tokens_cap,
         max_body_bytes=options.max_body_bytes,
+        served_model_name=options.served_model_name,
     )
     config = uvicorn.Config(
         app,
@@ -116,7 +118,8 @@ def serve(options: ServeOptions) -> None:
     )
     engine.start()
     url = f"http://{options.host}:{options.port}/v1"
-    message = f"serving {engine.base_name} with {len(options.adapters)} adapter(s) on {url}"
+    name = options.served_model_name or engine.base_name
+    message = f"serving {name} with {len(options.adapters)} adapter(s) on {url}"
     console.print(message, markup=False, soft_wrap=True)
     if options.api_key is None and options.host not in LOOPBACK_HOSTS:
         console.print(f"warning: {options.host} is reachable from other machines and no --api-key is set")

@@ -1,14 +1,31 @@
 """The OpenAI-compatible request bodies the server accepts, and the one shape every error takes.
 
-Fields OpenAI defines that we cannot honour are refused with a 400 rather than silently ignored;
-unknown fields are ignored, as OpenAI's own server does, so newer clients keep working.
+Request bodies are allowlists. Every field of OpenAI's chat-completions and completions schemas is
+either declared here and honoured, declared as having no effect on a self-hosted server
+(``NO_EFFECT``), or refused with a 400 ``unsupported`` naming it when set to anything but its
+default (``unsupported_fields``); a field nobody declared is refused the same way, as OpenAI's own
+server refuses unknown arguments. vLLM's sampling extras (``top_k``, ``min_p``, ...) are honoured
+under vLLM's names and meanings.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictInt
+
+# OpenAI fields about the platform's own bookkeeping (billing tiers, stored completions, abuse
+# monitoring, prompt-cache routing): accepted, and nothing here changes with them.
+NO_EFFECT = (
+    "user",
+    "store",
+    "metadata",
+    "service_tier",
+    "safety_identifier",
+    "prompt_cache_key",
+    "prompt_cache_retention",
+    "prompt_cache_options",
+)
 
 
 class ErrorDetail(BaseModel):
@@ -22,17 +39,55 @@ class ErrorBody(BaseModel):
     error: ErrorDetail
 
 
-class StreamOptions(BaseModel):
+class Body(BaseModel):
+    """A request object whose undeclared fields are collected (``model_extra``), then refused."""
+
+    model_config = ConfigDict(extra="allow")
+
+    def unsupported_fields(self, prefix: str = "") -> list[str]:
+        """Fields set to something this server does not honour, as dotted paths."""
+        refused = [name for name, value in (self.model_extra or {}).items() if value is not None]
+        refused += [name for name in self._refused_when_set() if getattr(self, name) not in (None, False)]
+        for name in type(self).model_fields:
+            value = getattr(self, name)
+            children = value if isinstance(value, list) else [value]
+            for index, child in enumerate(children):
+                if isinstance(child, Body):
+                    where = f"{name}.{index}" if isinstance(value, list) else name
+                    refused += child.unsupported_fields(f"{where}.")
+        return [prefix + name for name in refused]
+
+    def _refused_when_set(self) -> tuple[str, ...]:
+        return ()
+
+
+class StreamOptions(Body):
     include_usage: bool = False
+    include_obfuscation: bool | None = None  # OpenAI pads chunks; this server does not
+
+    def _refused_when_set(self) -> tuple[str, ...]:
+        return ("include_obfuscation",)
 
 
-class SamplingFields(BaseModel):
+class JsonSchemaFormat(Body):
+    name: str = Field(min_length=1, max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+
+
+class ResponseFormat(Body):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class SamplingFields(Body):
     """What completions and chat share: the model (adapter or base) and the sampling knobs."""
 
-    model_config = ConfigDict(extra="ignore")
-
     model: str = Field(description="An adapter name from GET /v1/models, or the base model's id.")
-    max_tokens: int | None = Field(default=None, ge=1)
+    max_tokens: int | None = Field(default=None, ge=0)
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     seed: int | None = None
@@ -40,19 +95,35 @@ class SamplingFields(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = Field(default=1, ge=1)
-    logprobs: int | bool | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
+    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    logit_bias: dict[str, float] | None = Field(
+        default=None, description="Token id (as a string) to a bias in [-100, 100] added to its logit."
+    )
+    # Accepted; see NO_EFFECT.
     user: str | None = None
-
-    def unsupported_fields(self) -> list[str]:
-        """OpenAI fields set to something this server cannot honour."""
-        used = {
-            "logprobs": self.logprobs not in (None, False, 0),
-            "presence_penalty": self.presence_penalty != 0,
-            "frequency_penalty": self.frequency_penalty != 0,
-        }
-        return [name for name, is_used in used.items() if is_used]
+    store: bool | None = None
+    metadata: dict[str, str] | None = None
+    service_tier: str | None = None
+    safety_identifier: str | None = None
+    prompt_cache_key: str | None = None
+    prompt_cache_retention: str | None = None
+    prompt_cache_options: dict[str, Any] | None = None
+    # vLLM's sampling extras (sent in the openai client's ``extra_body``).
+    top_k: int = Field(default=0, ge=-1, description="vLLM: keep the k most likely tokens; 0 or -1: off.")
+    min_p: float = Field(default=0.0, ge=0.0, le=1.0, description="vLLM: drop tokens below min_p × top.")
+    repetition_penalty: float = Field(default=1.0, gt=0.0, le=2.0, description="vLLM: 1 is off.")
+    min_tokens: int = Field(default=0, ge=0, description="vLLM: no EOS or stop token before this many.")
+    ignore_eos: bool = Field(default=False, description="vLLM: EOS does not end the generation.")
+    stop_token_ids: list[int] | None = Field(default=None, description="vLLM: token ids that end it.")
+    skip_special_tokens: bool = Field(default=True, description="vLLM: leave special tokens out of text.")
+    guided_json: dict[str, Any] | str | None = Field(default=None, description="vLLM: a JSON schema.")
+    guided_regex: str | None = Field(default=None, description="vLLM: a regular expression.")
+    guided_choice: list[str] | None = Field(default=None, description="vLLM: one of these strings.")
+    guided_grammar: str | None = Field(default=None, description="vLLM: a GBNF or Lark grammar.")
+    response_format: ResponseFormat | None = Field(
+        default=None, description="Chat: OpenAI's; completions: vLLM's extra of the same shape."
+    )
 
 
 class CompletionRequest(SamplingFields):
@@ -60,29 +131,105 @@ class CompletionRequest(SamplingFields):
         description="A string, a list of strings, a list of token ids or a list of such lists."
     )
     echo: bool = False
+    logprobs: int | None = Field(default=None, ge=0, le=20)
     best_of: int | None = None
     suffix: str | None = None
 
-    def unsupported_fields(self) -> list[str]:
-        used = {"echo": self.echo, "best_of": self.best_of not in (None, 1), "suffix": bool(self.suffix)}
-        return super().unsupported_fields() + [name for name, is_used in used.items() if is_used]
+    def _refused_when_set(self) -> tuple[str, ...]:
+        refused = ("suffix",) if self.suffix else ()
+        return refused + (("best_of",) if self.best_of not in (None, 1) else ())
 
 
-class TextPart(BaseModel):
+class TextPart(Body):
     type: Literal["text"]
     text: str
 
 
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class ContentPart(Body):
+    """Any content part; only text ones are served (the app refuses the others by type)."""
 
-    role: Literal["system", "user", "assistant", "developer", "tool"]
-    content: str | list[TextPart] | None = None
+    type: str
+    text: str | None = None
+
+
+class FunctionCall(Body):
+    name: str
+    arguments: str
+
+
+class ToolCall(Body):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class ChatMessage(Body):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
+    refusal: str | None = None
+    audio: dict[str, Any] | None = None
+    function_call: dict[str, Any] | None = None
+
+    def _refused_when_set(self) -> tuple[str, ...]:
+        return ("refusal", "audio", "function_call")
+
+
+class FunctionDefinition(Body):
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[a-zA-Z0-9_-]+$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(Body):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(Body):
+    name: str
+
+
+class NamedToolChoice(Body):
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    tools: list[Tool] | None = Field(default=None, min_length=1)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    # OpenAI fields this server refuses when set (see _refused_when_set).
+    audio: dict[str, Any] | None = None
+    modalities: list[str] | None = None
+    prediction: dict[str, Any] | None = None
+    reasoning_effort: str | None = None
+    verbosity: str | None = None
+    web_search_options: dict[str, Any] | None = None
+    moderation: dict[str, Any] | None = None
+    functions: list[dict[str, Any]] | None = None
+    function_call: str | dict[str, Any] | None = None
+
+    def _refused_when_set(self) -> tuple[str, ...]:
+        refused = (
+            "audio",
+            "prediction",
+            "reasoning_effort",
+            "verbosity",
+            "web_search_options",
+            "moderation",
+            "functions",
+            "function_call",
+        )
+        return refused + (("modalities",) if self.modalities not in (None, ["text"]) else ())
 
 
 class AdapterLoadRequest(BaseModel):
@@ -90,6 +237,39 @@ class AdapterLoadRequest(BaseModel):
 
     name: str = Field(min_length=1, max_length=200, pattern=r"^[^=\s]+$")
     source: str = Field(min_length=1, description="A store name, a local PEFT folder or REPO_ID[@REV].")
+
+
+class LoraLoadRequest(BaseModel):
+    """vLLM's ``POST /v1/load_lora_adapter`` body; any PEFT family loads through it here."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    lora_name: str = Field(min_length=1, max_length=200, pattern=r"^[^=\s]+$")
+    lora_path: str = Field(min_length=1)
+    load_inplace: bool = Field(default=False, description="Replacing a loaded adapter is not supported.")
+
+
+class LoraUnloadRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    lora_name: str = Field(min_length=1)
+    lora_int_id: int | None = None
+
+
+class TokenizeRequest(Body):
+    """vLLM's ``POST /tokenize``: a ``prompt``, or chat ``messages`` through the chat template."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool | None = None  # default: True for a prompt, False for messages (vLLM)
+    add_generation_prompt: bool = True
+    return_token_strs: bool = False
+
+
+class DetokenizeRequest(Body):
+    model: str | None = None
+    tokens: list[StrictInt]
 
 
 class Usage(BaseModel):
@@ -114,6 +294,7 @@ class ModelCard(BaseModel):
     owned_by: str
     root: str
     parent: str | None
+    max_model_len: int | None = None
     metadata: ModelMetadata
 
 
@@ -128,11 +309,18 @@ class DeletedModel(BaseModel):
     deleted: bool
 
 
+class CompletionLogprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
     finish_reason: str
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
 
 
 class Completion(BaseModel):
@@ -144,16 +332,32 @@ class Completion(BaseModel):
     usage: Usage
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class TokenLogprobEntry(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[TokenLogprobEntry] | None
+    refusal: None = None
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCall] | None = None
 
 
 class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
     finish_reason: str
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
 
 
 class ChatCompletion(BaseModel):
@@ -163,3 +367,14 @@ class ChatCompletion(BaseModel):
     model: str
     choices: list[ChatChoice]
     usage: Usage
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = None
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str

@@ -69,6 +69,17 @@ def peft_reference(
     return out[0, ids.shape[1] :].tolist(), logits
 
 
+@functools.cache
+def peft_teacher_forced(folder: str | None, ids: tuple[int, ...], quantization: str = "none") -> torch.Tensor:
+    """PEFT's float logits at every position of ``ids`` for one adapter alone: row ``t`` predicts
+    token ``t + 1`` (virtual-token positions dropped)."""
+    model = _peft_model(folder, quantization)
+    tensor = torch.tensor([ids])
+    with torch.no_grad():
+        logits = model(input_ids=tensor, attention_mask=torch.ones_like(tensor)).logits[0].float()
+    return logits[-len(ids) :]
+
+
 def greedy(
     prompt: str, adapter: str | None = None, max_tokens: int = NEW_TOKENS, **kwargs
 ) -> GenerationRequest:

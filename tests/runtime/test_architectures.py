@@ -42,8 +42,12 @@ ARCHITECTURES = {
     "qwen2": {},
     "qwen3": {},
     "gemma": {},
-    "gemma2": dict(sliding_window=4, query_pre_attn_scalar=8, attn_logit_softcapping=1.5, final_logit_softcapping=2.0),
-    "gemma3_text": dict(sliding_window=4, layer_types=["sliding_attention", "full_attention"], query_pre_attn_scalar=12),
+    "gemma2": dict(
+        sliding_window=4, query_pre_attn_scalar=8, attn_logit_softcapping=1.5, final_logit_softcapping=2.0
+    ),
+    "gemma3_text": dict(
+        sliding_window=4, layer_types=["sliding_attention", "full_attention"], query_pre_attn_scalar=12
+    ),
     "phi3": dict(partial_rotary_factor=0.5),
 }
 FUSED = {"phi3": (["qkv_proj", "o_proj", "gate_up_proj", "down_proj"], ["gate_up_proj", "down_proj"])}
@@ -53,7 +57,11 @@ def _tiny_base(root: Path, model_type: str) -> Path:
     llama = tiny_config("llama").to_dict()
     shared = {key: llama[key] for key in SHAPE_KEYS}
     config = AutoConfig.for_model(
-        model_type, head_dim=16, tie_word_embeddings=model_type.startswith("gemma"), **shared, **ARCHITECTURES[model_type]
+        model_type,
+        head_dim=16,
+        tie_word_embeddings=model_type.startswith("gemma"),
+        **shared,
+        **ARCHITECTURES[model_type],
     )
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config)
@@ -71,11 +79,18 @@ def _tiny_base(root: Path, model_type: str) -> Path:
 
 def _configs(model_type: str) -> dict:
     if model_type not in FUSED:
-        return {family: peft_config(family) for family in ("lora", "ia3", "prompt_tuning", "p_tuning", "prefix_tuning")}
+        return {
+            family: peft_config(family)
+            for family in ("lora", "ia3", "prompt_tuning", "p_tuning", "prefix_tuning")
+        }
     lora_targets, ia3_targets = FUSED[model_type]
     return {
-        "lora": LoraConfig(task_type="CAUSAL_LM", r=8, lora_alpha=16, target_modules=lora_targets, use_dora=True),
-        "ia3": IA3Config(task_type="CAUSAL_LM", target_modules=ia3_targets, feedforward_modules=["down_proj"]),
+        "lora": LoraConfig(
+            task_type="CAUSAL_LM", r=8, lora_alpha=16, target_modules=lora_targets, use_dora=True
+        ),
+        "ia3": IA3Config(
+            task_type="CAUSAL_LM", target_modules=ia3_targets, feedforward_modules=["down_proj"]
+        ),
         **{family: peft_config(family) for family in ("prompt_tuning", "p_tuning", "prefix_tuning")},
     }
 
@@ -88,7 +103,9 @@ def _peft_reference(base: Path, folder: Path | None, ids: list[int], quantizatio
     mask = torch.ones_like(prompt)
     with torch.no_grad():
         logits = model(input_ids=prompt, attention_mask=mask).logits[0, -1].float()
-        out = model.generate(input_ids=prompt, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False)
+        out = model.generate(
+            input_ids=prompt, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False
+        )
     return out[0, len(ids) :].tolist(), logits
 
 
@@ -103,7 +120,10 @@ def _check(root: Path, model_type: str, quantization: str) -> None:
     for name, folder in folders.items():
         engine.register(name, str(folder))
     rows = [(name, ids) for name in [None, *folders] for ids in PROMPT_IDS]
-    requests = [GenerationRequest(ids, adapter=name, params=SamplingParams(max_tokens=NEW_TOKENS)) for name, ids in rows]
+    requests = [
+        GenerationRequest(ids, adapter=name, params=SamplingParams(max_tokens=NEW_TOKENS))
+        for name, ids in rows
+    ]
     first_logits = engine.score(requests)
     handles = [engine.submit(request) for request in requests]
     engine.start()

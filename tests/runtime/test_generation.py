@@ -171,7 +171,7 @@ def test_streamed_text_of_multibyte_characters_is_whole_and_adds_up(engine: Engi
         greedy([5], max_tokens=len(ids), on_token=lambda token, delta: deltas.append(delta))
     )
     for token in ids:
-        handle.accept(token, engine.tokenizer.decode, eos_ids=set(), room=len(ids) + 1)
+        handle.accept(token, None, engine.tokenizer.decode, eos_ids=set(), room=len(ids) + 1)
     handle.cancel()
     assert handle.result().text == text == "".join(deltas)
     assert not any("\ufffd" in delta for delta in deltas)

@@ -139,10 +139,11 @@ def test_api_key_guards_v1_routes_only(scripted: ScriptedEngine) -> None:
         ({"model": "nope", "prompt": "hi"}, 404, "unknown_adapter"),
         ({"model": "lora-a", "prompt": "the food " * 40}, 400, "prompt_too_long"),
         ({"model": "lora-a", "prompt": "hi", "temperature": 5}, 422, "invalid_value"),
-        ({"model": "lora-a", "prompt": "hi", "max_tokens": 0}, 422, "invalid_value"),
+        ({"model": "lora-a", "prompt": "hi", "max_tokens": 0}, 400, "invalid_value"),
         ({"model": "lora-a"}, 422, "invalid_value"),
         ({"model": "lora-a", "prompt": "hi", "max_tokens": 33}, 400, "max_tokens_too_large"),
-        ({"model": "lora-a", "prompt": "hi", "logprobs": 2}, 400, "unsupported"),
+        ({"model": "lora-a", "prompt": "hi", "suffix": "!"}, 400, "unsupported"),
+        ({"model": "lora-a", "prompt": "hi", "no_such_field": 1}, 400, "unsupported"),
         ({"model": "lora-a", "prompt": []}, 400, "invalid_value"),
     ],
 )
