@@ -260,12 +260,13 @@ def _hub_base_model(folder: Path, recorded: str, override: str | None) -> str:
 
 
 def _recipe_model(folder: Path) -> str | None:
-    import yaml
+    from adapterhub import yamlio
 
-    text = _read_text(folder / "recipe.yaml")
-    if text is None:
+    path = folder / "recipe.yaml"
+    if not path.is_file():
         return None
-    model = (yaml.safe_load(text) or {}).get("model")
+    recipe = yamlio.load_file(path) or {}
+    model = recipe.get("model") if isinstance(recipe, dict) else None
     return model.get("name") if isinstance(model, dict) else None
 
 
