@@ -12,7 +12,6 @@ imports every command module, stays fast.
 
 from __future__ import annotations
 
-import json
 import re
 import warnings
 from collections.abc import Callable
@@ -20,9 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import yaml
-
+from adapterhub import yamlio
 from adapterhub.errors import UserError
+from adapterhub.hub.adapter import config_json, inspect_adapter
 from adapterhub.paths import atomic_dir
 
 if TYPE_CHECKING:
@@ -169,13 +168,9 @@ def read_adapter(spec: str) -> AdapterSource:
     from adapterhub.hub import resolve
 
     path = resolve(spec)
-    config_file = path / "adapter_config.json"
-    try:
-        config = json.loads(config_file.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise UserError(
-            f"adapter '{spec}' has no readable adapter_config.json in {path}: re-save it"
-        ) from err
+    # The one adapter validator: the config parses and the weights are plain tensors that match it.
+    inspect_adapter(path)
+    config = config_json(path)
     peft_type = str(config.get("peft_type", "")).upper()
     if peft_type in PROMPT_FAMILY:
         raise UserError(
@@ -202,10 +197,7 @@ def _trained_quantization(path: Path) -> str | None:
     recipe_file = path / "recipe.yaml"
     if not recipe_file.is_file():
         return None
-    try:
-        recipe = yaml.safe_load(recipe_file.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise UserError(f"{recipe_file} is not valid YAML: fix or remove it") from err
+    recipe = yamlio.load_file(recipe_file) or {}
     model = recipe.get("model") if isinstance(recipe, dict) else None
     return model.get("quantization", "none") if isinstance(model, dict) else None
 
@@ -453,7 +445,7 @@ def model_card(plan: MergePlan) -> str:
     return "\n".join(
         [
             "---",
-            yaml.safe_dump(metadata, sort_keys=False).rstrip(),
+            yamlio.dumps(metadata).rstrip(),
             "---",
             "",
             f"# {plan.out.name}",

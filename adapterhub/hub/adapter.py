@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import pickle
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,17 +44,33 @@ def weights_file(folder: Path) -> Path | None:
     return next((folder / name for name in WEIGHT_FILES if (folder / name).is_file()), None)
 
 
+def config_json(folder: Path) -> dict:
+    """``adapter_config.json`` parsed as a JSON object, or one line naming the file."""
+    path = Path(folder) / CONFIG_FILE
+    try:
+        raw = json.loads(path.read_text())
+    except RecursionError as err:
+        raise UserError(
+            f"{path} is nested too deeply to be a PEFT adapter config: re-save the adapter"
+        ) from err
+    except (OSError, ValueError) as err:
+        raise UserError(f"{path} is not a valid PEFT adapter config ({one_line(err)})") from err
+    if not isinstance(raw, dict):
+        raise UserError(f"{path} is not a valid PEFT adapter config (not a JSON object)")
+    return raw
+
+
 def read_config(folder: Path) -> dict:
     """``adapter_config.json`` as a dict, checked to parse into a PEFT config."""
     from peft import PeftConfig
 
     path = folder / CONFIG_FILE
+    raw = config_json(folder)
     try:
-        raw = json.loads(path.read_text())
-        if not isinstance(raw, dict) or not raw.get("peft_type"):
+        if not raw.get("peft_type"):
             raise ValueError("no peft_type")
         PeftConfig.from_pretrained(str(folder))
-    except (OSError, ValueError, TypeError, KeyError) as err:
+    except (OSError, ValueError, TypeError, KeyError, RecursionError) as err:
         raise UserError(f"{path} is not a valid PEFT adapter config ({one_line(err)})") from err
     return raw
 
@@ -89,6 +106,11 @@ def _tensor_shapes(weights: Path) -> dict[str, tuple[int, ...]]:
             tensors = load_file(str(weights))
         else:
             tensors = torch.load(weights, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise UserError(
+            f"{weights} holds more than plain tensors, so it was not unpickled ({one_line(err)}): "
+            "re-save the adapter as adapter_model.safetensors"
+        ) from err
     except Exception as err:  # safetensors and torch raise assorted types for corrupt bytes
         raise UserError(f"{weights} is corrupt or not a weights file ({one_line(err)})") from err
     if not tensors:
@@ -153,8 +175,7 @@ def canonical_base(name: str) -> str:
 
 def check_base_model(adapter: Path, base_model: str, *, strict: bool = False) -> None:
     """Warn (or, when ``strict``, refuse) if the adapter at ``adapter`` was trained on another base model."""
-    config_path = Path(adapter) / CONFIG_FILE
-    trained_on = json.loads(config_path.read_text()).get("base_model_name_or_path") or ""
+    trained_on = config_json(adapter).get("base_model_name_or_path") or ""
     if not trained_on or canonical_base(trained_on) == canonical_base(base_model):
         return
     message = f"adapter {adapter} was trained on '{trained_on}', not '{base_model}'"
