@@ -16,12 +16,11 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import click
 import httpx
 import torch
 
 from adapterhub.runtime.api import GenerationRequest, SamplingParams
-from adapterhub.runtime.bench import bench_engine, engine_options, random_prompts, register_random_adapters
+from adapterhub.runtime.bench import bench_engine, random_prompts, register_random_adapters
 from adapterhub.runtime.engine import Engine
 from adapterhub.server.app import create_app
 from adapterhub.server.background import serve_in_background
@@ -165,45 +164,3 @@ def run_http_bench(
         "new_tokens": new_tokens,
         "stream": stream,
     }
-
-
-@click.command("http")
-@engine_options
-@click.option(
-    "--adapters",
-    default=5,
-    show_default=True,
-    type=click.IntRange(min=1),
-    help="families round-robin; the base takes requests too",
-)
-@click.option("--requests", default=200, show_default=True, type=click.IntRange(min=1))
-@click.option(
-    "--concurrency",
-    default=16,
-    show_default=True,
-    type=click.IntRange(min=1),
-    help="client threads, and the engine's batch size",
-)
-@click.option("--prompt-len", default=32, show_default=True, type=click.IntRange(min=1))
-@click.option("--new-tokens", default=32, show_default=True, type=click.IntRange(min=1))
-@click.option(
-    "--stream/--no-stream", default=True, show_default=True, help="stream (and measure time to first token)"
-)
-@click.option("--json", "as_json", is_flag=True, help="print one JSON object")
-def bench_http(as_json: bool, **options) -> None:
-    """The server's throughput and latency against the engine called directly, same requests."""
-    from rich.console import Console
-    from rich.table import Table
-
-    console = Console(stderr=True)
-    with console.status("benchmark") as status:
-        result = run_http_bench(**options, progress=lambda message: status.update(message))
-    if as_json:
-        click.echo(json.dumps(result, indent=2))
-        return
-    table = Table(title=f"http bench: {result['base']} {result['quantization']} on {result['device_name']}")
-    table.add_column("metric")
-    table.add_column("value", justify="right")
-    for key, value in result.items():
-        table.add_row(key, str(value))
-    Console().print(table)

@@ -7,8 +7,8 @@ import json
 import pytest
 from click.testing import CliRunner
 
+from adapterhub.bench import bench_serve
 from adapterhub.runtime.api import FAMILIES
-from adapterhub.runtime.bench import bench_serve
 
 KEYS = (
     "base_tok_s",

@@ -6,7 +6,7 @@ import json
 
 from click.testing import CliRunner
 
-from adapterhub.server.bench import bench_http
+from adapterhub.bench import bench_http
 
 
 def test_http_bench_prints_json_with_matching_token_counts() -> None:
