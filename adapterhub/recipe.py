@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -200,7 +201,7 @@ def resolve_recipe_paths(raw: dict[str, Any], folder: Path) -> None:
     _move_paths(raw, lambda path: os.path.join(folder, path))
 
 
-def _move_paths(raw: dict[str, Any], move: Any) -> None:
+def _move_paths(raw: dict[str, Any], move: Callable[[str], str]) -> None:
     """Apply ``move`` to each relative input path of ``raw`` (the local data files, a ``./`` model)."""
 
     def moved(value: str, *, mark: bool) -> str:

@@ -175,13 +175,6 @@ def train(recipe: Recipe, console: Console | None = None) -> TrainResult:
     if state.is_main_process:
         for note in recipe.notes:
             console.print(f"note: {note}", style="dim", markup=False, highlight=False)
-    with disk_errors(work_dir):
-        return _train(recipe, console, state, output_dir, work_dir)
-
-
-def _train(
-    recipe: Recipe, console: Console, state: PartialState, output_dir: Path, work_dir: Path
-) -> TrainResult:
     if not recipe.training.resume and state.is_main_process and work_dir.exists():
         shutil.rmtree(work_dir)
     state.wait_for_everyone()
@@ -213,7 +206,8 @@ def _train(
         console.print(f"[yellow]no checkpoint in {work_dir}; starting from scratch")
     started = time.perf_counter()
     try:
-        output = trainer.train(resume_from_checkpoint=resume_from)
+        with disk_errors(work_dir):  # checkpoints are written there
+            output = trainer.train(resume_from_checkpoint=resume_from)
     finally:
         progress.close()  # an interrupt skips on_train_end; the live bar must not outlive it
     elapsed = time.perf_counter() - started
