@@ -160,7 +160,7 @@ def test_error_statuses_and_openai_bodies(
 def test_openai_client_raises_the_matching_errors(scripted: ScriptedEngine) -> None:
     with serve_in_background(create_app(scripted)) as url:
         api = client(url)
-        with pytest.raises(openai.NotFoundError, match="unknown adapter"):
+        with pytest.raises(openai.NotFoundError, match="model 'nope' is not served here"):
             api.chat.completions.create(model="nope", messages=[{"role": "user", "content": "hi"}])
         with pytest.raises(openai.UnprocessableEntityError, match="temperature"):
             api.completions.create(model="lora-a", prompt="hi", temperature=-1)
