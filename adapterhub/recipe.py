@@ -237,8 +237,6 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
 
 
 def recipe_from_dict(raw: dict[str, Any], source: str = "<recipe>") -> Recipe:
-    from adapterhub import methods
-
     unknown = set(raw) - set(SECTIONS)
     if unknown:
         name = sorted(unknown)[0]
@@ -246,20 +244,23 @@ def recipe_from_dict(raw: dict[str, Any], source: str = "<recipe>") -> Recipe:
             f"{source}: unknown section '{name}'{did_you_mean(name, SECTIONS)}; "
             f"sections are {', '.join(SECTIONS)}"
         )
-    sections = {}
-    for name, cls in SECTIONS.items():
-        values = raw.get(name) or {}
-        if not isinstance(values, dict):
+    for name in SECTIONS:
+        if not isinstance(raw.get(name) or {}, dict):
             raise UserError(f"{source}: section '{name}' must be a mapping of keys to values")
-        if cls is MethodArgs:
-            values = dict(values)
-            method_type = values.pop("type", None)
-            if method_type is None:
-                raise UserError(f"{source}: missing key 'method.type': one of {', '.join(methods.names())}")
-            method = methods.get(method_type, source)
-            sections[name] = MethodArgs(type=method_type, params=method.check_params(values, source))
-        else:
-            sections[name] = build_section(cls, values, f"{source}: {name}")
+    # The sections that need no PEFT first, so their mistakes are reported before torch is imported.
+    sections = {
+        name: build_section(cls, raw.get(name) or {}, f"{source}: {name}")
+        for name, cls in SECTIONS.items()
+        if cls is not MethodArgs
+    }
+    from adapterhub import methods  # imports PEFT, and so torch
+
+    values = dict(raw.get("method") or {})
+    method_type = values.pop("type", None)
+    if method_type is None:
+        raise UserError(f"{source}: missing key 'method.type': one of {', '.join(methods.names())}")
+    method = methods.get(method_type, source)
+    sections["method"] = MethodArgs(type=method_type, params=method.check_params(values, source))
     recipe = Recipe(**sections, source=source)
     if not recipe.data.path and not recipe.data.dataset:
         raise UserError(

@@ -20,9 +20,11 @@ OVERRIDE = re.compile(r"^[A-Za-z_]\w*\.[\w.]+=")
 def train(recipe: str, overrides: tuple[str, ...], as_json: bool) -> None:
     """Train an adapter from RECIPE, with dotted overrides like training.max_steps=20."""
     from adapterhub.recipe import load_recipe
+
+    loaded = load_recipe(recipe, overrides)  # checked before torch is even imported
+
     from adapterhub.train.trainer import train as run
 
-    loaded = load_recipe(recipe, overrides)
     try:
         result = run(loaded, console=Console(stderr=True))
     except KeyboardInterrupt:
