@@ -72,6 +72,24 @@ def local_path(name: str) -> str:
     return str(builtin_path(name)) if name.startswith(BUILTIN_PREFIX) else name
 
 
+def source_path(name: str) -> str:
+    """What to hand ``from_pretrained`` for ``name``: a builtin's folder, a folder, or a Hub id.
+
+    A name written as a path that does not exist is refused here, rather than sent to the Hub as an id.
+    Before a Hub id is fetched, the Hub's reachability is checked once (see ``adapterhub.hub.reach``).
+    """
+    from adapterhub.hub.adapter import is_local_path
+    from adapterhub.hub.reach import go_offline_if_unreachable
+
+    path = local_path(name)
+    if Path(path).exists():
+        return path
+    if is_local_path(name):
+        raise UserError(f"model '{name}': no such folder: give an existing model folder or a Hub id")
+    go_offline_if_unreachable()
+    return path
+
+
 def shipped_config_path(name: str) -> Path | None:
     path = SHIPPED_CONFIGS / (name.replace("/", "--") + ".json")
     return path if path.exists() else None
@@ -85,7 +103,7 @@ def load_config(name: str) -> PretrainedConfig:
         data = json.loads(shipped.read_text())
         return AutoConfig.for_model(data.pop("model_type"), **data)
     try:
-        return AutoConfig.from_pretrained(local_path(name))
+        return AutoConfig.from_pretrained(source_path(name))
     except (OSError, ValueError) as err:
         raise model_not_found(name) from err
 
@@ -113,6 +131,13 @@ def offline_config(name: str) -> PretrainedConfig | None:
 
 
 def model_not_found(name: str, what: str = "model") -> UserError:
+    from adapterhub.hub.reach import unreachable_hint
+
+    hint = unreachable_hint()
+    if hint is not None:
+        return UserError(
+            f"{what} '{name}' not found: {hint}: check your network and HF_ENDPOINT, or give a local folder"
+        )
     offline = os.environ.get("HF_HUB_OFFLINE") == "1"
     hint = "we are offline (HF_HUB_OFFLINE=1)" if offline else "check the id, your network and HF_TOKEN"
     return UserError(f"{what} '{name}' not found: {hint}, or give a local folder")
@@ -166,7 +191,7 @@ def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
     """The model's tokenizer; random-weight Hub models offline get the tiny tokenizer (ids only matter)."""
     name, random_init = split_random(name)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(local_path(name))
+        tokenizer = AutoTokenizer.from_pretrained(source_path(name))
     except (OSError, ValueError, TypeError) as err:
         if not random_init:
             raise model_not_found(name) from err
@@ -194,7 +219,7 @@ def load_model(spec: ModelSpec) -> PreTrainedModel:
         model = _random_model(auto, config, device, kwargs)
     else:
         try:
-            model = auto.from_pretrained(local_path(name), **kwargs)
+            model = auto.from_pretrained(source_path(name), **kwargs)
         except OSError as err:
             raise model_not_found(name, "weights of model") from err
     if spec.quantization == "none":

@@ -55,6 +55,7 @@ class Done:
     slot: int
     completion_tokens: int | None  # None when the backend did not say: the view counts deltas
     finish_reason: str
+    prompt_tokens: int | None = None  # None when the backend did not say
 
 
 @dataclass(frozen=True)
@@ -142,7 +143,7 @@ def _wait_for(handle: Any, slot: int, events: queue.Queue[Event]) -> None:
     except Exception as err:  # an engine bug must end this reply with a message, not hang the REPL
         events.put(Failed(slot, UserError(f"the engine failed this reply: {type(err).__name__}: {err}")))
     else:
-        events.put(Done(slot, result.completion_tokens, result.finish_reason))
+        events.put(Done(slot, result.completion_tokens, result.finish_reason, result.prompt_tokens))
 
 
 def chat_prompt(tokenizer: Any, messages: list[dict[str, str]]) -> str:
@@ -245,7 +246,7 @@ class RemoteBackend:
         self, body: dict[str, Any], slot: int, events: queue.Queue[Event], reply: StreamingReply
     ) -> None:
         try:
-            completion_tokens, finish_reason = self._read_stream(body, slot, events, reply)
+            done = self._read_stream(body, slot, events, reply)
         except httpx.HTTPError as err:
             if reply.cancelled.is_set():
                 return
@@ -256,12 +257,12 @@ class RemoteBackend:
             message = f"the server at {self.url} sent a reply this client cannot read: {err!r}"
             events.put(Failed(slot, UserError(message)))
         else:
-            events.put(Done(slot, completion_tokens, finish_reason))
+            events.put(done)
 
     def _read_stream(
         self, body: dict[str, Any], slot: int, events: queue.Queue[Event], reply: StreamingReply
-    ) -> tuple[int | None, str]:
-        completion_tokens, finish_reason = None, "stop"
+    ) -> Done:
+        completion_tokens, finish_reason, usage = None, "stop", {}
         with self.client.stream("POST", "/chat/completions", json=body) as response:
             reply.attach(response)
             if not response.is_success:
@@ -269,18 +270,19 @@ class RemoteBackend:
                 self.check(response)
             for line in response.iter_lines():
                 if reply.cancelled.is_set():
-                    return completion_tokens, "cancelled"
+                    return Done(slot, completion_tokens, "cancelled")
                 data = line.removeprefix("data:").strip()
                 if not line.startswith("data:") or data == "[DONE]":
                     continue
                 chunk = parse_chunk(data, self.url)
-                completion_tokens = (chunk.get("usage") or {}).get("completion_tokens", completion_tokens)
+                usage = chunk.get("usage") or usage
+                completion_tokens = usage.get("completion_tokens", completion_tokens)
                 for choice in chunk.get("choices") or []:
                     text = (choice.get("delta") or {}).get("content")
                     if text:
                         events.put(Delta(slot, text))
                     finish_reason = choice.get("finish_reason") or finish_reason
-        return completion_tokens, finish_reason
+        return Done(slot, completion_tokens, finish_reason, usage.get("prompt_tokens"))
 
     def unreachable(self, err: httpx.HTTPError) -> UserError:
         return UserError(

@@ -34,6 +34,8 @@ class Reply:
     text: str = ""
     deltas: int = 0
     completion_tokens: int | None = None
+    prompt_tokens: int | None = None
+    max_tokens: int | None = None  # what was asked for, to tell a full context from the max_tokens limit
     finish_reason: str | None = None  # None while streaming
     error: UserError | None = None
     started: float = field(default_factory=time.perf_counter)
@@ -58,6 +60,7 @@ class Reply:
             return
         if isinstance(event, Done):
             self.completion_tokens = event.completion_tokens
+            self.prompt_tokens = event.prompt_tokens
             self.finish_reason = event.finish_reason
         else:
             self.error = event.error
@@ -72,8 +75,17 @@ class Reply:
         if self.finish_reason == "cancelled":
             parts.append("stopped")
         elif self.finish_reason == "length":
-            parts.append("hit max_tokens")
+            parts.append(self._length_reason())
         return " · ".join(parts)
+
+    def _length_reason(self) -> str:
+        """A "length" stop is the max_tokens limit, or the model's context filling up before it."""
+        if self.max_tokens is None or self.tokens >= self.max_tokens:
+            return "hit max_tokens" if self.max_tokens is None else f"hit max_tokens ({self.max_tokens})"
+        if self.prompt_tokens is None:
+            return "context full: /undo or /reset to make room"
+        used = f"{self.prompt_tokens} prompt + {self.tokens} reply tokens"
+        return f"context full ({used}): /undo or /reset to make room"
 
     def status(self) -> str:
         return f"{self.adapter.name} ({self.adapter.method}) · {self.speed()}"
@@ -89,7 +101,7 @@ class ChatView:
     ) -> list[Reply]:
         """Run the requests at once, drawing their text as it arrives; Ctrl-C stops them all."""
         events: queue.Queue[Event] = queue.Queue()
-        replies = [Reply(entry) for entry, _ in requests]
+        replies = [Reply(entry, max_tokens=request.params.max_tokens) for entry, request in requests]
         generations: list[Generation] = []
         try:
             for slot, (_, request) in enumerate(requests):

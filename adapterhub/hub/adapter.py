@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,8 +80,9 @@ def canonical_base(name: str) -> str:
 
 def check_base_model(adapter: Path, base_model: str, *, strict: bool = False) -> None:
     """Warn (or, when ``strict``, refuse) if the adapter at ``adapter`` was trained on another base model."""
-    config_path = Path(adapter) / CONFIG_FILE
-    trained_on = json.loads(config_path.read_text()).get("base_model_name_or_path") or ""
+    from adapterhub.contract.files import read_config
+
+    trained_on = read_config(Path(adapter)).get("base_model_name_or_path") or ""
     if not trained_on or canonical_base(trained_on) == canonical_base(base_model):
         return
     message = f"adapter {adapter} was trained on '{trained_on}', not '{base_model}'"

@@ -12,6 +12,7 @@ from rich.table import Table
 
 from adapterhub.errors import UserError
 from adapterhub.hub import store
+from adapterhub.tables import print_table
 
 console = Console()
 status_console = Console(stderr=True)
@@ -27,7 +28,9 @@ def _source_folder(source: str) -> Path:
         return path
     if store.exists(source):
         return store.entry_path(source)
-    raise UserError(f"'{source}' is neither a folder nor a store name: see `adapterhub list`")
+    raise UserError(
+        f"'{source}' is neither a folder nor a store name{store.suggestion(source)}: see `adapterhub list`"
+    )
 
 
 @click.command()
@@ -112,8 +115,10 @@ def list_adapters(as_json: bool) -> None:
         _print_json([asdict(entry) for entry in entries])
         return
     table = Table(title=f"adapters in {store.root()}")
-    for column in ("name", "method", "base model", "size", "params", "source@revision"):
-        table.add_column(column, justify="right" if column in ("size", "params") else "left")
+    # "stored": what the weights file holds. P-tuning and prefix tuning with a projection train an
+    # encoder that PEFT drops on save, so they store fewer parameters than they trained.
+    for column in ("name", "method", "base model", "size", "stored params", "source@revision"):
+        table.add_column(column, justify="right" if column in ("size", "stored params") else "left")
     for entry in entries:
         table.add_row(
             entry.name,
@@ -123,7 +128,7 @@ def list_adapters(as_json: bool) -> None:
             f"{entry.params:,}",
             entry.source_at_revision,
         )
-    console.print(table)
+    print_table(table, console)
 
 
 @click.command()
@@ -144,7 +149,7 @@ def show(name: str, as_json: bool) -> None:
     table.add_row("path", str(store.entry_path(name)))
     for file_name, digest in manifest.files.items():
         table.add_row(f"sha256 {file_name}", digest)
-    console.print(table)
+    print_table(table, console)
 
 
 @click.command()
@@ -157,8 +162,8 @@ def rm(name: str) -> None:
 
 def _human_bytes(size: int) -> str:
     value = float(size)
-    for unit in ("B", "KB", "MB"):
+    for unit in ("B", "KiB", "MiB"):
         if value < 1024:
             return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
         value /= 1024
-    return f"{value:.1f} GB"
+    return f"{value:.1f} GiB"

@@ -11,7 +11,6 @@ import fnmatch
 import hashlib
 import importlib
 import json
-import os
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -45,9 +44,9 @@ from adapterhub.hub.adapter import (
     one_line,
     warn,
 )
+from adapterhub.hub.reach import endpoint
 from adapterhub.paths import atomic_dir
 
-DEFAULT_ENDPOINT = "https://huggingface.co"
 # Remote files a push replaces, per kind: an adapter push leaves other files in the repo alone.
 REPLACED_FILES = {"adapter": list(ADAPTER_FILES), "model": ["*"]}
 
@@ -81,10 +80,6 @@ class PullResult:
     revision: str
     no_op: bool  # the store already held this exact revision
     manifest: store.Manifest
-
-
-def endpoint() -> str:
-    return os.environ.get("HF_ENDPOINT", DEFAULT_ENDPOINT).rstrip("/")
 
 
 def hub_api() -> HfApi:
@@ -128,6 +123,11 @@ def hub_errors(repo_id: str, revision: str | None = None) -> Iterator[None]:
     except HfHubHTTPError as err:
         status = err.response.status_code if err.response is not None else None
         if status == 401:
+            from huggingface_hub import get_token
+
+            if get_token() is None:
+                message = f"{where} needs a token for this (401) and none is set"
+                raise UserError(f"{message}: set HF_TOKEN or run `hf auth login`") from err
             raise UserError(f"{where} rejected the token (401): set HF_TOKEN or run `hf auth login`") from err
         if status == 403:
             raise UserError(
@@ -260,12 +260,13 @@ def _hub_base_model(folder: Path, recorded: str, override: str | None) -> str:
 
 
 def _recipe_model(folder: Path) -> str | None:
-    import yaml
+    from adapterhub import yamlio
 
-    text = _read_text(folder / "recipe.yaml")
-    if text is None:
+    path = folder / "recipe.yaml"
+    if not path.is_file():
         return None
-    model = (yaml.safe_load(text) or {}).get("model")
+    recipe = yamlio.load_file(path) or {}
+    model = recipe.get("model") if isinstance(recipe, dict) else None
     return model.get("name") if isinstance(model, dict) else None
 
 

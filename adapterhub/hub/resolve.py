@@ -42,7 +42,8 @@ def _from_hub(spec: str) -> Path:
 
     if "/" not in spec:
         raise UserError(
-            f"no adapter named '{spec}' in the store: see `adapterhub list`, or give a folder or ORG/NAME"
+            f"no adapter named '{spec}' in the store{store.suggestion(spec)}: see `adapterhub list`, "
+            "or give a folder or ORG/NAME"
         )
     repo_id, revision = split_spec(spec)
     for entry in store.find_source(repo_id):

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
 
-from adapterhub.errors import UserError
+from adapterhub.errors import UserError, did_you_mean
 from adapterhub.hub.adapter import ADAPTER_FILES, AdapterSummary, inspect_adapter
 from adapterhub.paths import atomic_dir, home
 
@@ -65,10 +65,25 @@ def exists(name: str) -> bool:
     return NAME.match(name) is not None and (root() / name / MANIFEST).is_file()
 
 
+def names() -> list[str]:
+    if not root().is_dir():
+        return []
+    return [path.name for path in sorted(root().iterdir()) if exists(path.name)]
+
+
+def suggestion(name: str) -> str:
+    """A "did you mean" for a store name that is not there, else ``""``."""
+    return did_you_mean(name, names())
+
+
+def not_stored(name: str) -> UserError:
+    return UserError(f"no adapter named '{name}' in the store{suggestion(name)}: see `adapterhub list`")
+
+
 def read(name: str) -> Manifest:
     path = entry_path(name) / MANIFEST
     if not path.is_file():
-        raise UserError(f"no adapter named '{name}' in the store: see `adapterhub list`")
+        raise not_stored(name)
     known = {item.name for item in fields(Manifest)}
     try:
         data = json.loads(path.read_text())
@@ -80,9 +95,7 @@ def read(name: str) -> Manifest:
 
 
 def entries() -> list[Manifest]:
-    if not root().is_dir():
-        return []
-    return [read(path.name) for path in sorted(root().iterdir()) if exists(path.name)]
+    return [read(name) for name in names()]
 
 
 def find_source(source: str, subfolder: str | None = None) -> list[Manifest]:
@@ -92,7 +105,7 @@ def find_source(source: str, subfolder: str | None = None) -> list[Manifest]:
 def remove(name: str) -> None:
     """Delete an entry, even one whose manifest is unreadable."""
     if not exists(name):
-        raise UserError(f"no adapter named '{name}' in the store: see `adapterhub list`")
+        raise not_stored(name)
     path = entry_path(name)
     # Rename first so the entry disappears at once even if deleting its files is slow or interrupted.
     doomed = path.with_name(f".{name}.rm")

@@ -8,7 +8,6 @@ exactly ``--new-tokens`` per row (EOS is ignored) so the token counts of all pha
 from __future__ import annotations
 
 import contextlib
-import json
 import statistics
 import tempfile
 import time
@@ -17,7 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
-import click
 import torch
 
 from adapterhub.runtime.api import FAMILIES, GenerationRequest, SamplingParams
@@ -290,79 +288,8 @@ def run_bench(
     }
 
 
-def engine_options(command: Callable) -> Callable:
-    """The options every engine benchmark shares: which device, base and quantization."""
-    for option in reversed(
-        [
-            click.option(
-                "--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True
-            ),
-            click.option(
-                "--base",
-                default="builtin:tiny-llama",
-                show_default=True,
-                help="builtin:tiny-llama, a folder or random:<hub-id>",
-            ),
-            click.option(
-                "--quantize",
-                type=click.Choice(["auto", "nf4", "int8", "none"]),
-                default="auto",
-                show_default=True,
-            ),
-        ]
-    ):
-        command = option(command)
-    return command
-
-
 def _versions() -> dict[str, str]:
     import peft
     import transformers
 
     return {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__}
-
-
-@click.command("serve")
-@engine_options
-@click.option("--adapters", default=8, show_default=True, help="adapters, families round-robin over all five")
-@click.option("--batch", default=32, show_default=True)
-@click.option("--prompt-len", default=128, show_default=True)
-@click.option("--new-tokens", default=64, show_default=True)
-@click.option("--rank", default=16, show_default=True, help="LoRA rank (all 7 projections)")
-@click.option(
-    "--static-decode",
-    type=click.Choice(["auto", "on", "off"]),
-    default="auto",
-    show_default=True,
-    help="bucketed static decode shapes, as CUDA graphs on CUDA (auto: on for CUDA)",
-)
-@click.option("--json", "as_json", is_flag=True, help="print one JSON object")
-def bench_serve(**options) -> None:
-    """Base vs one adapter vs all five families mixed in one batch, against plain PEFT."""
-    from rich.console import Console
-
-    from adapterhub.errors import UserError
-
-    as_json = options.pop("as_json")
-    if options["adapters"] < len(FAMILIES):
-        raise UserError(f"--adapters {options['adapters']} cannot cover all five families: use 5 or more")
-    console = Console(stderr=True)
-    with console.status("benchmark") as status:
-        result = run_bench(**options, progress=lambda message: status.update(message))
-    if as_json:
-        click.echo(json.dumps(result, indent=2))
-        return
-    _print_table(result)
-
-
-def _print_table(result: dict) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=f"serve bench: {result['base']} {result['quantization']} on {result['device_name']}")
-    table.add_column("metric")
-    table.add_column("value", justify="right")
-    for key, value in result.items():
-        if not isinstance(value, dict):
-            table.add_row(key, str(value))
-    Console().print(table)

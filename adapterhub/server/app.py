@@ -350,10 +350,20 @@ class _Server:
             raise ApiError(429, message, "overloaded")
         adapter = None if body.model == self.model_name else body.model
         generations = Generations(self.engine, stream=body.stream)
-        for prompt in prompts:
-            for choice in range(body.n):
-                seed = None if params.seed is None else params.seed + choice
-                generations.submit(prompt, adapter, replace(params, seed=seed))
+        try:
+            for prompt in prompts:
+                for choice in range(body.n):
+                    seed = None if params.seed is None else params.seed + choice
+                    generations.submit(prompt, adapter, replace(params, seed=seed))
+        except RequestError as err:
+            if err.code != "unknown_adapter":
+                raise
+            # The engine's words ("register it first") name a Python call; an HTTP client needs routes.
+            message = (
+                f"model '{body.model}' is not served here: GET /v1/models lists what is; serve it with "
+                "`adapterhub serve --adapters NAME=SPEC`, or load it with POST /v1/adapters"
+            )
+            raise ApiError(404, message, "unknown_adapter", "model") from err
         self._track(count)
         if body.stream:
             usage = body.stream_options is not None and body.stream_options.include_usage

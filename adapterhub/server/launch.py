@@ -1,14 +1,18 @@
 """What ``adapterhub serve`` does: parse adapter specs, pick the base model, run uvicorn over an Engine.
 
-The engine outlives uvicorn on purpose: on SIGTERM uvicorn stops accepting connections and waits
-for the requests in flight (up to the grace period), and only then is the engine stopped.
+The port is bound first, before anything is loaded, so a taken port fails in a second rather than
+after the model has loaded. The engine outlives uvicorn on purpose: on SIGTERM uvicorn stops accepting
+connections and waits for the requests in flight (up to the grace period), and only then is the engine
+stopped.
 """
 
 from __future__ import annotations
 
+import errno
 import math
 import re
 import signal
+import socket
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -18,6 +22,7 @@ from adapterhub.server.app import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_QUEUE, DEF
 
 if TYPE_CHECKING:
     from rich.console import Console
+    from rich.table import Table
 
     from adapterhub.runtime.engine import Engine
 
@@ -67,6 +72,41 @@ def parse_adapter_specs(text: str) -> list[AdapterSpec]:
     return specs
 
 
+def check_names(adapters: list[AdapterSpec], base: str) -> None:
+    """Refuse an adapter named like the base: ``model=<base>`` means the base, so it would be unreachable."""
+    for adapter in adapters:
+        if adapter.name == base:
+            alias = f"{base.rsplit('/', 1)[-1]}-adapter={adapter.spec}"
+            raise UserError(
+                f"adapter '{adapter.spec}' would be served as '{base}', the base model's own name, and could "
+                f"never be reached: give it an alias, e.g. --adapters {alias}"
+            )
+
+
+def listen_socket(host: str, port: int) -> socket.socket:
+    """A socket bound to ``host:port`` now (uvicorn listens on it later), or one line saying why not."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+    except socket.gaierror as err:
+        raise UserError(
+            f"--host {host} does not resolve ({err.strerror}): use an address such as 127.0.0.1"
+        ) from err
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: restarts need not wait
+    try:
+        sock.bind(address)
+    except OSError as err:
+        sock.close()
+        if err.errno == errno.EADDRNOTAVAIL:
+            hint = "give an address of this machine as --host"
+        else:
+            hint = "stop the program using it or pass another --port"
+        raise UserError(f"cannot listen on {host}:{port}: {err.strerror or err}: {hint}") from err
+    return sock
+
+
 def build_engine(options: ServeOptions, console: Console | None = None) -> Engine:
     """The engine ``options`` describe, with every adapter registered (not started yet)."""
     from rich.progress import Progress
@@ -74,6 +114,7 @@ def build_engine(options: ServeOptions, console: Console | None = None) -> Engin
     from adapterhub.runtime.engine import Engine, EngineConfig
 
     base = infer_base(options.adapters, options.base)
+    check_names(options.adapters, base)
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task(f"loading {base}", total=len(options.adapters) + 1)
         engine = Engine(
@@ -98,9 +139,15 @@ def serve(options: ServeOptions) -> None:
     from rich.console import Console
 
     from adapterhub.server.app import create_app
+    from adapterhub.tables import print_table
 
     console = Console(stderr=True)
-    engine = build_engine(options, console)
+    sock = listen_socket(options.host, options.port)
+    try:
+        engine = build_engine(options, console)
+    except BaseException:
+        sock.close()
+        raise
     app = create_app(
         engine,
         api_key=options.api_key,
@@ -117,7 +164,9 @@ def serve(options: ServeOptions) -> None:
         log_level="info",
     )
     engine.start()
-    url = f"http://{options.host}:{options.port}/v1"
+    host = f"[{options.host}]" if ":" in options.host else options.host
+    url = f"http://{host}:{sock.getsockname()[1]}/v1"
+    print_table(served_table(engine), console)
     name = options.served_model_name or engine.base_name
     message = f"serving {name} with {len(options.adapters)} adapter(s) on {url}"
     console.print(message, markup=False, soft_wrap=True)
@@ -127,12 +176,28 @@ def serve(options: ServeOptions) -> None:
     # ours turns it into an exception so the engine is stopped and the process exits 0.
     previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
-        uvicorn.Server(config).run()
+        uvicorn.Server(config).run(sockets=[sock])
     except _Terminated:
         console.print("SIGTERM: in-flight requests finished, stopping")
     finally:
         signal.signal(signal.SIGTERM, previous)
         engine.stop(options.grace_s)
+
+
+def served_table(engine: Engine) -> Table:
+    """What clients can put in ``model``: the base, and each adapter with its family, size and source."""
+    from rich.table import Table
+
+    table = Table(title="models served", title_justify="left")
+    for column in ("model", "family", "rank / virtual tokens", "source"):
+        table.add_column(column)
+    table.add_row(engine.base_name, "base", "", "")
+    for info in engine.list():
+        size = f"r={info.rank}" if info.rank else ""
+        if info.num_virtual_tokens:
+            size = f"{info.num_virtual_tokens} virtual tokens"
+        table.add_row(info.name, info.method, size, info.source)
+    return table
 
 
 class _Terminated(Exception):

@@ -15,17 +15,15 @@ from __future__ import annotations
 
 import gc
 import itertools
-import json
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import click
 import torch
 from peft import PeftModel
-from rich.console import Console
 from rich.table import Table
 from torch.utils.data import DataLoader
 from transformers import (
@@ -275,75 +273,55 @@ def free_memory() -> None:
         torch.cuda.empty_cache()
 
 
-@click.command("train")
-@click.argument("recipes", nargs=-1, required=True, type=click.Path(dir_okay=False))
-@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Recipe override, repeatable.")
-@click.option("--random", "random_weights", is_flag=True, help="Random weights and synthetic batches.")
-@click.option(
-    "--steps", default=20, type=click.IntRange(min=1), show_default=True, help="Timed training steps."
-)
-@click.option(
-    "--warmup",
-    default=3,
-    type=click.IntRange(min=1),
-    show_default=True,
-    help="Untimed first steps (compile, allocate).",
-)
-@click.option("--eval-batches", default=10, show_default=True)
-@click.option("--label-tokens", default=3, show_default=True, help="Label length of synthetic batches.")
-@click.option(
-    "--baseline", is_flag=True, help="Also run each recipe in plain-PEFT fp32 and report the speed-up."
-)
-@click.option("--json", "as_json", is_flag=True)
-def bench_train(
-    recipes: tuple[str, ...],
+def bench_recipes(
+    paths: list[str],
     overrides: tuple[str, ...],
+    *,
     random_weights: bool,
     steps: int,
     warmup: int,
     eval_batches: int,
     label_tokens: int,
     baseline: bool,
-    as_json: bool,
-) -> None:
-    """Train each RECIPE briefly and report params, peak memory, train/eval it/s and accuracy."""
-    console = Console(stderr=True)
+    progress: Callable[[str], None],
+) -> dict[str, Any]:
+    """Train each recipe briefly (and, with ``baseline``, the plain-PEFT way); the report as a dict."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    recipes = [load_recipe(path, overrides) for path in paths]  # every recipe is checked before any runs
     results = []
-    for path in recipes:
-        recipe = load_recipe(path, overrides)
+    for index, (path, recipe) in enumerate(zip(paths, recipes, strict=True), start=1):
         if random_weights:
             recipe = replace(recipe, model=replace(recipe.model, random_init=True))
-        kwargs = {
-            "random": random_weights,
-            "steps": steps,
-            "warmup": warmup,
-            "eval_batches": eval_batches,
-            "label_tokens": label_tokens,
+        progress(f"[{index}/{len(paths)}] {path}: {warmup} warm-up + {steps} timed steps")
+        result = {
+            "recipe": path,
+            **bench_recipe(
+                recipe,
+                random=random_weights,
+                steps=steps,
+                warmup=warmup,
+                eval_batches=eval_batches,
+                label_tokens=label_tokens,
+            ),
         }
-        with console.status(f"benchmarking {path}"):
-            result = {"recipe": path, **bench_recipe(recipe, **kwargs)}
-            if baseline:
-                plain = plain_peft_baseline(
-                    recipe, random=random_weights, steps=steps, warmup=warmup, label_tokens=label_tokens
-                )
-                result["baseline_train_it_s"] = plain["train_it_s"]
-                result["baseline_peak_memory_mib"] = plain["peak_memory_mib"]
-                result["speedup"] = (
-                    round(result["train_it_s"] / plain["train_it_s"], 2) if plain["train_it_s"] else None
-                )
+        if baseline:
+            progress(f"[{index}/{len(paths)}] {path}: plain-PEFT baseline")
+            plain = plain_peft_baseline(
+                recipe, random=random_weights, steps=steps, warmup=warmup, label_tokens=label_tokens
+            )
+            result["baseline_train_it_s"] = plain["train_it_s"]
+            result["baseline_peak_memory_mib"] = plain["peak_memory_mib"]
+            result["speedup"] = (
+                round(result["train_it_s"] / plain["train_it_s"], 2) if plain["train_it_s"] else None
+            )
         results.append(result)
-    report = {
+    return {
         "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
         "torch": torch.__version__,
         "random_weights": random_weights,
         "steps": steps,
         "results": results,
     }
-    if as_json:
-        click.echo(json.dumps(report, indent=2))
-        return
-    Console().print(results_table(report))
 
 
 def results_table(report: dict[str, Any]) -> Table:

@@ -64,11 +64,21 @@ def read_file(path: Path) -> list[dict[str, Any]]:
 
 
 def read_hub_dataset(name: str, config: str | None, split: str) -> list[dict[str, Any]]:
+    from adapterhub.hub.reach import go_offline_if_unreachable, unreachable_hint
+
+    if not Path(name).exists():
+        go_offline_if_unreachable()
     import datasets
 
     try:
         return datasets.load_dataset(name, config, split=split).to_list()
     except Exception as err:  # datasets raises many types for a missing id, config or split
+        hint = unreachable_hint()
+        if hint is not None:
+            raise UserError(
+                f"dataset '{name}' could not be loaded: {hint}: check your network and HF_ENDPOINT, "
+                "or train on a local file with data.path=FILE"
+            ) from err
         raise UserError(
             f"dataset '{name}' (config {config}, split {split}) could not be loaded: "
             f"{str(err).splitlines()[0][:160]}"

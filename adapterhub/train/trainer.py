@@ -31,8 +31,9 @@ from adapterhub.errors import UserError
 from adapterhub.hub.store import add_folder, check_name
 from adapterhub.hub.store import exists as store_exists
 from adapterhub.models import is_seq2seq, load_tokenizer, split_random
-from adapterhub.paths import atomic_dir
+from adapterhub.paths import atomic_dir, disk_errors
 from adapterhub.recipe import Recipe
+from adapterhub.tables import print_table
 from adapterhub.train.data import Splits, Tokenize, collator_for, load_splits
 from adapterhub.train.display import RichProgress, summary_table
 from adapterhub.train.evaluate import generation_accuracy, teacher_forced
@@ -69,6 +70,12 @@ class AdapterTrainer(Trainer):
 
 def work_dir_for(output_dir: Path) -> Path:
     return output_dir.with_name(f".{output_dir.name}.partial")
+
+
+def last_checkpoint(output_dir: Path) -> Path | None:
+    """The newest checkpoint an interrupted run into ``output_dir`` left, if any."""
+    folder = work_dir_for(output_dir) / CHECKPOINTS
+    return Path(found) if folder.is_dir() and (found := get_last_checkpoint(str(folder))) else None
 
 
 def check_store_name(recipe: Recipe) -> None:
@@ -165,6 +172,9 @@ def train(recipe: Recipe, console: Console | None = None) -> TrainResult:
     output_dir = check_output_dir(recipe)
     check_store_name(recipe)
     work_dir = work_dir_for(output_dir)
+    if state.is_main_process:
+        for note in recipe.notes:
+            console.print(f"note: {note}", style="dim", markup=False, highlight=False)
     if not recipe.training.resume and state.is_main_process and work_dir.exists():
         shutil.rmtree(work_dir)
     state.wait_for_everyone()
@@ -177,13 +187,14 @@ def train(recipe: Recipe, console: Console | None = None) -> TrainResult:
     tokenize = Tokenize(tokenizer, recipe.data, seq2seq=seq2seq)
     train_rows, eval_rows = tokenized(splits, tokenize, recipe.training.eval_max_samples)
     collator = collator_for(tokenizer, recipe.data, seq2seq=seq2seq, fixed_shape=recipe.training.compile)
+    progress = RichProgress(console)
     trainer = AdapterTrainer(
         model=model,
         args=training_arguments(recipe, work_dir, device, has_eval=bool(eval_rows)),
         train_dataset=train_rows,
         eval_dataset=eval_rows or None,
         data_collator=collator,
-        callbacks=[RichProgress(console)],
+        callbacks=[progress],
     )
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
@@ -194,7 +205,11 @@ def train(recipe: Recipe, console: Console | None = None) -> TrainResult:
     if recipe.training.resume and resume_from is None and state.is_main_process:
         console.print(f"[yellow]no checkpoint in {work_dir}; starting from scratch")
     started = time.perf_counter()
-    output = trainer.train(resume_from_checkpoint=resume_from)
+    try:
+        with disk_errors(work_dir):  # checkpoints are written there
+            output = trainer.train(resume_from_checkpoint=resume_from)
+    finally:
+        progress.close()  # an interrupt skips on_train_end; the live bar must not outlive it
     elapsed = time.perf_counter() - started
     if not state.is_main_process:
         state.wait_for_everyone()
@@ -223,7 +238,9 @@ def train(recipe: Recipe, console: Console | None = None) -> TrainResult:
     if recipe.output.store_name:
         add_folder(output_dir, recipe.output.store_name, replace=recipe.training.overwrite)
         metrics["store_name"] = recipe.output.store_name
-    console.print(summary_table(f"trained {recipe.method.type} → {output_dir}", metrics))
+    print_table(
+        summary_table(f"trained {recipe.method.type}", {"output_dir": str(output_dir), **metrics}), console
+    )
     state.wait_for_everyone()
     return TrainResult(output_dir, metrics, model)
 
@@ -260,7 +277,9 @@ def write_output(
     """Adapter files, resolved recipe, metrics, loss curve and model card, appearing all at once."""
     with atomic_dir(output_dir, replace=True) as tmp:
         model.save_pretrained(tmp)
-        (tmp / "recipe.yaml").write_text(recipe.to_yaml())
+        # Local paths relative to the output dir, so the written recipe runs from wherever it is.
+        recipe_yaml = recipe.to_yaml(relative_to=output_dir)
+        (tmp / "recipe.yaml").write_text(recipe_yaml)
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         has_curve = plot_loss(log_history, tmp / "loss_curve.png")
         (tmp / "README.md").write_text(
@@ -271,7 +290,7 @@ def write_output(
                 metrics={
                     k: v for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)
                 },
-                recipe_yaml=recipe.to_yaml(),
+                recipe_yaml=recipe_yaml,
                 curve_png="loss_curve.png" if has_curve else None,
             )
         )

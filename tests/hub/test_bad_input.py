@@ -124,6 +124,14 @@ def test_rejected_token_401_and_foreign_namespace_403(hub: FakeHub, held, adapte
     assert store_listing() == held
 
 
+def test_push_with_no_token_says_none_is_set(hub: FakeHub, held, adapter_copy, capsys, monkeypatch):
+    monkeypatch.delenv("HF_TOKEN")
+    code, err = run_main(["push", str(adapter_copy("lora-builtin")), "alice/new"], capsys, monkeypatch)
+    assert_one_line_error(code, err, "needs a token for this (401) and none is set", "HF_TOKEN")
+    assert "rejected" not in err and "alice/new" not in hub.repos
+    assert store_listing() == held
+
+
 def test_private_repo_of_another_user_is_not_found(hub: FakeHub, held, adapter_copy, capsys, monkeypatch):
     push_folder(adapter_copy("lora-builtin"), "alice/secret", private=True)
     monkeypatch.setenv("HF_TOKEN", TOKENS["bob"])

@@ -161,7 +161,7 @@ def test_error_statuses_and_openai_bodies(
 def test_openai_client_raises_the_matching_errors(scripted: ScriptedEngine) -> None:
     with serve_in_background(create_app(scripted)) as url:
         api = client(url)
-        with pytest.raises(openai.NotFoundError, match="unknown adapter"):
+        with pytest.raises(openai.NotFoundError, match="model 'nope' is not served here"):
             api.chat.completions.create(model="nope", messages=[{"role": "user", "content": "hi"}])
         with pytest.raises(openai.UnprocessableEntityError, match="temperature"):
             api.completions.create(model="lora-a", prompt="hi", temperature=-1)
@@ -327,3 +327,12 @@ def test_graceful_shutdown_finishes_in_flight_requests(scripted: ScriptedEngine)
     asking.join(30)
     thread.join(30)
     assert outcome["text"] == scripted.reply_text("lora-a", scripted.tokenizer("hi").input_ids, 3)
+
+
+def test_an_unknown_model_is_explained_in_http_terms(scripted: ScriptedEngine) -> None:
+    with serve_in_background(create_app(scripted)) as url:
+        response = httpx.post(f"{url}/v1/completions", json={"model": "nope", "prompt": "hi"}, timeout=30)
+    error = response.json()["error"]
+    assert response.status_code == 404 and error["code"] == "unknown_adapter" and error["param"] == "model"
+    assert "GET /v1/models" in error["message"] and "POST /v1/adapters" in error["message"]
+    assert "--adapters" in error["message"] and "register it" not in error["message"]
