@@ -53,6 +53,8 @@ def read_config(folder: Path) -> dict:
         if not isinstance(raw, dict) or not raw.get("peft_type"):
             raise ValueError("no peft_type")
         PeftConfig.from_pretrained(str(folder))
+    except RecursionError as err:
+        raise UserError(f"{path} is not a valid PEFT adapter config (JSON nested too deeply)") from err
     except (OSError, ValueError, TypeError, KeyError) as err:
         raise UserError(f"{path} is not a valid PEFT adapter config ({one_line(err)})") from err
     return raw

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import pickle
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -126,9 +127,10 @@ def read_config(folder: Path) -> dict:
         )
     try:
         config = json.loads(config_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
+        reason = "nested too deeply" if isinstance(err, RecursionError) else str(err)
         raise RequestError(
-            f"adapter {config_file} is not valid JSON ({err}): re-save the adapter", "corrupt_adapter"
+            f"adapter {config_file} is not valid JSON ({reason}): re-save the adapter", "corrupt_adapter"
         ) from err
     if not isinstance(config, dict) or "peft_type" not in config:
         raise RequestError(f"adapter {config_file} has no peft_type: re-save the adapter", "corrupt_adapter")
@@ -142,9 +144,11 @@ def read_weights(folder: Path) -> dict[str, torch.Tensor]:
             return load_file(safetensors_file)
         if bin_file.exists():
             return torch.load(bin_file, map_location="cpu", weights_only=True)
-    except (SafetensorError, OSError, RuntimeError, EOFError, ValueError) as err:
+    except (SafetensorError, OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as err:
+        # torch.load(weights_only=True) refuses a pickle that would run code: UnpicklingError.
         raise RequestError(
-            f"adapter weights in {folder} are unreadable ({str(err)[:80]}): re-download or re-save it",
+            f"adapter weights in {folder} are unreadable ({str(err).splitlines()[0][:80]}): "
+            "re-download or re-save it",
             "corrupt_adapter",
         ) from err
     raise RequestError(

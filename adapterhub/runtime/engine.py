@@ -180,6 +180,10 @@ def _check_params(params: SamplingParams) -> None:
         (params.temperature < 0, f"temperature {params.temperature}: use 0 (greedy) or more"),
         (not 0 < params.top_p <= 1, f"top_p {params.top_p}: use a value in (0, 1]"),
         (params.top_k < 0, f"top_k {params.top_k}: use 0 (off) or more"),
+        (
+            params.seed is not None and not -(2**63) <= params.seed < 2**64,
+            f"seed {params.seed}: use an integer from -2**63 to 2**64 - 1",
+        ),
     ]
     for bad, message in problems:
         if bad:

@@ -6,9 +6,12 @@ unknown fields are ignored, as OpenAI's own server does, so newer clients keep w
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic_core import PydanticCustomError
+
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
 
 class ErrorDetail(BaseModel):
@@ -26,7 +29,41 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class SamplingFields(BaseModel):
+def _lone_surrogate(value: Any, where: str) -> str | None:
+    """The first place in ``value`` holding a lone UTF-16 surrogate (JSON allows ``"\\ud800"``), if any."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return where or "body"
+    elif isinstance(value, BaseModel):
+        return _lone_surrogate(dict(value), where)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            found = _lone_surrogate(key, where) or _lone_surrogate(item, f"{where}.{key}".lstrip("."))
+            if found:
+                return found
+    elif isinstance(value, list | tuple):
+        for index, item in enumerate(value):
+            if found := _lone_surrogate(item, f"{where}[{index}]"):
+                return found
+    return None
+
+
+class UnicodeText(BaseModel):
+    """A request whose every string is valid Unicode: a lone surrogate cannot be tokenized or echoed."""
+
+    @model_validator(mode="after")
+    def _no_lone_surrogates(self) -> UnicodeText:
+        where = _lone_surrogate(self, "")
+        if where is not None:
+            raise PydanticCustomError(
+                "lone_surrogate", f"{where} holds a lone UTF-16 surrogate (like \\ud800): send valid Unicode"
+            )
+        return self
+
+
+class SamplingFields(UnicodeText):
     """What completions and chat share: the model (adapter or base) and the sampling knobs."""
 
     model_config = ConfigDict(extra="ignore")
@@ -35,7 +72,7 @@ class SamplingFields(BaseModel):
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=INT64_MIN, le=INT64_MAX)
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -85,7 +122,7 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: int | None = Field(default=None, ge=1)
 
 
-class AdapterLoadRequest(BaseModel):
+class AdapterLoadRequest(UnicodeText):
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(min_length=1, max_length=200, pattern=r"^[^=\s]+$")
