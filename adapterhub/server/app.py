@@ -6,10 +6,13 @@ The app never starts or stops the engine: whoever runs it owns the engine's life
 
 from __future__ import annotations
 
+import asyncio
 import secrets
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import replace
+from functools import partial
 from typing import TYPE_CHECKING, Annotated, Any
 
 import anyio
@@ -18,11 +21,15 @@ from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from adapterhub.errors import UserError
+from adapterhub.hub.transfer import PullCancelled
 from adapterhub.runtime.api import AdapterInfo, RequestError, SamplingParams
 from adapterhub.server.bridge import Generations
 from adapterhub.server.errors import ERROR_RESPONSES, ApiError, add_error_handlers
+from adapterhub.server.http_server import SHUTDOWN_MESSAGE, Drain
+from adapterhub.server.loading_policy import LoadingPolicy
 from adapterhub.server.metrics import ServerMetrics
-from adapterhub.server.middleware import BodySizeLimit, RecordRequests
+from adapterhub.server.middleware import AllowedHosts, BodySizeLimit, CatchBugs, RecordRequests
 from adapterhub.server.replies import GenerationStream, Reply, collect_cancelling_on_disconnect, sse_events
 from adapterhub.server.schemas import (
     AdapterLoadRequest,
@@ -42,6 +49,7 @@ if TYPE_CHECKING:
 DEFAULT_MAX_QUEUE = 256
 DEFAULT_MAX_TOKENS_CAP = 2048
 DEFAULT_MAX_BODY_BYTES = 1 << 20
+DEFAULT_READ_TIMEOUT_S = 30.0  # for a request's headers, and again for its body
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 
 
@@ -56,15 +64,23 @@ def create_app(
     max_queue: int = DEFAULT_MAX_QUEUE,
     max_tokens_cap: int = DEFAULT_MAX_TOKENS_CAP,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    loading: LoadingPolicy | None = None,
+    allowed_hosts: tuple[str, ...] = (),
+    read_timeout_s: float = DEFAULT_READ_TIMEOUT_S,
 ) -> FastAPI:
     """The FastAPI app serving ``engine`` (already started by the caller) over the OpenAI API.
 
     ``max_queue`` bounds generations in flight (429 beyond), ``max_tokens_cap`` the tokens one
-    completion may ask for (400 beyond), ``max_body_bytes`` the request body (413 beyond).
+    completion may ask for (400 beyond), ``max_body_bytes`` the request body (413 beyond, 408 when it
+    takes over ``read_timeout_s``). ``loading`` says whether and from where clients may load adapters
+    (off by default); ``allowed_hosts``, when given, are the only ``Host`` names answered.
     """
-    server = _Server(engine, max_queue=max_queue, max_tokens_cap=max_tokens_cap)
+    server = _Server(
+        engine, max_queue=max_queue, max_tokens_cap=max_tokens_cap, api_key=api_key, loading=loading
+    )
     app = FastAPI(title="adapterhub", summary="OpenAI-compatible multi-adapter server", version="1")
     app.state.metrics = server.metrics
+    app.state.drain = server.drain  # what a shutdown has to finish or cancel (see http_server.py)
 
     add_error_handlers(app)
     _add_v1_routes(app, server, api_key)
@@ -78,7 +94,10 @@ def create_app(
         return Response(generate_latest(server.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     app.add_middleware(RecordRequests, metrics=server.metrics)
-    app.add_middleware(BodySizeLimit, max_bytes=max_body_bytes)
+    app.add_middleware(BodySizeLimit, max_bytes=max_body_bytes, timeout_s=read_timeout_s)
+    if allowed_hosts:
+        app.add_middleware(AllowedHosts, hosts=allowed_hosts)
+    app.add_middleware(CatchBugs)
     return app
 
 
@@ -92,14 +111,20 @@ def _add_v1_routes(app: FastAPI, server: _Server, api_key: str | None) -> None:
     # Routes go on the app itself (no sub-router) so that metrics see their full path templates.
     # Without a key the OpenAPI document must not claim Bearer auth, so the check is left out entirely.
     dependencies = [Depends(check_key)] if api_key else []
+    # Loading and unloading check their own key (the admin key, if set) in the server's methods,
+    # whichever route calls them; the dependency only declares Bearer auth in the OpenAPI document.
+    admin_key = server.loading.admin_api_key or api_key
+    admin_dependencies = [Depends(HTTPBearer(auto_error=False))] if admin_key else []
 
-    def route(path: str, endpoint: Callable, method: str, model: type, **extra: Any) -> None:
+    def route(
+        path: str, endpoint: Callable, method: str, model: type, *, admin: bool = False, **extra: Any
+    ) -> None:
         app.add_api_route(
             path,
             endpoint,
             methods=[method],
             response_model=model,
-            dependencies=dependencies,
+            dependencies=admin_dependencies if admin else dependencies,
             responses={**ERROR_RESPONSES, **extra.pop("responses", {})},
             **extra,
         )
@@ -109,20 +134,34 @@ def _add_v1_routes(app: FastAPI, server: _Server, api_key: str | None) -> None:
     route("/v1/models/{model:path}", server.get_model, "GET", ModelCard)
     route("/v1/completions", server.completions, "POST", Completion, **streamed)
     route("/v1/chat/completions", server.chat_completions, "POST", ChatCompletion, **streamed)
-    route("/v1/adapters", server.load_adapter, "POST", ModelCard, status_code=201)
-    route("/v1/adapters/{name:path}", server.unload_adapter, "DELETE", DeletedModel)
+    route("/v1/adapters", server.load_adapter, "POST", ModelCard, admin=True, status_code=201)
+    route("/v1/adapters/{name:path}", server.unload_adapter, "DELETE", DeletedModel, admin=True)
 
 
 class _Server:
     """The routes' state: the engine, the limits, the metrics and the generations in flight."""
 
-    def __init__(self, engine: Engine, *, max_queue: int, max_tokens_cap: int) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        max_queue: int,
+        max_tokens_cap: int,
+        api_key: str | None,
+        loading: LoadingPolicy | None,
+    ) -> None:
         self.engine = engine
         self.max_queue = max_queue
         self.max_tokens_cap = max_tokens_cap
-        self.metrics = ServerMetrics(engine)
+        self.api_key = api_key
+        self.loading = loading or LoadingPolicy()
+        self.metrics = ServerMetrics(engine, served=self.is_served)
+        self.drain = Drain()
         self.in_flight = 0
         self.created = int(time.time())
+
+    def is_served(self, model: str) -> bool:
+        return model == self.engine.base_name or any(info.name == model for info in self.engine.list())
 
     async def list_models(self) -> dict[str, Any]:
         adapters = [self._adapter_card(info) for info in self.engine.list()]
@@ -133,14 +172,18 @@ class _Server:
             return self._base_card()
         return self._adapter_card(self._find_adapter(model))
 
-    async def load_adapter(self, body: AdapterLoadRequest) -> dict[str, Any]:
-        if body.name == self.engine.base_name or any(a.name == body.name for a in self.engine.list()):
+    async def load_adapter(self, body: AdapterLoadRequest, request: Request) -> dict[str, Any]:
+        """Load an adapter while serving, as far as ``self.loading`` allows (every route to it ends here)."""
+        self.loading.authorize(request.headers.get("authorization"), self.api_key)
+        if self.is_served(body.name):
             message = (
                 f"model '{body.name}' is already served: DELETE /v1/adapters/{body.name} or pick another name"
             )
             raise ApiError(409, message, "adapter_exists", "name")
+        source = self.loading.resolve(body.source)
+        folder = source.folder or await self._pull(source.hub_spec, request)
         try:
-            info = await anyio.to_thread.run_sync(self.engine.register, body.name, body.source)
+            info = await anyio.to_thread.run_sync(self.engine.register, body.name, str(folder))
         except RequestError as err:
             if err.code != "unknown_adapter":
                 raise
@@ -148,9 +191,34 @@ class _Server:
             raise ApiError(400, str(err), "bad_adapter_source", "source") from err
         return self._adapter_card(info)
 
-    async def unload_adapter(self, name: str) -> dict[str, Any]:
+    async def _pull(self, spec: str, request: Request) -> str:
+        """The store folder of Hub adapter ``spec``, pulled within the policy's limits if need be; a
+        client that hangs up, or a shutdown past its grace, stops the pull."""
+        from adapterhub.hub.resolve import from_hub
+
+        cancel = threading.Event()
+        self.drain.pulls.add(cancel)
+        watcher = asyncio.create_task(_set_on_disconnect(request, cancel))
+        cancelled = False
+        try:
+            pull = partial(from_hub, spec, limits=self.loading.pull_limits, cancel=cancel)
+            return str(await anyio.to_thread.run_sync(pull))
+        except PullCancelled as err:
+            cancelled = True
+            message = SHUTDOWN_MESSAGE if self.drain.draining else f"{err}: retry the request"
+            raise ApiError(503, message, "cancelled") from err
+        except UserError as err:
+            raise ApiError(400, str(err), "bad_adapter_source", "source") from err
+        finally:
+            watcher.cancel()
+            self.drain.pulls.discard(cancel)
+            self.drain.ended(cancelled=cancelled)
+
+    async def unload_adapter(self, name: str, request: Request) -> dict[str, Any]:
+        self.loading.authorize(request.headers.get("authorization"), self.api_key)
         self._find_adapter(name)
         await anyio.to_thread.run_sync(self.engine.unregister, name)
+        self.metrics.forget(name)
         return {"id": name, "object": "model", "deleted": True}
 
     async def completions(self, body: CompletionRequest, request: Request) -> Response:
@@ -222,18 +290,21 @@ class _Server:
                 generations.submit(prompt, adapter, replace(params, seed=seed))
         reply = Reply(body.model, chat=chat, started=time.perf_counter(), metrics=self.metrics)
         self._track(count)
+        self.drain.generations.add(generations)
+
+        def done() -> None:
+            generations.cancel()
+            self.drain.generations.discard(generations)
+            self.drain.ended(cancelled=generations.told_cancelled)
+            self._track(-count)
+
         if body.stream:
             usage = body.stream_options is not None and body.stream_options.include_usage
-
-            def close() -> None:
-                generations.cancel()
-                self._track(-count)
-
-            return GenerationStream(sse_events(generations, reply, usage=usage), close)
+            return GenerationStream(sse_events(generations, reply, usage=usage), done)
         try:
             results = await collect_cancelling_on_disconnect(request, generations, reply)
         finally:
-            self._track(-count)
+            done()
         return JSONResponse(reply.full(results))
 
     def _track(self, delta: int) -> None:
@@ -271,6 +342,12 @@ class _Server:
             "parent": parent,
             "metadata": metadata,
         }
+
+
+async def _set_on_disconnect(request: Request, event: threading.Event) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+    event.set()
 
 
 def _refuse_unsupported(body: SamplingFields) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -14,8 +15,10 @@ from starlette.types import Receive, Scope, Send
 
 from adapterhub.runtime.api import GenerationResult
 from adapterhub.server.bridge import Finished, Generations, TextDelta
-from adapterhub.server.errors import error_body, request_error_status
+from adapterhub.server.errors import error_body, internal_error_message, request_error_status
 from adapterhub.server.metrics import ServerMetrics
+
+logger = logging.getLogger("adapterhub.server")
 
 
 class GenerationStream(StreamingResponse):
@@ -51,8 +54,7 @@ class Reply:
     def finished(self, event: Finished) -> GenerationResult:
         result = event.result
         assert result is not None
-        self.metrics.prompt_tokens.labels(self.model).inc(result.prompt_tokens)
-        self.metrics.completion_tokens.labels(self.model).inc(result.completion_tokens)
+        self.metrics.count_tokens(self.model, result.prompt_tokens, result.completion_tokens)
         return result
 
     def chunk(self, index: int, text: str, *, finish_reason: str | None = None, role: bool = False) -> dict:
@@ -98,7 +100,21 @@ class Reply:
 
 
 async def sse_events(generations: Generations, reply: Reply, *, usage: bool) -> AsyncIterator[str]:
-    """SSE events: text deltas per choice, each choice's finish, optional usage, then ``[DONE]``."""
+    """SSE events: text deltas per choice, each choice's finish, optional usage, then ``[DONE]``.
+
+    A failure, a cancelled generation or a bug ends the stream with an error event, then ``[DONE]``.
+    """
+    try:
+        async for event in _sse_events(generations, reply, usage=usage):
+            yield event
+    except Exception as err:  # a bug: the client still gets an error event, the log the traceback
+        logger.exception("a streamed reply failed")
+        generations.cancel()
+        yield sse(error_body(500, internal_error_message(err), "internal_error"))
+        yield "data: [DONE]\n\n"
+
+
+async def _sse_events(generations: Generations, reply: Reply, *, usage: bool) -> AsyncIterator[str]:
     results: list[GenerationResult] = []
     count = len(generations.handles)
     sent = [""] * count
@@ -111,9 +127,9 @@ async def sse_events(generations: Generations, reply: Reply, *, usage: bool) -> 
             if event.text:  # the engine holds text back (a partial character, a possible stop string)
                 sent[event.index] += event.text
                 yield sse(reply.chunk(event.index, event.text))
-        elif event.error is not None:
+        elif event.error is not None or event.result.finish_reason == "cancelled":
             generations.cancel()
-            err = event.error
+            err = event.error or generations.cancelled_error()
             yield sse(error_body(request_error_status(err), str(err), err.code))
             yield "data: [DONE]\n\n"
             return
@@ -142,9 +158,9 @@ async def collect_cancelling_on_disconnect(
     try:
         async for event in generations.events_until_finished():
             assert isinstance(event, Finished)
-            if event.error is not None:
+            if event.error is not None or event.result.finish_reason == "cancelled":
                 generations.cancel()
-                raise event.error
+                raise event.error or generations.cancelled_error()
             results[event.index] = reply.finished(event)
         reply.first_token(generations.first_token_at)
     finally:

@@ -24,6 +24,7 @@ from adapterhub.runtime.engine import Engine, EngineConfig
 from adapterhub.runtime.random_adapters import peft_config, write_random_adapter
 from adapterhub.server.app import create_app
 from adapterhub.server.background import serve_in_background
+from adapterhub.server.loading_policy import LoadingPolicy
 
 FAMILIES = ("lora", "ia3", "prompt_tuning", "prefix_tuning")
 PROMPTS = ("the food was", "Review: the room was very clean\nSentiment:")
@@ -53,8 +54,10 @@ def engine(adapter_folders: dict[str, Path]) -> Engine:
 
 
 @pytest.fixture(scope="module")
-def url(engine: Engine) -> str:
-    with serve_in_background(create_app(engine)) as base_url:
+def url(engine: Engine, adapter_folders: dict[str, Path]) -> str:
+    root = adapter_folders["lora"].parent.resolve()
+    app = create_app(engine, loading=LoadingPolicy(enabled=True, roots=(root,)))
+    with serve_in_background(app) as base_url:
         yield base_url
 
 
