@@ -3,7 +3,6 @@ connections, Host checks, slow clients, 429s, metrics of unloaded adapters, and 
 
 from __future__ import annotations
 
-import http.client
 import json
 import socket
 import threading
@@ -12,6 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 import uvicorn
+from http_helpers import KeepAlive
 from scripted_engine import ScriptedEngine, wait_until
 
 from adapterhub.errors import UserError
@@ -33,29 +33,6 @@ def load(url: str, name: str, source: str, key: str | None = None) -> httpx.Resp
     return httpx.post(
         f"{url}/v1/adapters", json={"name": name, "source": source}, headers=headers, timeout=30
     )
-
-
-class KeepAlive:
-    """One HTTP/1.1 connection, checked to still be the same socket after every exchange."""
-
-    def __init__(self, url: str) -> None:
-        self.connection = http.client.HTTPConnection(url.removeprefix("http://"), timeout=30)
-        self.connection.connect()
-        self.port = self.connection.sock.getsockname()[1]
-
-    def send(self, method: str, path: str, body: str | bytes | None = None) -> tuple[int, dict, object]:
-        headers = {"Content-Type": "application/json"} if body is not None else {}
-        self.connection.request(method, path, body=body, headers=headers)
-        response = self.connection.getresponse()
-        payload = response.read()
-        assert self.connection.sock is not None, "the server closed the connection"
-        assert self.connection.sock.getsockname()[1] == self.port
-        content_type = response.getheader("content-type", "")
-        parsed = json.loads(payload) if content_type.startswith("application/json") else payload.decode()
-        return response.status, dict(response.getheaders()), parsed
-
-    def close(self) -> None:
-        self.connection.close()
 
 
 def test_loading_is_off_by_default_and_the_refusal_names_the_flag(
