@@ -147,7 +147,7 @@ def serve(options: ServeOptions) -> None:
     try:
         AdapterServer(config, app.state.drain, options.grace_s).run()
     except _Terminated:
-        console.print(f"SIGTERM: {app.state.drain.summary(options.grace_s)}", markup=False)
+        console.print(f"SIGTERM: {app.state.drain.summary(options.grace_s)}", markup=False, soft_wrap=True)
     finally:
         signal.signal(signal.SIGTERM, previous)
         engine.stop(options.grace_s)
