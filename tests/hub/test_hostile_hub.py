@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import errno
+import json
+import socket
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
 
+import httpx
 import pytest
-from scripted_engine import wait_until
+from scripted_engine import ScriptedEngine, wait_until
 
 from adapterhub.hub import pull, push_folder, store
 
@@ -161,3 +164,49 @@ def test_two_pulls_to_one_name_one_wins_the_other_fails_at_once(hub: FakeHub, ad
             first.kill()
     assert store.read("same").source == "alice/one" and store.verify("same") == []
     assert not lock_file.exists()
+
+
+@pytest.fixture
+def loading_server(hub: FakeHub, tiny_llama: Path):
+    """A server (scripted engine) that may pull Hub ids: its URL and app."""
+    from transformers import AutoTokenizer
+
+    from adapterhub.server.app import create_app
+    from adapterhub.server.background import serve_in_background
+    from adapterhub.server.loading_policy import LoadingPolicy
+
+    engine = ScriptedEngine(AutoTokenizer.from_pretrained(tiny_llama))
+    app = create_app(engine, loading=LoadingPolicy(enabled=True, hub_pulls=True))
+    with serve_in_background(app) as url:
+        yield url, app, engine
+
+
+def test_the_servers_pulls_have_the_same_bounds(hub: FakeHub, held, adapter_copy, loading_server) -> None:
+    url, _, engine = loading_server
+    push_folder(adapter_copy("lora-builtin"), "alice/huge")
+    hub.listed_sizes[WEIGHTS] = 50 << 30
+    refused = httpx.post(f"{url}/v1/adapters", json={"name": "huge", "source": "alice/huge"}, timeout=60)
+    assert refused.status_code == 400 and refused.json()["error"]["code"] == "bad_adapter_source"
+    assert "alice/huge@main lists 50.0 GB" in refused.json()["error"]["message"]
+    hub.listed_sizes.clear()
+    pulled = httpx.post(f"{url}/v1/adapters", json={"name": "huge", "source": "alice/huge"}, timeout=60)
+    assert pulled.status_code == 201 and engine.adapters["huge"].source == str(store.entry_path("huge"))
+    assert store.verify("huge") == []
+
+
+def test_a_client_that_hangs_up_stops_the_servers_pull(
+    hub: FakeHub, held, adapter_copy, loading_server
+) -> None:
+    url, app, engine = loading_server
+    push_folder(adapter_copy("lora-builtin"), "alice/slow")
+    hub.download_gate = threading.Event()
+    body = json.dumps({"name": "slow", "source": "alice/slow"}).encode()
+    head = "POST /v1/adapters HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    with socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1]))) as sock:
+        sock.sendall(f"{head}Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        wait_until(lambda: any("/alice/slow/resolve/" in path for _, path in hub.requests))
+    wait_until(lambda: app.state.drain.pulls and all(cancel.is_set() for cancel in app.state.drain.pulls))
+    hub.download_gate.set()  # the first bytes arrive; the pull sees it was cancelled and stops
+    wait_until(lambda: not app.state.drain.pulls)
+    assert "slow" not in engine.adapters
+    assert store_listing() == held
