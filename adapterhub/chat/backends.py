@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import httpx
 
+from adapterhub.chat.sanitize import terminal_safe
 from adapterhub.errors import UserError
 from adapterhub.runtime.api import GenerationRequest, RequestError, SamplingParams
 
@@ -322,22 +323,25 @@ def model_method(model: dict[str, Any]) -> str:
 
 
 def error_message(response: httpx.Response) -> str:
+    """The server's error message, made safe to print (it may end up in a one-line CLI error)."""
     try:
         error = response.json()["error"]
-        return str(error["message"] if isinstance(error, dict) else error)
+        message = str(error["message"] if isinstance(error, dict) else error)
     except (ValueError, KeyError, TypeError):
-        return response.text.strip()[:200] or response.reason_phrase
+        message = response.text.strip()[:200] or response.reason_phrase
+    return terminal_safe(message)
 
 
 def parse_chunk(data: str, url: str) -> dict[str, Any]:
     try:
         chunk = json.loads(data)
     except ValueError as err:
-        raise UserError(f"the server at {url} sent a malformed stream event: {data[:80]}") from err
+        message = f"the server at {url} sent a malformed stream event: {terminal_safe(data[:80])}"
+        raise UserError(message) from err
     if not isinstance(chunk, dict):
-        raise UserError(f"the server at {url} sent a malformed stream event: {data[:80]}")
+        raise UserError(f"the server at {url} sent a malformed stream event: {terminal_safe(data[:80])}")
     if "error" in chunk:
         error = chunk["error"]
         message = error.get("message", error) if isinstance(error, dict) else error
-        raise UserError(f"the server at {url} failed the reply: {message}")
+        raise UserError(f"the server at {url} failed the reply: {terminal_safe(str(message))}")
     return chunk

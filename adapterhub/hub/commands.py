@@ -12,6 +12,7 @@ from rich.table import Table
 
 from adapterhub.errors import UserError
 from adapterhub.hub import store
+from adapterhub.hub.transfer import DEFAULT_DEADLINE_S
 from adapterhub.tables import print_table
 
 console = Console()
@@ -78,6 +79,20 @@ def push(
 @click.option("--subfolder", help="Folder inside the repo that holds the adapter.")
 @click.option("--base-model", help="Warn if the adapter was trained on another base model.")
 @click.option("--strict-base", is_flag=True, help="Refuse, rather than warn, on a base-model mismatch.")
+@click.option(
+    "--max-size",
+    default="10GB",
+    show_default=True,
+    help="Refuse a repo whose adapter files are listed larger, and cut a transfer that passes it.",
+)
+@click.option(
+    "--timeout",
+    "timeout_s",
+    default=DEFAULT_DEADLINE_S,
+    show_default=True,
+    type=click.FloatRange(min=0, min_open=True),
+    help="Seconds the whole pull may take.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def pull(
     spec: str,
@@ -85,15 +100,19 @@ def pull(
     subfolder: str | None,
     base_model: str | None,
     strict_base: bool,
+    max_size: str,
+    timeout_s: float,
     as_json: bool,
 ) -> None:
     """Download an adapter from the Hub into the local store; REVISION is a tag, branch or commit sha."""
     from adapterhub.hub.remote import pull as pull_adapter
+    from adapterhub.hub.transfer import PullLimits, parse_size
 
     if strict_base and not base_model:
         raise UserError("--strict-base needs --base-model ORG/NAME to compare against")
+    limits = PullLimits(max_bytes=parse_size(max_size), deadline_s=timeout_s)
     result = pull_adapter(
-        spec, name=name, subfolder=subfolder, base_model=base_model, strict_base=strict_base
+        spec, name=name, subfolder=subfolder, base_model=base_model, strict_base=strict_base, limits=limits
     )
     if as_json:
         _print_json(

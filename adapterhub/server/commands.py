@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import click
 
-from adapterhub.server.app import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_QUEUE, DEFAULT_MAX_TOKENS_CAP
+from adapterhub.server.app import (
+    DEFAULT_MAX_BODY_BYTES,
+    DEFAULT_MAX_QUEUE,
+    DEFAULT_MAX_TOKENS_CAP,
+    DEFAULT_READ_TIMEOUT_S,
+)
+from adapterhub.server.loading_policy import ENV_VAR
 
 
 @click.command()
@@ -75,8 +81,44 @@ from adapterhub.server.app import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_QUEUE, DEF
     is_flag=True,
     help="Refuse adapters recorded for another base model (default: warn and serve them).",
 )
-def serve(adapters: str, **options) -> None:
+@click.option(
+    "--allow-runtime-loading",
+    is_flag=True,
+    envvar=ENV_VAR,
+    help=f"Let clients load and unload adapters (POST/DELETE /v1/adapters) [env: {ENV_VAR}=1].",
+)
+@click.option(
+    "--adapter-root",
+    "adapter_roots",
+    multiple=True,
+    help="With --allow-runtime-loading: a folder clients may load adapter folders from (repeatable).",
+)
+@click.option(
+    "--allow-hub-pulls",
+    is_flag=True,
+    help="With --allow-runtime-loading: clients may load Hub ids too (pulled within pull's limits).",
+)
+@click.option(
+    "--admin-api-key",
+    envvar="ADAPTERHUB_ADMIN_API_KEY",
+    help="With --allow-runtime-loading: the key loading and unloading need instead of --api-key.",
+)
+@click.option(
+    "--allowed-hosts",
+    default="",
+    help="Comma-separated Host names to answer, e.g. localhost,127.0.0.1,*.example.com. Default: any.",
+)
+@click.option(
+    "--read-timeout",
+    "read_timeout_s",
+    default=DEFAULT_READ_TIMEOUT_S,
+    show_default=True,
+    type=click.FloatRange(min=0, min_open=True),
+    help="Seconds a client gets to send a request's headers, and again its body.",
+)
+def serve(adapters: str, allowed_hosts: str, **options) -> None:
     """Serve a base model and many adapters of any PEFT family over the OpenAI API."""
     from adapterhub.server.launch import ServeOptions, parse_adapter_specs, serve
 
-    serve(ServeOptions(adapters=parse_adapter_specs(adapters), **options))
+    hosts = tuple(host.strip() for host in allowed_hosts.split(",") if host.strip())
+    serve(ServeOptions(adapters=parse_adapter_specs(adapters), allowed_hosts=hosts, **options))

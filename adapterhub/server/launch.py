@@ -9,7 +9,6 @@ stopped.
 from __future__ import annotations
 
 import errno
-import math
 import re
 import signal
 import socket
@@ -18,7 +17,12 @@ from typing import TYPE_CHECKING
 
 from adapterhub.errors import UserError
 from adapterhub.hub.specs import AdapterSpec, default_name, infer_base
-from adapterhub.server.app import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_QUEUE, DEFAULT_MAX_TOKENS_CAP
+from adapterhub.server.app import (
+    DEFAULT_MAX_BODY_BYTES,
+    DEFAULT_MAX_QUEUE,
+    DEFAULT_MAX_TOKENS_CAP,
+    DEFAULT_READ_TIMEOUT_S,
+)
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -46,6 +50,12 @@ class ServeOptions:
     grace_s: float = 30.0
     strict_base: bool = False
     served_model_name: str | None = None
+    allow_runtime_loading: bool = False
+    adapter_roots: tuple[str, ...] = ()
+    allow_hub_pulls: bool = False
+    admin_api_key: str | None = None
+    allowed_hosts: tuple[str, ...] = ()
+    read_timeout_s: float = DEFAULT_READ_TIMEOUT_S
 
 
 def parse_adapter_specs(text: str) -> list[AdapterSpec]:
@@ -139,9 +149,14 @@ def serve(options: ServeOptions) -> None:
     from rich.console import Console
 
     from adapterhub.server.app import create_app
+    from adapterhub.server.http_server import AdapterServer, header_timeout_protocol
+    from adapterhub.server.loading_policy import LoadingPolicy
     from adapterhub.tables import print_table
 
     console = Console(stderr=True)
+    loading = LoadingPolicy.from_options(
+        options.allow_runtime_loading, options.adapter_roots, options.allow_hub_pulls, options.admin_api_key
+    )
     sock = listen_socket(options.host, options.port)
     try:
         engine = build_engine(options, console)
@@ -155,13 +170,16 @@ def serve(options: ServeOptions) -> None:
         max_tokens_cap=options.max_tokens_cap,
         max_body_bytes=options.max_body_bytes,
         served_model_name=options.served_model_name,
+        loading=loading,
+        allowed_hosts=options.allowed_hosts,
+        read_timeout_s=options.read_timeout_s,
     )
     config = uvicorn.Config(
         app,
         host=options.host,
         port=options.port,
-        timeout_graceful_shutdown=math.ceil(options.grace_s),
         log_level="info",
+        http=header_timeout_protocol(options.read_timeout_s),
     )
     engine.start()
     host = f"[{options.host}]" if ":" in options.host else options.host
@@ -170,15 +188,18 @@ def serve(options: ServeOptions) -> None:
     name = options.served_model_name or engine.base_name
     message = f"serving {name} with {len(options.adapters)} adapter(s) on {url}"
     console.print(message, markup=False, soft_wrap=True)
+    console.print(loading.describe(), markup=False, soft_wrap=True)
     if options.api_key is None and options.host not in LOOPBACK_HOSTS:
         console.print(f"warning: {options.host} is reachable from other machines and no --api-key is set")
+    if loading.enabled and not (loading.admin_api_key or options.api_key):
+        console.print("warning: runtime loading is on with no key: any client can load and unload adapters")
     # uvicorn drains in-flight requests on SIGTERM, then re-raises the signal to its previous handler:
     # ours turns it into an exception so the engine is stopped and the process exits 0.
     previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
-        uvicorn.Server(config).run(sockets=[sock])
+        AdapterServer(config, app.state.drain, options.grace_s).run(sockets=[sock])
     except _Terminated:
-        console.print("SIGTERM: in-flight requests finished, stopping")
+        console.print(f"SIGTERM: {app.state.drain.summary(options.grace_s)}", markup=False, soft_wrap=True)
     finally:
         signal.signal(signal.SIGTERM, previous)
         engine.stop(options.grace_s)

@@ -1,19 +1,23 @@
 """``adapterhub train``: fit an adapter from a recipe with transformers' Trainer, write a complete output dir.
 
 The run works in ``.<dir>.partial`` beside the output dir (checkpoints live there, so
-``training.resume=true`` can continue an interrupted run) and the finished adapter appears in
-``output.dir`` by one atomic rename. Launched under ``accelerate launch`` or ``torchrun`` the
-same code trains data-parallel; only the main process writes.
+``training.resume=true`` can continue an interrupted run from its newest complete checkpoint) and
+the finished adapter appears in ``output.dir`` by one atomic rename. The output dir, and the store
+name if any, stay locked from the first check to that rename, so a second run into either fails at
+once. Launched under ``accelerate launch`` or ``torchrun`` the same code trains data-parallel;
+only the main process writes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import resource
 import shutil
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,16 +28,18 @@ from peft import PeftModel
 from rich.console import Console
 from transformers import Trainer, TrainingArguments
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
-from transformers.trainer_utils import get_last_checkpoint
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from adapterhub.card import adapter_card
 from adapterhub.errors import UserError
+from adapterhub.hub import store
 from adapterhub.hub.store import add_folder, check_name
 from adapterhub.hub.store import exists as store_exists
 from adapterhub.models import is_seq2seq, load_tokenizer, split_random
-from adapterhub.paths import atomic_dir, disk_errors
+from adapterhub.paths import atomic_dir, disk_errors, exclusive_lock
 from adapterhub.recipe import Recipe
 from adapterhub.tables import print_table
+from adapterhub.train import checkpoints
 from adapterhub.train.data import Splits, Tokenize, collator_for, load_splits
 from adapterhub.train.display import RichProgress, summary_table
 from adapterhub.train.evaluate import generation_accuracy, teacher_forced
@@ -67,15 +73,22 @@ class AdapterTrainer(Trainer):
             return 0
         return 6 * inputs[main_input].numel() * self.non_embedding_params
 
+    def _save_checkpoint(self, model, trial) -> None:
+        """Trainer's save, then the marker that says it is whole, then the older checkpoints go."""
+        super()._save_checkpoint(model, trial)
+        if self.args.should_save:
+            run_dir = Path(self._get_output_dir(trial=trial))
+            checkpoints.mark_complete_and_prune(run_dir / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+
 
 def work_dir_for(output_dir: Path) -> Path:
     return output_dir.with_name(f".{output_dir.name}.partial")
 
 
 def last_checkpoint(output_dir: Path) -> Path | None:
-    """The newest checkpoint an interrupted run into ``output_dir`` left, if any."""
+    """The newest complete checkpoint an interrupted run into ``output_dir`` left (what resume takes)."""
     folder = work_dir_for(output_dir) / CHECKPOINTS
-    return Path(found) if folder.is_dir() and (found := get_last_checkpoint(str(folder))) else None
+    return checkpoints.newest_complete(folder)[0] if folder.is_dir() else None
 
 
 def check_store_name(recipe: Recipe) -> None:
@@ -136,7 +149,7 @@ def training_arguments(
         eval_steps=t.eval_steps,
         save_strategy="steps",
         save_steps=t.save_steps,
-        save_total_limit=1,
+        save_total_limit=None,  # AdapterTrainer keeps the newest complete checkpoint itself
         report_to=[],
         disable_tqdm=True,
         remove_unused_columns=False,
@@ -164,17 +177,59 @@ def tokenized(splits: Splits, tokenize: Tokenize, limit: int | None = None) -> t
     return train, validation
 
 
+@contextlib.contextmanager
+def writer_locks(recipe: Recipe, main_process: bool) -> Iterator[None]:
+    """The output dir's lock and, with ``output.store_name``, the store name's (main process only)."""
+    with contextlib.ExitStack() as stack:
+        if main_process:
+            output_dir = Path(recipe.output.dir)
+            stack.enter_context(
+                exclusive_lock(
+                    output_dir.with_name(f".{output_dir.name}.lock"),
+                    f"output dir {output_dir}",
+                    "wait for that run to finish, or choose another output.dir",
+                )
+            )
+            if recipe.output.store_name:
+                stack.enter_context(store.lock(recipe.output.store_name))
+        yield
+
+
+def resume_checkpoint(recipe: Recipe, work_dir: Path, console: Console, main_process: bool) -> str | None:
+    """The newest complete checkpoint when ``training.resume`` is set; incomplete newer ones go."""
+    if not recipe.training.resume:
+        return None
+    found, incomplete = checkpoints.newest_complete(work_dir / CHECKPOINTS)
+    if found is None:
+        raise UserError(
+            f"training.resume=true but {work_dir} holds no complete checkpoint: "
+            "set training.resume=false to train from the start"
+        )
+    if main_process:
+        for folder in incomplete:
+            console.print(f"[yellow]skipping {folder.name}: its save was interrupted", highlight=False)
+            checkpoints.remove(folder)
+        console.print(f"resuming from {found.name} (step {checkpoints.step_of(found)})", highlight=False)
+    return str(found)
+
+
 def train(recipe: Recipe, console: Console | None = None) -> TrainResult:
     """Train the adapter ``recipe`` describes; return where it was written and its metrics."""
     console = console or Console(stderr=True)
     # On CPU, accelerate only sets up gloo data parallelism (torchrun/accelerate launch) when told cpu=True.
     state = PartialState(cpu=not torch.cuda.is_available())
+    with writer_locks(recipe, state.is_main_process):
+        return _train(recipe, console, state)
+
+
+def _train(recipe: Recipe, console: Console, state: PartialState) -> TrainResult:
     output_dir = check_output_dir(recipe)
     check_store_name(recipe)
     work_dir = work_dir_for(output_dir)
     if state.is_main_process:
         for note in recipe.notes:
             console.print(f"note: {note}", style="dim", markup=False, highlight=False)
+    resume_from = resume_checkpoint(recipe, work_dir, console, state.is_main_process)
     if not recipe.training.resume and state.is_main_process and work_dir.exists():
         shutil.rmtree(work_dir)
     state.wait_for_everyone()
@@ -201,9 +256,6 @@ def train(recipe: Recipe, console: Console | None = None) -> TrainResult:
 
     if state.is_main_process:
         initial = evaluate(model, tokenizer, collator, splits, eval_rows, recipe, seq2seq, generation=False)
-    resume_from = get_last_checkpoint(str(work_dir / CHECKPOINTS)) if recipe.training.resume else None
-    if recipe.training.resume and resume_from is None and state.is_main_process:
-        console.print(f"[yellow]no checkpoint in {work_dir}; starting from scratch")
     started = time.perf_counter()
     try:
         with disk_errors(work_dir):  # checkpoints are written there

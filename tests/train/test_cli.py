@@ -47,7 +47,7 @@ def write_recipe(tmp_path: Path, **extra: str) -> Path:
         (["method.type=loha"], "unknown method.type 'loha'"),
         (["model.name=nobody/no-such-model"], "model 'nobody/no-such-model' not found: we are offline"),
         (["data.path=/nonexistent/data.jsonl"], "data file /nonexistent/data.jsonl not found"),
-        (["data.format=messages"], "row 0 has no 'messages' column"),
+        (["data.format=messages"], "line 1 has no 'messages' column"),
     ],
 )
 def test_bad_input_is_one_line(tmp_path: Path, overrides: list[str], fragment: str) -> None:
