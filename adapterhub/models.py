@@ -246,3 +246,35 @@ def _random_model(auto: type, config: PretrainedConfig, device: str, kwargs: dic
         model.save_pretrained(tmp)
         del model
         return auto.from_pretrained(tmp, **kwargs)
+
+
+def unwrap_peft(model: torch.nn.Module) -> None:
+    """Put every module PEFT wrapped back in its place, so the next PeftModel finds a plain base.
+
+    PEFT's own ``unload()`` refuses IA3 on 4-bit bases ("cannot merge"), though nothing needs merging.
+    Wrappers nest (a LoRA over trainable tokens over the output head): the outermost one is replaced by
+    the innermost original module, and what was inside it is not visited again.
+    """
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from peft.utils.other import AuxiliaryTrainingWrapper
+
+    def original(module: torch.nn.Module) -> torch.nn.Module:
+        while True:
+            if isinstance(module, AuxiliaryTrainingWrapper):  # trainable tokens, modules_to_save
+                module = module.original_module
+            elif isinstance(module, BaseTunerLayer) and hasattr(module, "base_layer"):
+                module = module.base_layer
+            else:
+                return module
+
+    replaced: list[str] = []
+    for name, module in list(model.named_modules()):
+        if any(name.startswith(prefix + ".") for prefix in replaced):
+            continue
+        unwrapped = original(module)
+        if unwrapped is not module:
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, unwrapped)
+            replaced.append(name)
+    if "peft_config" in vars(model):  # what PEFT leaves on the base it wrapped
+        del model.peft_config

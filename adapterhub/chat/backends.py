@@ -1,4 +1,4 @@
-"""Where replies come from: the Engine running in this process, or an OpenAI-compatible server.
+"""Where replies come from: the engine running in this process, or an OpenAI-compatible server.
 
 Both backends run each generation off the main thread and post its events onto a queue that the
 view reads, so the main thread stays free to draw and to catch Ctrl-C.
@@ -18,10 +18,11 @@ import httpx
 
 from adapterhub.chat.sanitize import terminal_safe
 from adapterhub.errors import UserError
+from adapterhub.plain_chat import plain_transcript
 from adapterhub.runtime.api import GenerationRequest, RequestError, SamplingParams
 
 if TYPE_CHECKING:
-    from adapterhub.runtime.engine import Engine
+    from adapterhub.runtime.serving import ServingEngine
 
 BASE = "base"  # what the REPL calls the base model without an adapter
 CONNECT_TIMEOUT_S = 10.0
@@ -85,21 +86,22 @@ class Backend(Protocol):
 
 
 class LocalBackend:
-    """The runtime Engine in this process; ``select`` registers adapters it has not seen yet."""
+    """The engine in this process; ``select`` registers adapters it has not seen yet."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: ServingEngine) -> None:
         self.engine = engine
-        self.description = f"local {engine.base_name}"
+        self.description = f"local {engine.base_name} ({engine.backend})"
 
     @classmethod
     def open(cls, base: str | None, adapter: str | None) -> LocalBackend:
         if base is None and adapter is None:
             raise UserError("no model to chat with: pass --base MODEL, --adapter NAME or --url URL")
         from adapterhub.hub.specs import AdapterSpec, infer_base
-        from adapterhub.runtime.engine import Engine, EngineConfig
+        from adapterhub.runtime.backends import open_engine
+        from adapterhub.runtime.serving import EngineConfig
 
         adapters = [] if adapter is None else [AdapterSpec(adapter, adapter)]
-        engine = Engine(EngineConfig(base=infer_base(adapters, base)))
+        engine = open_engine(EngineConfig(base=infer_base(adapters, base)))
         engine.start()
         return cls(engine)
 
@@ -150,8 +152,7 @@ def _wait_for(handle: Any, slot: int, events: queue.Queue[Event]) -> None:
 def chat_prompt(tokenizer: Any, messages: list[dict[str, str]]) -> str:
     """The prompt text for a conversation, through the base's chat template."""
     if tokenizer.chat_template is None:
-        # Plain language models have no template: a readable transcript ending in the assistant's cue.
-        return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
+        return plain_transcript(messages)
     from jinja2 import TemplateError
 
     try:

@@ -182,6 +182,8 @@ class _Server:
     ) -> None:
         self.engine = engine
         self.model_name = served_model_name or engine.base_name
+        # An encoder-decoder without a chat template reads conversations as plain_chat's transcript.
+        self.plain_chat = engine.seq2seq
         self.max_queue = max_queue
         self.max_tokens_cap = max_tokens_cap
         self.api_key = api_key
@@ -280,7 +282,7 @@ class _Server:
                     "unsupported",
                     "add_generation_prompt",
                 )
-            tokens = render(tokenizer, body.messages, None, self.model_name)
+            tokens = render(tokenizer, body.messages, None, self.model_name, plain=self.plain_chat)
             if body.add_special_tokens:
                 raise ApiError(
                     400,
@@ -363,7 +365,7 @@ class _Server:
             if plan is None or body.tools is None
             else [t.model_dump(exclude_none=True) for t in body.tools]
         )
-        prompt = render(tokenizer, body.messages, tools, body.model)
+        prompt = render(tokenizer, body.messages, tools, body.model, plain=self.plain_chat)
         params = sampling_params(
             body,
             max_tokens=max_tokens,
@@ -468,7 +470,8 @@ class _Server:
 
     def _base_card(self) -> dict[str, Any]:
         base = self.engine.base_name
-        return self._card(self.model_name, root=base, parent=None, metadata={"kind": "base"})
+        metadata = {"kind": "base", "backend": self.engine.backend}
+        return self._card(self.model_name, root=base, parent=None, metadata=metadata)
 
     def _adapter_card(self, info: AdapterInfo) -> dict[str, Any]:
         metadata = {

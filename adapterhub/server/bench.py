@@ -28,7 +28,7 @@ import torch
 
 from adapterhub.runtime.api import GenerationRequest, SamplingParams
 from adapterhub.runtime.bench import bench_engine, random_prompts, register_random_adapters
-from adapterhub.runtime.engine import Engine
+from adapterhub.runtime.serving import ServingEngine
 from adapterhub.server.app import create_app
 from adapterhub.server.background import serve_in_background
 
@@ -65,7 +65,7 @@ def _percentile_ms(values: list[float], fraction: float) -> float:
 
 
 def engine_phase(
-    engine: Engine, jobs: list[tuple[list[int], str | None]], params: SamplingParams, concurrency: int
+    engine: ServingEngine, jobs: list[tuple[list[int], str | None]], params: SamplingParams, concurrency: int
 ) -> tuple[float, int]:
     """(seconds, tokens) with ``concurrency`` threads calling ``engine.generate``."""
     started = time.perf_counter()

@@ -1,4 +1,4 @@
-"""What ``adapterhub serve`` does: parse adapter specs, pick the base model, run uvicorn over an Engine.
+"""What ``adapterhub serve`` does: parse adapter specs, pick the base model, run uvicorn over an engine.
 
 The port is bound first, before anything is loaded, so a taken port fails in a second rather than
 after the model has loaded. The engine outlives uvicorn on purpose: on SIGTERM uvicorn stops accepting
@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from rich.console import Console
     from rich.table import Table
 
-    from adapterhub.runtime.engine import Engine
+    from adapterhub.runtime.serving import ServingEngine
 
 ALIAS_PATTERN = re.compile(r"^[^=\s,]+$")
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
@@ -117,17 +117,18 @@ def listen_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def build_engine(options: ServeOptions, console: Console | None = None) -> Engine:
+def build_engine(options: ServeOptions, console: Console | None = None) -> ServingEngine:
     """The engine ``options`` describe, with every adapter registered (not started yet)."""
     from rich.progress import Progress
 
-    from adapterhub.runtime.engine import Engine, EngineConfig
+    from adapterhub.runtime.backends import open_engine
+    from adapterhub.runtime.serving import EngineConfig
 
     base = infer_base(options.adapters, options.base)
     check_names(options.adapters, base)
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task(f"loading {base}", total=len(options.adapters) + 1)
-        engine = Engine(
+        engine = open_engine(
             EngineConfig(
                 base=base,
                 quantization=options.quantization,
@@ -205,11 +206,11 @@ def serve(options: ServeOptions) -> None:
         engine.stop(options.grace_s)
 
 
-def served_table(engine: Engine) -> Table:
+def served_table(engine: ServingEngine) -> Table:
     """What clients can put in ``model``: the base, and each adapter with its family, size and source."""
     from rich.table import Table
 
-    table = Table(title="models served", title_justify="left")
+    table = Table(title=f"models served by the {engine.backend}", title_justify="left")
     for column in ("model", "family", "rank / virtual tokens", "source"):
         table.add_column(column)
     table.add_row(engine.base_name, "base", "", "")

@@ -316,6 +316,9 @@ class Usage(BaseModel):
 
 class ModelMetadata(BaseModel):
     kind: Literal["base", "adapter"]
+    backend: str | None = Field(
+        default=None, description="The base's: the fast runtime or the PEFT fallback."
+    )
     method: str | None = Field(default=None, description="The adapter's PEFT family.")
     source: str | None = None
     base_model: str | None = None
