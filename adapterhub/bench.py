@@ -138,9 +138,39 @@ def bench_train(recipes: tuple[str, ...], overrides: tuple[str, ...], as_json: b
     show_default=True,
     help="bucketed static decode shapes, as CUDA graphs on CUDA (auto: on for CUDA)",
 )
+@click.option(
+    "--distinct",
+    type=click.IntRange(min=1),
+    help="many adapters instead: each batch's rows cycle over N distinct LoRAs (see --registered)",
+)
+@click.option(
+    "--registered", type=click.IntRange(min=1), help="with --distinct: LoRAs registered in all (default N)"
+)
+@click.option("--slots", type=click.IntRange(min=1), help="with --distinct: device slots (default N)")
+@click.option(
+    "--skew",
+    type=click.Choice(["uniform", "zipf"]),
+    default="uniform",
+    show_default=True,
+    help="with --distinct: how each batch draws its adapters from the registered ones",
+)
+@click.option(
+    "--rounds", default=4, show_default=True, type=click.IntRange(min=1), help="with --distinct: batches"
+)
+@click.option(
+    "--targets",
+    default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+    show_default=True,
+    help="with --distinct: the LoRAs' target modules",
+)
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
 def bench_serve(as_json: bool, **options: Any) -> None:
-    """Base vs one adapter vs all five families mixed in one batch, against plain PEFT."""
+    """Base vs one adapter vs all five families mixed in one batch, against plain PEFT; with
+    --distinct, many LoRA adapters (distinct per batch, registered, slots, skew) against the base."""
+    many = {key: options.pop(key) for key in ("distinct", "registered", "slots", "skew", "rounds", "targets")}
+    if many["distinct"] is not None:
+        _bench_many(many, options, as_json)
+        return
     if options["adapters"] < FAMILY_COUNT:
         raise UserError(f"--adapters {options['adapters']} cannot cover all five families: use 5 or more")
     from adapterhub.runtime.bench import run_bench
@@ -149,6 +179,30 @@ def bench_serve(as_json: bool, **options: Any) -> None:
         result = run_bench(**options, progress=progress)
     title = f"serve bench: {result['base']} {result['quantization']} on {result['device_name']}"
     print_result(result, title, as_json)
+
+
+def _bench_many(many: dict[str, Any], options: dict[str, Any], as_json: bool) -> None:
+    distinct = many["distinct"]
+    registered = many["registered"] or distinct
+    slots = many["slots"] or distinct
+    if registered < distinct:
+        raise UserError(
+            f"--registered {registered} is below --distinct {distinct}: register at least as many"
+        )
+    if slots < distinct:
+        raise UserError(
+            f"--slots {slots} cannot hold a batch's {distinct} distinct adapters: use {distinct} or more"
+        )
+    from adapterhub.runtime.bench_many import run_many_bench
+
+    engine_keys = ("device", "base", "quantize", "batch", "prompt_len", "new_tokens", "rank")
+    with phases("bench serve (many adapters)") as progress:
+        result = run_many_bench(
+            **{key: options[key] for key in engine_keys},
+            **{**many, "registered": registered, "slots": slots},
+            progress=progress,
+        )
+    print_result(result, f"many-adapter bench: {result['base']} on {result['device']}", as_json)
 
 
 @bench.command("http")

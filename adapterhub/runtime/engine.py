@@ -106,6 +106,12 @@ class Engine(ServingEngine):
     def _active(self) -> list[RequestHandle]:
         return [r for r in self._rows if r is not None]
 
+    def cpu_tier_bytes(self) -> int:
+        """What the registered adapters' packed CPU-tier buffers hold."""
+        with self._lock:
+            buffers = [adapter.native.flat for adapter in self._adapters.values()]
+        return sum(flat.numel() * flat.element_size() for flat in buffers)
+
     def stats(self) -> dict:
         with self._lock:
             return {
