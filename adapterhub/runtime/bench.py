@@ -301,7 +301,7 @@ def engine_options(command: Callable) -> Callable:
                 "--base",
                 default="builtin:tiny-llama",
                 show_default=True,
-                help="builtin:tiny-llama, a folder or random:<hub-id>",
+                help="builtin:tiny-llama, a folder, a .gguf file or random:<hub-id>",
             ),
             click.option(
                 "--quantize",

@@ -9,7 +9,8 @@ from adapterhub.server.app import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_QUEUE, DEF
 
 @click.command()
 @click.option(
-    "--base", help="Base model: Hub id, local folder or builtin:tiny-llama. Default: the adapters' own."
+    "--base",
+    help="Base model: Hub id, local folder, builtin:tiny-llama or a .gguf file. Default: the adapters' own.",
 )
 @click.option(
     "--adapters",
