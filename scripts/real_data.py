@@ -68,7 +68,7 @@ INSTRUCTION = (
     "Answer with one word, positive or negative."
 )
 # Rows per label in each split; train takes the rest.
-PER_LABEL = {"test": 200, "validation": 100}
+PER_LABEL = {"test": 150, "validation": 100}
 
 
 def sha256_of(path: Path) -> str:
