@@ -149,6 +149,7 @@ def test_a_changed_gguf_is_told_apart_by_its_hash(tiny_gguf: Path, tmp_path: Pat
         local_path(f"gguf:{changed}@sha256:{digest}")
 
 
+@pytest.mark.slow
 def test_bad_gguf_bases_get_one_line(tiny_llama: Path, tmp_path: Path) -> None:
     unsupported = write_tiny_gguf(tiny_llama, tmp_path / "odd.gguf", architecture="rwkv6")
     garbage = tmp_path / "garbage.gguf"
