@@ -51,7 +51,13 @@ from adapterhub.errors import UserError
 from adapterhub.models import is_seq2seq, load_model, load_tokenizer
 from adapterhub.recipe import Recipe, load_recipe
 from adapterhub.train.data import Collator, Splits, Tokenize, collator_for, load_splits, normalize, read_file
-from adapterhub.train.evaluate import generation_accuracy, served_accuracy, served_by_engine, teacher_forced
+from adapterhub.train.evaluate import (
+    generation_accuracy,
+    served_by_engine,
+    served_texts,
+    share_correct,
+    teacher_forced,
+)
 from adapterhub.train.peft_model import (
     build_peft_model,
     checkpoint_unties_lm_head,
@@ -304,7 +310,7 @@ def zero_shot_row(recipe: Recipe, test_rows: list[dict] | None) -> dict[str, Any
     if served_by_engine(spec):
         del base
         free_memory()
-        accuracy = served_accuracy(spec, tokenizer, rows, None, batch_size=batch_size)
+        accuracy = share_correct(served_texts(spec, tokenizer, rows, None, batch_size=batch_size), rows)
     else:
         accuracy = generation_accuracy(
             base, tokenizer, rows, seq2seq=is_seq2seq(base.config), batch_size=batch_size

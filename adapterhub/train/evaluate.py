@@ -76,11 +76,25 @@ def generation_accuracy(
     Otherwise a causal row shares a batch only with prompts of its own length, and seq2seq prompts are
     right-padded, where pads follow every real encoder token.
     """
+    texts = generated_texts(model, tokenizer, rows, seq2seq=seq2seq, batch_size=batch_size, base=base)
+    return share_correct(texts, rows)
+
+
+def generated_texts(
+    model,
+    tokenizer: PreTrainedTokenizerBase,
+    rows: list[dict[str, Any]],
+    *,
+    seq2seq: bool,
+    batch_size: int,
+    base: ModelSpec | None = None,
+) -> list[str]:
+    """Each row's greedy continuation, batched as ``generation_accuracy`` explains."""
     if base is not None and served_by_engine(base):
         with tempfile.TemporaryDirectory(prefix="adapterhub-eval-") as folder:
             model.save_pretrained(folder)
-            return served_accuracy(base, tokenizer, rows, folder, batch_size=batch_size)
-    return _generated_accuracy(model, tokenizer, rows, seq2seq=seq2seq, batch_size=batch_size)
+            return served_texts(base, tokenizer, rows, folder, batch_size=batch_size)
+    return _peft_texts(model, tokenizer, rows, seq2seq=seq2seq, batch_size=batch_size)
 
 
 def served_by_engine(base: ModelSpec) -> bool:
@@ -97,15 +111,15 @@ def served_by_engine(base: ModelSpec) -> bool:
     return True
 
 
-def served_accuracy(
+def served_texts(
     base: ModelSpec,
     tokenizer: PreTrainedTokenizerBase,
     rows: list[dict[str, Any]],
     adapter: str | None,
     *,
     batch_size: int,
-) -> float:
-    """Generation accuracy of ``adapter`` (a PEFT folder; None: the base alone) as the Engine serves it."""
+) -> list[str]:
+    """Greedy answers of ``adapter`` (a PEFT folder; None: the base alone) as the Engine serves them."""
     from adapterhub.runtime.api import GenerationRequest, SamplingParams
     from adapterhub.runtime.engine import Engine, EngineConfig
 
@@ -133,10 +147,9 @@ def served_accuracy(
     engine.start()
     try:
         handles = [engine.submit(GenerationRequest(row["prompt"], name, params)) for row in rows]
-        texts = [handle.result().text for handle in handles]
+        return [handle.result().text for handle in handles]
     finally:
         engine.stop()
-    return _share_correct(texts, rows)
 
 
 def _slot_sizes(adapter: str | None) -> tuple[int, int]:
@@ -153,15 +166,15 @@ def _max_new_tokens(tokenizer: PreTrainedTokenizerBase, rows: list[dict[str, Any
     return max(len(tokenizer(row["completion"], add_special_tokens=False).input_ids) for row in rows) + 2
 
 
-def _share_correct(texts: list[str], rows: list[dict[str, Any]]) -> float:
+def share_correct(texts: list[str], rows: list[dict[str, Any]]) -> float:
     hits = sum(text.strip() == row["completion"].strip() for text, row in zip(texts, rows, strict=True))
     return hits / len(rows)
 
 
 @torch.no_grad()
-def _generated_accuracy(
+def _peft_texts(
     model, tokenizer: PreTrainedTokenizerBase, rows: list[dict[str, Any]], *, seq2seq: bool, batch_size: int
-) -> float:
+) -> list[str]:
     """PEFT's ``generate``, batched so that no pad sits before a causal row's prompt tokens."""
     model.eval()
     device = next(p for p in model.parameters()).device
@@ -189,4 +202,4 @@ def _generated_accuracy(
                 texts.update(zip(chunk, decoded, strict=True))
     finally:
         tokenizer.padding_side = padding_side
-    return _share_correct([texts[index] for index in range(len(rows))], rows)
+    return [texts[index] for index in range(len(rows))]
