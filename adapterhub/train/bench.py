@@ -433,7 +433,7 @@ def bench_train(
     zero_shot: bool,
     as_json: bool,
 ) -> None:
-    """Train each RECIPE briefly and report params, peak memory, train/eval it/s and accuracy."""
+    """Train each RECIPE (briefly, or fully with --full) and report params, peak memory, it/s and accuracy."""
     console = Console(stderr=True)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     loaded = [load_recipe(path, overrides) for path in recipes]

@@ -89,3 +89,28 @@ def test_bench_train_on_local_data_reports_accuracy() -> None:
     (row,) = json.loads(result.stdout)["results"]
     assert isinstance(row["accuracy"], float) and 0.0 <= row["accuracy"] <= 1.0
     assert row["trainable_params"] == 32768
+
+
+@pytest.mark.slow
+def test_bench_train_full_scores_the_finished_adapter_on_a_test_file_next_to_the_base(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from adapterhub.train.bench import bench_train
+
+    rows = [
+        json.loads(line) for line in (REPO / "recipes" / "data" / "quickstart.jsonl").read_text().splitlines()
+    ]
+    test = tmp_path / "test.jsonl"
+    test.write_text("".join(json.dumps(row) + "\n" for row in rows[:24]))
+    out = tmp_path / "lora"
+    args = ["recipes/quickstart.yaml", "--full", "--test", str(test), "--zero-shot", "--json"]
+    overrides = ["training.max_steps=100", "training.eval_max_samples=8", f"output.dir={out}"]
+    result = CliRunner().invoke(bench_train, args + [f"--set={item}" for item in overrides])
+    assert result.exit_code == 0, result.output[-2000:]
+    report = json.loads(result.stdout[result.stdout.index("{") :])
+    base, lora = report["results"]
+    assert base["method"] == "zero-shot base" and base["trainable_params"] == 0
+    assert base["total_params"] == lora["total_params"] - lora["trainable_params"]
+    assert lora["steps"] == 100 and (out / "adapter_config.json").is_file()
+    assert isinstance(lora["accuracy"], float) and lora["accuracy"] > base["accuracy"]
+    assert report["test"] == str(test) and report["steps"] == "each recipe's own"
