@@ -114,3 +114,21 @@ def test_bench_train_full_scores_the_finished_adapter_on_a_test_file_next_to_the
     assert lora["steps"] == 100 and (out / "adapter_config.json").is_file()
     assert isinstance(lora["accuracy"], float) and lora["accuracy"] > base["accuracy"]
     assert report["test"] == str(test) and report["steps"] == "each recipe's own"
+
+
+def test_real_recipes_keep_the_seed_method_settings() -> None:
+    """recipes/real/ is the seed table on SmolLM2 + rt-polarity: the same method settings, Llama module
+    names for LoRA's targets and a task-specific init text for prompt tuning."""
+    real = {path.stem: load_recipe(path) for path in (REPO / "recipes" / "real").glob("*.yaml")}
+    assert sorted(real) == sorted(path.stem for path in SEED_RECIPES)
+    task_specific = {"target_modules", "prompt_tuning_init_text", "tokenizer_name_or_path"}
+    for path in SEED_RECIPES:
+        seed, ours = load_recipe(path).method, real[path.stem].method
+        assert ours.type == seed.type
+        assert {k: v for k, v in ours.params.items() if k not in task_specific} == {
+            k: v for k, v in seed.params.items() if k not in task_specific
+        }, path.stem
+    assert real["lora"].method.params["target_modules"] == ["q_proj", "v_proj"]
+    for recipe in real.values():
+        assert recipe.model.name == "data/real/SmolLM2-135M-Instruct.Q4_1.gguf"
+        assert recipe.data.path == "data/real/train.jsonl" and recipe.training.max_steps <= 150
