@@ -70,7 +70,7 @@ def engine_options(command: Callable) -> Callable:
                 "--base",
                 default="builtin:tiny-llama",
                 show_default=True,
-                help="builtin:tiny-llama, a folder or random:<hub-id>",
+                help="builtin:tiny-llama, a folder, a .gguf file or random:<hub-id>",
             ),
             click.option(
                 "--quantize",
@@ -109,6 +109,18 @@ def engine_options(command: Callable) -> Callable:
 @click.option(
     "--baseline", is_flag=True, help="Also run each recipe in plain-PEFT fp32 and report the speed-up."
 )
+@click.option(
+    "--full",
+    is_flag=True,
+    help="Train each recipe as `adapterhub train` does (its own length, output.dir written), then score it.",
+)
+@click.option(
+    "--test",
+    "test_path",
+    type=click.Path(dir_okay=False, exists=True),
+    help="Held-out prompt/completion rows to score accuracy on (default: the validation split).",
+)
+@click.option("--zero-shot", is_flag=True, help="Add the base model alone, same prompts, as a first row.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def bench_train(recipes: tuple[str, ...], overrides: tuple[str, ...], as_json: bool, **options: Any) -> None:
     """Train each RECIPE briefly and report params, peak memory, train/eval it/s and accuracy."""

@@ -226,10 +226,11 @@ def _common_method(adapters: list[AdapterSource]) -> str:
 
 
 def same_base(first: str, second: str) -> bool:
-    """Two base names mean one model: equal names, or names of the same local folder."""
+    """Two base names mean one model: equal names, one GGUF file's content, or the same local folder."""
+    from adapterhub.hub.adapter import canonical_base
     from adapterhub.models import local_path
 
-    if first == second:
+    if first == second or canonical_base(first) == canonical_base(second):
         return True
     first_path, second_path = Path(local_path(first)), Path(local_path(second))
     return first_path.is_dir() and second_path.is_dir() and first_path.resolve() == second_path.resolve()

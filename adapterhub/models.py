@@ -1,8 +1,9 @@
-"""Loading a base model: a Hub id, a local folder, a builtin tiny model, or random weights from a config.
+"""Loading a base model: a Hub id, a local folder, a builtin tiny model, a GGUF file, or random weights.
 
 ``random:<hub-id>`` (or ``random_init=True``) builds the architecture from its config with random
 weights, so speed and memory can be measured without downloading a checkpoint. Configs of the
-models our benchmarks use ship in ``adapterhub/data/configs`` so that this works offline.
+models our benchmarks use ship in ``adapterhub/data/configs`` so that this works offline. A ``.gguf``
+file (or ``gguf:PATH``) is converted once into a cached transformers folder (``adapterhub.gguf``).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from adapterhub import gguf
 from adapterhub.errors import UserError
 from adapterhub.tiny import BUILTIN_PREFIX, build_tokenizer, builtin_config, builtin_path
 
@@ -68,8 +70,18 @@ def split_random(name: str) -> tuple[str, bool]:
 
 
 def local_path(name: str) -> str:
-    """A builtin name becomes its cache folder; anything else is passed through."""
-    return str(builtin_path(name)) if name.startswith(BUILTIN_PREFIX) else name
+    """A builtin name or a GGUF file becomes its cache folder; anything else is passed through."""
+    if name.startswith(BUILTIN_PREFIX):
+        return str(builtin_path(name))
+    if gguf.is_gguf(name):
+        return str(gguf.resolve(name))
+    return name
+
+
+def base_id(name: str) -> str:
+    """The name an adapter records for its base: a GGUF file's source (file name and hash), else ``name``."""
+    name, _ = split_random(name)
+    return gguf.source(name).id if gguf.is_gguf(name) else name
 
 
 def source_path(name: str) -> str:
@@ -230,9 +242,8 @@ def load_model(spec: ModelSpec) -> PreTrainedModel:
 
 
 def record_name(model: PreTrainedModel, name: str) -> None:
-    """Record the Hub id or builtin name (not a cache path) where PEFT and our outputs read it."""
-    model.config.name_or_path = name
-    model.name_or_path = name
+    """Record the Hub id, builtin name or GGUF source (not a cache path) where PEFT and we read it."""
+    model.config.name_or_path = model.name_or_path = base_id(name)
 
 
 def _random_model(auto: type, config: PretrainedConfig, device: str, kwargs: dict) -> PreTrainedModel:

@@ -15,7 +15,8 @@ from adapterhub.server.loading_policy import ENV_VAR
 
 @click.command()
 @click.option(
-    "--base", help="Base model: Hub id, local folder or builtin:tiny-llama. Default: the adapters' own."
+    "--base",
+    help="Base model: Hub id, local folder, builtin:tiny-llama or a .gguf file. Default: the adapters' own.",
 )
 @click.option(
     "--adapters",

@@ -35,7 +35,7 @@ from adapterhub.errors import UserError
 from adapterhub.hub import store
 from adapterhub.hub.store import add_folder, check_name
 from adapterhub.hub.store import exists as store_exists
-from adapterhub.models import is_seq2seq, load_tokenizer, split_random
+from adapterhub.models import base_id, is_seq2seq, load_tokenizer
 from adapterhub.paths import atomic_dir, disk_errors, exclusive_lock
 from adapterhub.recipe import Recipe
 from adapterhub.tables import print_table
@@ -43,7 +43,12 @@ from adapterhub.train import checkpoints
 from adapterhub.train.data import Splits, Tokenize, collator_for, load_splits
 from adapterhub.train.display import RichProgress, summary_table
 from adapterhub.train.evaluate import generation_accuracy, teacher_forced
-from adapterhub.train.peft_model import build_peft_model, checkpoint_unties_lm_head, count_parameters
+from adapterhub.train.peft_model import (
+    build_peft_model,
+    checkpoint_unties_lm_head,
+    count_parameters,
+    model_spec,
+)
 
 CHECKPOINTS = "checkpoints"
 
@@ -171,6 +176,15 @@ def peak_memory_mib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20
 
 
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a new peak: CUDA's allocator statistics, or on Linux the process's peak resident set."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    with contextlib.suppress(OSError):  # elsewhere the CPU peak stays the whole process's
+        Path("/proc/self/clear_refs").write_text("5")
+
+
 def tokenized(splits: Splits, tokenize: Tokenize, limit: int | None = None) -> tuple[list[dict], list[dict]]:
     train = [tokenize(row, splits.format) for row in splits.train]
     validation = [tokenize(row, splits.format) for row in splits.validation[:limit]]
@@ -267,11 +281,11 @@ def _train(recipe: Recipe, console: Console, state: PartialState) -> TrainResult
         state.wait_for_everyone()
         return TrainResult(output_dir, {})
 
-    name, _ = split_random(recipe.model.name)
+    name = recipe.model.name
     params = count_parameters(model, untied_lm_head=checkpoint_unties_lm_head(model.get_base_model(), name))
     metrics: dict[str, Any] = {
         "method": recipe.method.type,
-        "base_model": name,
+        "base_model": base_id(name),
         "trainable_params": params.trainable,
         "total_params": params.total,
         "trainable_percent": round(params.percent, 4),
@@ -316,8 +330,9 @@ def evaluate(
         metrics.pop("accuracy")
     elif generation and recipe.training.generation_eval:
         rows = splits.validation[: recipe.training.eval_max_samples]
+        device = str(next(model.parameters()).device)
         metrics["generation_accuracy"] = generation_accuracy(
-            model, tokenizer, rows, seq2seq=seq2seq, batch_size=batch_size
+            model, tokenizer, rows, seq2seq=seq2seq, batch_size=batch_size, base=model_spec(recipe, device)
         )
     model.train()
     return metrics
