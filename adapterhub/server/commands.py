@@ -49,6 +49,25 @@ from adapterhub.server.loading_policy import ENV_VAR
     help="Adapters kept on the device; more wait in a CPU tier.",
 )
 @click.option(
+    "--max-batch-size",
+    default=32,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Rows decoded together; the KV cache holds this many rows of --max-context positions.",
+)
+@click.option(
+    "--max-context",
+    type=click.IntRange(min=2),
+    help="Prompt + virtual tokens + reply per row (default: the base's, at most 4096).",
+)
+@click.option(
+    "--max-lora-rank",
+    default=64,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Widest LoRA rank a device slot holds.",
+)
+@click.option(
     "--max-queue",
     default=DEFAULT_MAX_QUEUE,
     show_default=True,

@@ -44,6 +44,9 @@ class ServeOptions:
     device: str = "auto"
     api_key: str | None = None
     max_adapters: int = 8
+    max_batch_size: int = 32
+    max_context: int | None = None
+    max_lora_rank: int = 64
     max_queue: int = DEFAULT_MAX_QUEUE
     max_tokens_cap: int = DEFAULT_MAX_TOKENS_CAP
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
@@ -134,6 +137,9 @@ def build_engine(options: ServeOptions, console: Console | None = None) -> Servi
                 quantization=options.quantization,
                 device=options.device,
                 max_adapters=options.max_adapters,
+                max_batch_size=options.max_batch_size,
+                max_context=options.max_context,
+                max_lora_rank=options.max_lora_rank,
                 max_queue=options.max_queue,
                 strict_base=options.strict_base,
             )
