@@ -219,6 +219,15 @@ def resume_checkpoint(recipe: Recipe, work_dir: Path, console: Console, main_pro
             f"training.resume=true but {work_dir} holds no complete checkpoint: "
             "set training.resume=false to train from the start"
         )
+    from adapterhub.contract import read_adapter
+
+    try:  # the adapter contract at this door too: a diverged (NaN) or foreign checkpoint is refused
+        read_adapter(found)
+    except UserError as err:
+        raise UserError(
+            f"training.resume=true but {found.name} cannot be resumed from ({err}): "
+            "set training.resume=false to train from the start"
+        ) from err
     if main_process:
         for folder in incomplete:
             console.print(f"[yellow]skipping {folder.name}: its save was interrupted", highlight=False)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from peft import PeftModel
 from rich.console import Console
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, Trainer, TrainingArguments
 
 from adapterhub.errors import UserError
@@ -133,7 +133,21 @@ def test_resume_continues_from_the_last_checkpoint(tmp_path: Path, monkeypatch: 
         with pytest.raises(KeyboardInterrupt):
             quiet_train(recipe(tmp_path, METHODS["lora"], training={"max_steps": 2, "save_steps": 2}))
     assert not (tmp_path / "out").exists(), "an interrupted run leaves no output dir"
-    assert (tmp_path / ".out.partial" / "checkpoints" / "checkpoint-2" / "COMPLETE").is_file()
+    checkpoint = tmp_path / ".out.partial" / "checkpoints" / "checkpoint-2"
+    assert (checkpoint / "COMPLETE").is_file()
+
+    # The adapter contract guards this door too: a checkpoint whose weights went NaN is refused.
+    weights_file = checkpoint / "adapter_model.safetensors"
+    good = weights_file.read_bytes()
+    weights = load_file(weights_file)
+    first = next(iter(weights))
+    weights[first] = torch.full_like(weights[first], float("nan"))
+    save_file(weights, weights_file)
+    with pytest.raises(UserError, match=r"checkpoint-2 cannot be resumed from .*NaN or inf"):
+        quiet_train(
+            recipe(tmp_path, METHODS["lora"], training={"max_steps": 4, "save_steps": 2, "resume": True})
+        )
+    weights_file.write_bytes(good)
 
     shown = io.StringIO()
     resumed = recipe(tmp_path, METHODS["lora"], training={"max_steps": 4, "save_steps": 2, "resume": True})
