@@ -57,6 +57,9 @@ class ScriptedEngine:
     """Replies ``"<adapter or base> <words>..."`` (stop strings ignored); from token ``hold_after`` on a
     reply waits while ``gate`` is clear."""
 
+    backend = "scripted engine (tests)"
+    seq2seq = False
+
     def __init__(self, tokenizer, base_name: str = "builtin:tiny-llama") -> None:
         self.tokenizer = tokenizer
         self.base_name = base_name
