@@ -129,6 +129,7 @@ def test_real_recipes_keep_the_seed_method_settings() -> None:
             k: v for k, v in seed.params.items() if k not in task_specific
         }, path.stem
     assert real["lora"].method.params["target_modules"] == ["q_proj", "v_proj"]
+    data = REPO / "data" / "real"  # the recipes name it relative to themselves: they run from anywhere
     for recipe in real.values():
-        assert recipe.model.name == "data/real/SmolLM2-135M-Instruct.Q4_1.gguf"
-        assert recipe.data.path == "data/real/train.jsonl" and recipe.training.max_steps <= 150
+        assert Path(recipe.model.name).resolve() == data / "SmolLM2-135M-Instruct.Q4_1.gguf"
+        assert Path(recipe.data.path).resolve() == data / "train.jsonl" and recipe.training.max_steps <= 150
