@@ -65,6 +65,7 @@ from adapterhub.train.peft_model import (
 )
 from adapterhub.train.trainer import (
     AdapterTrainer,
+    compile_errors,
     peak_memory_mib,
     precision_flags,
     reset_peak_memory,
@@ -211,7 +212,8 @@ def bench_recipe(
             callbacks=[clock],
         )
         trainer.remove_callback(PrinterCallback)
-        trainer.train()
+        with compile_errors():
+            trainer.train()
     peak = peak_memory_mib(device)
 
     flags = precision_flags(recipe.training.precision, device)

@@ -53,6 +53,22 @@ from adapterhub.train.peft_model import (
 CHECKPOINTS = "checkpoints"
 
 
+@contextlib.contextmanager
+def compile_errors() -> Iterator[None]:
+    """Turn a ``training.compile`` graph that this machine's C++ toolchain cannot build into one line."""
+    from torch._dynamo.exc import BackendCompilerFailed
+    from torch._inductor.exc import InductorError
+
+    try:
+        yield
+    except (InductorError, BackendCompilerFailed) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(
+            f"training.compile: torch.compile could not build the training step here ({reason}); "
+            "set training.compile: false to train eagerly"
+        ) from err
+
+
 @dataclass
 class TrainResult:
     output_dir: Path
@@ -281,7 +297,7 @@ def _train(recipe: Recipe, console: Console, state: PartialState) -> TrainResult
         initial = evaluate(model, tokenizer, collator, splits, eval_rows, recipe, seq2seq, generation=False)
     started = time.perf_counter()
     try:
-        with disk_errors(work_dir):  # checkpoints are written there
+        with disk_errors(work_dir), compile_errors():  # checkpoints are written there
             output = trainer.train(resume_from_checkpoint=resume_from)
     finally:
         progress.close()  # an interrupt skips on_train_end; the live bar must not outlive it

@@ -144,6 +144,7 @@ def test_the_startup_table_names_every_model_whole_at_80_columns() -> None:
 
     class Served:
         base_name = "HuggingFaceTB/SmolLM2-360M-Instruct"
+        backend = "fast multi-adapter runtime"
 
         def list(self) -> list[AdapterInfo]:
             return [
@@ -165,3 +166,4 @@ def test_the_startup_table_names_every_model_whole_at_80_columns() -> None:
         _, columns = column_texts(rendered)
         assert columns == [squeezed([row[index] for row in rows]) for index in range(4)], rendered
         assert "…" not in rendered
+        assert "models served by the fast multi-adapter runtime" in rendered
