@@ -328,13 +328,28 @@ def build_base(shape: str, folder: Path) -> Path:
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.generation_config.pad_token_id, model.generation_config.eos_token_id = 0, 2
     model.save_pretrained(folder)
-    tokenizer = build_tokenizer()
-    if config.vocab_size != len(tokenizer):
-        raise click.ClickException(
-            f"the {shape} shape has {config.vocab_size} tokens; the local tokenizer has {len(tokenizer)}"
-        )
+    tokenizer = build_tokenizer() if shape == "toy" else word_tokenizer(config.vocab_size)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+def word_tokenizer(size: int):
+    """A tokenizer with exactly ``size`` tokens (SmolLM2's own cannot be downloaded here): the local
+    BPE's special tokens, then the words `` w7``, `` w8``, ... (byte-level, as GPT-2 spells a leading
+    space), so that every token is distinct, valid text."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from adapterhub.tiny import SPECIAL_TOKENS
+
+    vocab = {token: index for index, token in enumerate(SPECIAL_TOKENS)}
+    vocab.update({f"\u0120w{index}": index for index in range(len(SPECIAL_TOKENS), size)})
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+    tokenizer.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
 
 
 def build_adapters(base: Path, ranks: list[int], root: Path) -> dict[str, Path]:
