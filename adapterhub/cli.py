@@ -28,6 +28,7 @@ COMMANDS: dict[str, str] = {
     "chat": "adapterhub.chat.cli:chat",
     "serve": "adapterhub.server.commands:serve",
     "merge": "adapterhub.merge_command:merge_command",
+    "eval": "adapterhub.eval.commands:eval_command",
 }
 
 
