@@ -90,12 +90,25 @@ class OutputArgs:
 
 
 @dataclass
+class EvalArgs:
+    """lm-eval tasks (names or task YAML files) that ``adapterhub eval`` runs on the finished adapter,
+    and on the base too when ``compare_base``; none: no evaluation."""
+
+    tasks: list[str] = field(default_factory=list)
+    limit: int | None = None
+    num_fewshot: int | None = None
+    apply_chat_template: bool = False
+    compare_base: bool = True
+
+
+@dataclass
 class Recipe:
     model: ModelArgs = field(default_factory=ModelArgs)
     method: MethodArgs = field(default_factory=MethodArgs)
     data: DataArgs = field(default_factory=DataArgs)
     training: TrainingArgs = field(default_factory=TrainingArgs)
     output: OutputArgs = field(default_factory=OutputArgs)
+    eval: EvalArgs = field(default_factory=EvalArgs)
     source: str = "<recipe>"
 
     def to_dict(self) -> dict[str, Any]:
@@ -115,6 +128,7 @@ SECTIONS: dict[str, type] = {
     "data": DataArgs,
     "training": TrainingArgs,
     "output": OutputArgs,
+    "eval": EvalArgs,
 }
 
 
@@ -181,6 +195,13 @@ def recipe_from_dict(raw: dict[str, Any], source: str = "<recipe>") -> Recipe:
         else:
             sections[name] = build_section(cls, values, f"{source}: {name}")
     recipe = Recipe(**sections, source=source)
+    for bad, problem in (
+        (recipe.eval.limit is not None and recipe.eval.limit < 1, "eval.limit: use 1 or more"),
+        ((recipe.eval.num_fewshot or 0) < 0, "eval.num_fewshot: use 0 or more"),
+        (not all(task.strip() for task in recipe.eval.tasks), "eval.tasks: an empty task name"),
+    ):
+        if bad:
+            raise UserError(f"{source}: {problem}")
     if not recipe.data.path and not recipe.data.dataset:
         raise UserError(
             f"{source}: missing key 'data.path' (a local file) or 'data.dataset' (a Hub dataset id)"

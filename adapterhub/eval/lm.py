@@ -266,10 +266,11 @@ class EngineLM(TemplateLM):
     def _stops(self, until: list[str]) -> dict[str, tuple]:
         """Stop strings, except that a special token's text becomes its id: decoded output skips
         special tokens, so their text never appears to stop on (HF's stopping criteria see it)."""
-        special = set(self.tokenizer.all_special_tokens)
+        tokenizer = self.tokenizer
+        special = {token.content: i for i, token in tokenizer.added_tokens_decoder.items() if token.special}
+        special.update(zip(tokenizer.all_special_tokens, tokenizer.all_special_ids, strict=True))
         texts = tuple(term for term in until if term and term not in special)
-        ids = tuple(self.tokenizer.convert_tokens_to_ids(term) for term in until if term in special)
-        return {"stop": texts, "stop_token_ids": ids}
+        return {"stop": texts, "stop_token_ids": tuple(special[term] for term in until if term in special)}
 
 
 class RequestRunner:

@@ -25,6 +25,7 @@ from adapterhub.hub.adapter import one_line
 
 if TYPE_CHECKING:
     from adapterhub.hub.specs import AdapterSpec
+    from adapterhub.recipe import Recipe
     from adapterhub.runtime.engine import Engine
 
 BASE = "base"  # how the base model is named among the adapters to evaluate
@@ -71,11 +72,7 @@ def evaluate_adapters(
     if not adapters and not base:
         raise UserError("evaluating 'base' alone needs the model: pass --base MODEL")
     base = infer_base(adapters, base)
-    if is_seq2seq(load_config(base)):
-        raise UserError(
-            f"{base} is an encoder-decoder model; adapterhub eval scores causal LMs: use "
-            "lm_eval --model hf --model_args pretrained=BASE,peft=ADAPTER for it"
-        )
+    _check_causal(base, is_seq2seq(load_config(base)))
     task_manager(settings.tasks)  # a wrong task name fails now, before any model is loaded
     folders = {adapter.name: resolve(adapter.spec) for adapter in adapters}
     targets = ([EvalTarget(BASE)] if include_base else []) + [
@@ -113,6 +110,43 @@ def evaluate_adapters(
     if save:
         report.saved = save_all(scores, targets, base, settings)
     return report
+
+
+def check_before_training(recipe: Recipe) -> None:
+    """Refuse, before any training, a recipe whose ``eval`` section could not run afterwards."""
+    from adapterhub.models import is_seq2seq, load_config
+
+    if recipe.eval.tasks:
+        _check_causal(recipe.model.name, is_seq2seq(load_config(recipe.model.name)))
+        task_manager(tuple(recipe.eval.tasks))
+
+
+def evaluate_trained(folder: Path, recipe: Recipe) -> EvalReport:
+    """The recipe's ``eval`` section run on the adapter just written to ``folder`` (and the base)."""
+    from adapterhub.hub.specs import AdapterSpec, default_name
+
+    settings = EvalSettings(
+        tuple(recipe.eval.tasks),
+        limit=recipe.eval.limit,
+        num_fewshot=recipe.eval.num_fewshot,
+        apply_chat_template=recipe.eval.apply_chat_template,
+    )
+    return evaluate_adapters(
+        [AdapterSpec(default_name(str(folder)), str(folder))],
+        settings,
+        include_base=recipe.eval.compare_base,
+        base=recipe.model.name,
+        quantization=recipe.model.quantization,
+        dtype=recipe.model.dtype,
+    )
+
+
+def _check_causal(base: str, seq2seq: bool) -> None:
+    if seq2seq:
+        raise UserError(
+            f"{base} is an encoder-decoder model; adapterhub eval scores causal LMs: use "
+            "lm_eval --model hf --model_args pretrained=BASE,peft=ADAPTER for it"
+        )
 
 
 def is_task_file(spec: str) -> bool:
