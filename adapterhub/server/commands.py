@@ -75,8 +75,22 @@ from adapterhub.server.app import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_QUEUE, DEF
     is_flag=True,
     help="Refuse adapters recorded for another base model (default: warn and serve them).",
 )
-def serve(adapters: str, **options) -> None:
+@click.option(
+    "--replicas",
+    type=click.IntRange(min=1),
+    help="Serve on Ray Serve with this many engine replicas, routed by adapter (pip install '.[cluster]').",
+)
+@click.option("--ray-address", help="With --replicas: the Ray cluster to join (default: a local one).")
+def serve(adapters: str, replicas: int | None, ray_address: str | None, **options) -> None:
     """Serve a base model and many adapters of any PEFT family over the OpenAI API."""
     from adapterhub.server.launch import ServeOptions, parse_adapter_specs, serve
 
-    serve(ServeOptions(adapters=parse_adapter_specs(adapters), **options))
+    serve_options = ServeOptions(adapters=parse_adapter_specs(adapters), **options)
+    if replicas is None:
+        if ray_address is not None:
+            raise click.BadParameter("only with --replicas N", param_hint="--ray-address")
+        serve(serve_options)
+        return
+    from adapterhub.server.cluster import serve_cluster
+
+    serve_cluster(serve_options, replicas, ray_address)
