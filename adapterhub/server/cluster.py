@@ -110,7 +110,7 @@ class EngineReplica:
         """Run one HTTP request through the app: the response head (status, headers), then its body."""
         from ray import serve
 
-        if version > self.version:
+        if version != self.version:  # behind the router's catalog (or the router restarted)
             await self._sync()
         model = serve.get_multiplexed_model_id()
         if model:
@@ -127,7 +127,7 @@ class EngineReplica:
 
         async with self._sync_lock:
             catalog = await serve.get_deployment_handle(ROUTER, app_name=APP_NAME).catalog.remote()
-            if catalog["version"] <= self.version:
+            if catalog["version"] == self.version:
                 return
             wanted: dict[str, str] = catalog["adapters"]
             have = {info.name: info.source for info in self.engine.list()}
@@ -152,14 +152,15 @@ class EngineReplica:
             with contextlib.suppress(Exception):  # the router restarting: report next time
                 text = generate_latest(self.app.state.metrics.registry).decode()
                 version = await router.report.remote(self.replica, text)
-                if version > self.version:
+                if version != self.version:
                     await self._sync()
             await asyncio.sleep(REPORT_INTERVAL_S)
 
     def __del__(self) -> None:
         # Ray Serve calls this on graceful shutdown, after in-flight requests had their grace period.
-        self._reporter.cancel()
-        self.engine.stop(self.grace_s)
+        if hasattr(self, "_reporter"):
+            self._reporter.cancel()
+            self.engine.stop(self.grace_s)
 
 
 async def _run_asgi(app: Any, envelope: dict[str, Any], replica: str) -> AsyncIterator[dict | bytes]:
@@ -291,12 +292,18 @@ class Router:
         if headers.get("content-type", "").startswith(SSE):
 
             async def relay() -> AsyncIterator[bytes]:
+                finished = False
                 try:
                     async for chunk in call:
                         yield chunk
+                    finished = True
                 except Exception as err:  # mid-stream: an error event, then the end, never a hang
+                    finished = True
                     event = error_body(503, _failure(err), "replica_unavailable")
                     yield f"data: {json.dumps(event)}\n\ndata: [DONE]\n\n".encode()
+                finally:
+                    if not finished:  # the client went away: the replica stops generating for it
+                        call.cancel()
 
             headers.pop("content-length", None)
             return StreamingResponse(relay(), status_code=head["status"], headers=headers)
@@ -409,11 +416,18 @@ def serve_cluster(options: ServeOptions, replicas: int, ray_address: str | None 
                 ray.init(address=ray_address, **_RAY_QUIET)
             except (ConnectionError, ValueError, RuntimeError) as err:
                 raise UserError(f"cannot reach the Ray cluster at {ray_address}: {_first_line(err)}") from err
+    deployed = False
     try:
         _check_resources(ray, replicas, gpu)
         application = _application(options, replicas, gpu)
         with _quiet_ray():
             serve.start(http_options={"host": options.host, "port": options.port})
+            if APP_NAME in serve.status().applications:  # never replace someone's running server
+                raise UserError(
+                    f"the Ray cluster already runs an '{APP_NAME}' application: stop that "
+                    "`adapterhub serve --replicas` first (or `serve shutdown` on the cluster)"
+                )
+            deployed = True
             try:
                 serve.run(application, name=APP_NAME, route_prefix="/")
             except RuntimeError as err:
@@ -431,7 +445,8 @@ def serve_cluster(options: ServeOptions, replicas: int, ray_address: str | None 
         console.print("stopping: in-flight requests get the grace period")
     finally:
         with _quiet_ray(), contextlib.suppress(Exception):
-            serve.delete(APP_NAME)
+            if deployed:
+                serve.delete(APP_NAME)
             if started_ray:
                 serve.shutdown()
         if started_ray:
