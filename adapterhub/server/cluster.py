@@ -70,7 +70,9 @@ class EngineReplica:
         )
         self.grace_s = options.grace_s
         self.engine.start()
-        self.replica = serve.get_replica_context().replica_id.unique_id
+        context = serve.get_replica_context()
+        self.replica = context.replica_id.unique_id
+        self.app_name = context.app_name  # "adapterhub", or whatever `serve run` / KubeRay named it
         self.version = 0  # the catalog version this replica's adapters match
         self._sync_lock = asyncio.Lock()
         registry = self.app.state.metrics.registry
@@ -126,7 +128,7 @@ class EngineReplica:
         from adapterhub.runtime.api import RequestError
 
         async with self._sync_lock:
-            catalog = await serve.get_deployment_handle(ROUTER, app_name=APP_NAME).catalog.remote()
+            catalog = await serve.get_deployment_handle(ROUTER, app_name=self.app_name).catalog.remote()
             if catalog["version"] == self.version:
                 return
             wanted: dict[str, str] = catalog["adapters"]
@@ -147,7 +149,7 @@ class EngineReplica:
         from prometheus_client import generate_latest
         from ray import serve
 
-        router = serve.get_deployment_handle(ROUTER, app_name=APP_NAME)
+        router = serve.get_deployment_handle(ROUTER, app_name=self.app_name)
         while True:
             with contextlib.suppress(Exception):  # the router restarting: report next time
                 text = generate_latest(self.app.state.metrics.registry).decode()
@@ -396,18 +398,10 @@ def serve_cluster(options: ServeOptions, replicas: int, ray_address: str | None 
     """Run the application on a local Ray (or the cluster at ``ray_address``) until SIGINT/SIGTERM."""
     from rich.console import Console
 
-    from adapterhub.hub.adapter import inspect_adapter
-    from adapterhub.hub.resolve import resolve
-    from adapterhub.hub.specs import infer_base
-
     console = Console(stderr=True)
     ray, serve = _import_ray()
-    base = infer_base(options.adapters, options.base)  # resolves (pulls) every adapter first
-    for adapter in options.adapters:
-        inspect_adapter(resolve(adapter.spec), label=adapter.name)
-    options.base = base
+    _check_adapters(options)
     started_ray = not ray.is_initialized() and ray_address is None
-    gpu = options.device == "cuda" or (options.device == "auto" and _has_cuda())
     with _quiet_ray():
         if ray_address is None:
             ray.init(num_cpus=max(os.cpu_count() or 1, replicas), include_dashboard=False, **_RAY_QUIET)
@@ -418,8 +412,7 @@ def serve_cluster(options: ServeOptions, replicas: int, ray_address: str | None 
                 raise UserError(f"cannot reach the Ray cluster at {ray_address}: {_first_line(err)}") from err
     deployed = False
     try:
-        _check_resources(ray, replicas, gpu)
-        application = _application(options, replicas, gpu)
+        application = _application(options, replicas)
         with _quiet_ray():
             serve.start(http_options={"host": options.host, "port": options.port})
             if APP_NAME in serve.status().applications:  # never replace someone's running server
@@ -433,7 +426,7 @@ def serve_cluster(options: ServeOptions, replicas: int, ray_address: str | None 
             except RuntimeError as err:
                 raise UserError(f"the replicas did not start: {_deploy_failure(err)}") from err
         url = f"http://{options.host}:{options.port}/v1"
-        name = options.served_model_name or base
+        name = options.served_model_name or options.base
         where = "a local Ray" if ray_address is None else f"the Ray cluster at {ray_address}"
         console.print(
             f"serving {name} with {len(options.adapters)} adapter(s) on {url} "
@@ -453,9 +446,73 @@ def serve_cluster(options: ServeOptions, replicas: int, ray_address: str | None 
             ray.shutdown()
 
 
-def _application(options: ServeOptions, replicas: int, gpu: bool):
+def build_app(args: dict[str, Any]) -> Any:
+    """The application for ``serve run adapterhub.server.cluster:build_app key=value ...`` and for
+    KubeRay's ``serveConfigV2``: the keys are ``serve``'s options with underscores (``adapters``,
+    ``base``, ``replicas``, ``max_adapters``, ...); any other key is refused."""
+    from dataclasses import fields
+
+    from adapterhub.server.launch import ServeOptions, parse_adapter_specs
+
+    settable = {item.name: item for item in fields(ServeOptions) if item.name not in ("host", "port")}
+    unknown = sorted(set(args) - set(settable) - {"replicas"})
+    if unknown:
+        raise UserError(f"build_app: unknown option '{unknown[0]}': use {', '.join(['replicas', *settable])}")
+    values: dict[str, Any] = {"adapters": parse_adapter_specs(str(args.get("adapters", "")))}
+    for name, value in args.items():
+        if name not in ("adapters", "replicas"):
+            values[name] = _typed(name, value, settable[name].type)
+    options = ServeOptions(**values)
+    _check_adapters(options)
+    return _application(options, int(args.get("replicas", 1)))
+
+
+def _typed(name: str, value: Any, hint: Any) -> Any:
+    """A ``key=value`` string (``serve run``) or a YAML value (KubeRay) as the option's type."""
+    hint = str(hint)
+    try:
+        if hint.startswith("bool"):
+            if isinstance(value, str) and value.lower() not in ("true", "false"):
+                raise ValueError(value)
+            return value if isinstance(value, bool) else value.lower() == "true"
+        if hint.startswith("int"):
+            return int(value)
+        if hint.startswith("float"):
+            return float(value)
+    except ValueError as err:
+        raise UserError(f"build_app: option '{name}' must be {hint}, got {value!r}") from err
+    return None if value is None else str(value)
+
+
+def _check_adapters(options: ServeOptions) -> None:
+    """Every adapter resolved (pulled) and checked by the contract here, before any replica starts."""
+    from adapterhub.hub.adapter import inspect_adapter
+    from adapterhub.hub.resolve import resolve
+    from adapterhub.hub.specs import infer_base
+
+    options.base = infer_base(options.adapters, options.base)
+    for adapter in options.adapters:
+        inspect_adapter(resolve(adapter.spec), label=adapter.name)
+
+
+def _application(options: ServeOptions, replicas: int):
+    import ray
     from ray import serve
 
+    if ray.is_initialized():
+        # "auto" means GPUs when the cluster has them: this machine may not be a GPU node.
+        total = ray.cluster_resources()
+        gpu = options.device == "cuda" or (options.device == "auto" and total.get("GPU", 0) >= 1)
+        kind = "GPU" if gpu else "CPU"
+        if int(total.get(kind, 0)) < replicas:
+            raise UserError(
+                f"--replicas {replicas} needs {replicas} {kind}(s), one per replica; the Ray cluster "
+                f"has {int(total.get(kind, 0))}: lower --replicas or add nodes"
+            )
+    else:  # `serve run` builds the application before it connects: decide as this machine would
+        import torch
+
+        gpu = options.device == "cuda" or (options.device == "auto" and torch.cuda.is_available())
     resources = {"num_cpus": 1, "num_gpus": 1} if gpu else {"num_cpus": 1}
     engines = serve.deployment(
         EngineReplica,
@@ -487,23 +544,6 @@ def _import_ray():
             "--replicas needs Ray Serve: pip install 'adapterhub[cluster]' (or -e '.[cluster]')"
         ) from err
     return ray, serve
-
-
-def _check_resources(ray: Any, replicas: int, gpu: bool) -> None:
-    total = ray.cluster_resources()
-    kind, need = ("GPU", replicas) if gpu else ("CPU", replicas)
-    have = int(total.get(kind, 0))
-    if have < need:
-        raise UserError(
-            f"--replicas {replicas} needs {need} {kind}(s), one per replica; the Ray cluster has {have}: "
-            "lower --replicas or add nodes"
-        )
-
-
-def _has_cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 # Replica logs stay in Ray's session folder (/tmp/ray/session_*/logs), not on this terminal.
