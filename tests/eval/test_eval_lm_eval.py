@@ -2,7 +2,8 @@
 on the local tasks of ``tests/server/lm_eval_tasks`` (multiple choice, and generate_until scored by
 exact match and chrF, which moves with every generated character), each adapter's scores must be
 exactly what lm-eval's own ``hf`` model with ``peft=ADAPTER`` gives, and what ``local-completions``
-gives against ``adapterhub serve``."""
+gives against ``adapterhub serve``. Perplexities (loglikelihood_rolling) are sums of float32
+logprobs, so they agree to float32 precision."""
 
 from __future__ import annotations
 
@@ -20,9 +21,14 @@ import pytest
 from tests.cli_runner import run_cli
 
 TASKS = Path(__file__).resolve().parents[1] / "server" / "lm_eval_tasks"
-TASK_NAMES = ["adapterhub_mc", "adapterhub_gen"]
+TASK_NAMES = ["adapterhub_mc", "adapterhub_gen", "adapterhub_rolling"]
 ADAPTERS = {"lora": ("lora", 3), "prefix": ("prefix_tuning", 4)}
-METRICS = {"adapterhub_mc": ("acc", "acc_stderr"), "adapterhub_gen": ("exact_match", "chrf")}
+METRICS = {
+    "adapterhub_mc": ("acc", "acc_stderr"),
+    "adapterhub_gen": ("exact_match", "chrf"),
+    "adapterhub_rolling": ("word_perplexity", "bits_per_byte"),
+}
+ROLLING = "adapterhub_rolling"
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +117,7 @@ def test_eval_equals_lm_eval_hf_with_peft_and_local_completions_against_serve(
     adapters: dict[str, Path], tiny_llama: Path, served: str, in_tasks_dir: None
 ) -> None:
     names = ["base", *(f"{name}={folder}" for name, folder in adapters.items())]
-    result = run_cli(["eval", *names, "--tasks", "mc.yaml,gen.yaml", "--json"], cwd=TASKS)
+    result = run_cli(["eval", *names, "--tasks", "mc.yaml,gen.yaml,rolling.yaml", "--json"], cwd=TASKS)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout)
     assert list(report["results"]) == ["base", "lora", "prefix"]
@@ -119,9 +125,14 @@ def test_eval_equals_lm_eval_hf_with_peft_and_local_completions_against_serve(
     for adapter in ["base", *ADAPTERS]:
         ours = _ours(report, adapter)
         peft = f",peft={adapters[adapter]}" if adapter != "base" else ""
-        assert ours == _lm_eval("hf", f"pretrained={tiny_llama},device=cpu{peft}"), adapter
         completions = f"model={adapter},base_url={served}/v1/completions,num_concurrent=1,max_retries=1"
-        assert ours == _lm_eval("local-completions", completions), adapter
+        for reference in (
+            ("hf", f"pretrained={tiny_llama},device=cpu{peft}"),
+            ("local-completions", completions),
+        ):
+            theirs = _lm_eval(*reference)
+            assert ours[ROLLING] == pytest.approx(theirs.pop(ROLLING), rel=1e-5), (adapter, reference)
+            assert {task: ours[task] for task in theirs} == theirs, (adapter, reference)
 
     # The scores tell the models apart, so equal scores above are not equal by accident.
     assert len({report["results"][a]["adapterhub_gen"]["chrf"]["value"] for a in report["results"]}) == 3
