@@ -6,8 +6,7 @@ import json
 import re
 from collections.abc import Sequence
 
-import yaml
-
+from adapterhub import yamlio
 from adapterhub.errors import UserError
 
 LM_EVAL = ("lm-evaluation-harness", "https://github.com/EleutherAI/lm-evaluation-harness")
@@ -73,13 +72,9 @@ def with_hub_metadata(
     path the adapter was trained from as ``base_model``.
     """
     match = FRONT_MATTER.match(card)
-    try:
-        metadata = (yaml.safe_load(match.group(1)) if match else None) or {}
-    except yaml.YAMLError as err:
-        raise UserError(
-            "README.md metadata (between the --- lines) is not valid YAML: fix it, or delete the README "
-            "to get a generated card"
-        ) from err
+    metadata = (
+        yamlio.loads(match.group(1), "README.md metadata (between the --- lines)") if match else None
+    ) or {}
     if not isinstance(metadata, dict):
         raise UserError("README.md metadata (between the --- lines) must be a YAML mapping of key: value")
     fixed = _hub_metadata(metadata, base_model, method, (), model_index(model_name, evaluations))
@@ -154,7 +149,7 @@ def _hub_metadata(
 
 
 def _front_matter(metadata: dict) -> str:
-    return f"---\n{yaml.safe_dump(metadata, sort_keys=False).strip()}\n---"
+    return f"---\n{yamlio.dumps(metadata).strip()}\n---"
 
 
 def _format_metric(value: object) -> str:

@@ -19,8 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import yaml
-
+from adapterhub import yamlio
 from adapterhub.errors import UserError
 from adapterhub.paths import atomic_dir
 
@@ -211,10 +210,7 @@ def _trained_quantization(path: Path) -> str | None:
     recipe_file = path / "recipe.yaml"
     if not recipe_file.is_file():
         return None
-    try:
-        recipe = yaml.safe_load(recipe_file.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise UserError(f"{recipe_file} is not valid YAML: fix or remove it") from err
+    recipe = yamlio.load_file(recipe_file) or {}
     model = recipe.get("model") if isinstance(recipe, dict) else None
     return model.get("quantization", "none") if isinstance(model, dict) else None
 
@@ -230,10 +226,11 @@ def _common_method(adapters: list[AdapterSource]) -> str:
 
 
 def same_base(first: str, second: str) -> bool:
-    """Two base names mean one model: equal names, or names of the same local folder."""
+    """Two base names mean one model: equal names, one GGUF file's content, or the same local folder."""
+    from adapterhub.hub.adapter import canonical_base
     from adapterhub.models import local_path
 
-    if first == second:
+    if first == second or canonical_base(first) == canonical_base(second):
         return True
     first_path, second_path = Path(local_path(first)), Path(local_path(second))
     return first_path.is_dir() and second_path.is_dir() and first_path.resolve() == second_path.resolve()
@@ -462,7 +459,7 @@ def model_card(plan: MergePlan) -> str:
     return "\n".join(
         [
             "---",
-            yaml.safe_dump(metadata, sort_keys=False).rstrip(),
+            yamlio.dumps(metadata).rstrip(),
             "---",
             "",
             f"# {plan.out.name}",

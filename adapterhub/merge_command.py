@@ -30,7 +30,8 @@ def _choices(values: tuple[str, ...]) -> str:
 @click.command(name="merge")
 @click.argument("adapters", nargs=-1, required=True)
 @click.option(
-    "--base", help="Base model (Hub id, folder, builtin:...); default: the adapters' recorded base."
+    "--base",
+    help="Base model (Hub id, folder, builtin:..., a .gguf file); default: the adapters' recorded base.",
 )
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Folder to write the model to.")
 @click.option(

@@ -1,8 +1,9 @@
-"""Loading a base model: a Hub id, a local folder, a builtin tiny model, or random weights from a config.
+"""Loading a base model: a Hub id, a local folder, a builtin tiny model, a GGUF file, or random weights.
 
 ``random:<hub-id>`` (or ``random_init=True``) builds the architecture from its config with random
 weights, so speed and memory can be measured without downloading a checkpoint. Configs of the
-models our benchmarks use ship in ``adapterhub/data/configs`` so that this works offline.
+models our benchmarks use ship in ``adapterhub/data/configs`` so that this works offline. A ``.gguf``
+file (or ``gguf:PATH``) is converted once into a cached transformers folder (``adapterhub.gguf``).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from adapterhub import gguf
 from adapterhub.errors import UserError
 from adapterhub.tiny import BUILTIN_PREFIX, build_tokenizer, builtin_config, builtin_path
 
@@ -68,8 +70,36 @@ def split_random(name: str) -> tuple[str, bool]:
 
 
 def local_path(name: str) -> str:
-    """A builtin name becomes its cache folder; anything else is passed through."""
-    return str(builtin_path(name)) if name.startswith(BUILTIN_PREFIX) else name
+    """A builtin name or a GGUF file becomes its cache folder; anything else is passed through."""
+    if name.startswith(BUILTIN_PREFIX):
+        return str(builtin_path(name))
+    if gguf.is_gguf(name):
+        return str(gguf.resolve(name))
+    return name
+
+
+def base_id(name: str) -> str:
+    """The name an adapter records for its base: a GGUF file's source (file name and hash), else ``name``."""
+    name, _ = split_random(name)
+    return gguf.source(name).id if gguf.is_gguf(name) else name
+
+
+def source_path(name: str) -> str:
+    """What to hand ``from_pretrained`` for ``name``: a builtin's folder, a folder, or a Hub id.
+
+    A name written as a path that does not exist is refused here, rather than sent to the Hub as an id.
+    Before a Hub id is fetched, the Hub's reachability is checked once (see ``adapterhub.hub.reach``).
+    """
+    from adapterhub.hub.adapter import is_local_path
+    from adapterhub.hub.reach import go_offline_if_unreachable
+
+    path = local_path(name)
+    if Path(path).exists():
+        return path
+    if is_local_path(name):
+        raise UserError(f"model '{name}': no such folder: give an existing model folder or a Hub id")
+    go_offline_if_unreachable()
+    return path
 
 
 def shipped_config_path(name: str) -> Path | None:
@@ -85,7 +115,7 @@ def load_config(name: str) -> PretrainedConfig:
         data = json.loads(shipped.read_text())
         return AutoConfig.for_model(data.pop("model_type"), **data)
     try:
-        return AutoConfig.from_pretrained(local_path(name))
+        return AutoConfig.from_pretrained(source_path(name))
     except (OSError, ValueError) as err:
         raise model_not_found(name) from err
 
@@ -113,6 +143,13 @@ def offline_config(name: str) -> PretrainedConfig | None:
 
 
 def model_not_found(name: str, what: str = "model") -> UserError:
+    from adapterhub.hub.reach import unreachable_hint
+
+    hint = unreachable_hint()
+    if hint is not None:
+        return UserError(
+            f"{what} '{name}' not found: {hint}: check your network and HF_ENDPOINT, or give a local folder"
+        )
     offline = os.environ.get("HF_HUB_OFFLINE") == "1"
     hint = "we are offline (HF_HUB_OFFLINE=1)" if offline else "check the id, your network and HF_TOKEN"
     return UserError(f"{what} '{name}' not found: {hint}, or give a local folder")
@@ -166,7 +203,7 @@ def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
     """The model's tokenizer; random-weight Hub models offline get the tiny tokenizer (ids only matter)."""
     name, random_init = split_random(name)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(local_path(name))
+        tokenizer = AutoTokenizer.from_pretrained(source_path(name))
     except (OSError, ValueError, TypeError) as err:
         if not random_init:
             raise model_not_found(name) from err
@@ -194,7 +231,7 @@ def load_model(spec: ModelSpec) -> PreTrainedModel:
         model = _random_model(auto, config, device, kwargs)
     else:
         try:
-            model = auto.from_pretrained(local_path(name), **kwargs)
+            model = auto.from_pretrained(source_path(name), **kwargs)
         except OSError as err:
             raise model_not_found(name, "weights of model") from err
     if spec.quantization == "none":
@@ -205,9 +242,8 @@ def load_model(spec: ModelSpec) -> PreTrainedModel:
 
 
 def record_name(model: PreTrainedModel, name: str) -> None:
-    """Record the Hub id or builtin name (not a cache path) where PEFT and our outputs read it."""
-    model.config.name_or_path = name
-    model.name_or_path = name
+    """Record the Hub id, builtin name or GGUF source (not a cache path) where PEFT and we read it."""
+    model.config.name_or_path = model.name_or_path = base_id(name)
 
 
 def _random_model(auto: type, config: PretrainedConfig, device: str, kwargs: dict) -> PreTrainedModel:
@@ -221,3 +257,35 @@ def _random_model(auto: type, config: PretrainedConfig, device: str, kwargs: dic
         model.save_pretrained(tmp)
         del model
         return auto.from_pretrained(tmp, **kwargs)
+
+
+def unwrap_peft(model: torch.nn.Module) -> None:
+    """Put every module PEFT wrapped back in its place, so the next PeftModel finds a plain base.
+
+    PEFT's own ``unload()`` refuses IA3 on 4-bit bases ("cannot merge"), though nothing needs merging.
+    Wrappers nest (a LoRA over trainable tokens over the output head): the outermost one is replaced by
+    the innermost original module, and what was inside it is not visited again.
+    """
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from peft.utils.other import AuxiliaryTrainingWrapper
+
+    def original(module: torch.nn.Module) -> torch.nn.Module:
+        while True:
+            if isinstance(module, AuxiliaryTrainingWrapper):  # trainable tokens, modules_to_save
+                module = module.original_module
+            elif isinstance(module, BaseTunerLayer) and hasattr(module, "base_layer"):
+                module = module.base_layer
+            else:
+                return module
+
+    replaced: list[str] = []
+    for name, module in list(model.named_modules()):
+        if any(name.startswith(prefix + ".") for prefix in replaced):
+            continue
+        unwrapped = original(module)
+        if unwrapped is not module:
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, unwrapped)
+            replaced.append(name)
+    if "peft_config" in vars(model):  # what PEFT leaves on the base it wrapped
+        del model.peft_config

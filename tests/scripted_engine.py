@@ -10,9 +10,11 @@ everything about what a model generates is tested against the real ``Engine``
 from __future__ import annotations
 
 import itertools
+import json
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 from adapterhub.runtime.api import AdapterInfo, GenerationRequest, GenerationResult, RequestError
 from adapterhub.runtime.vocabulary import Vocabulary
@@ -45,7 +47,7 @@ class ScriptedHandle:
     def result(self, timeout: float | None = None) -> GenerationResult:
         if not self.finished.wait(timeout):
             raise TimeoutError
-        if isinstance(self.outcome, RequestError):
+        if isinstance(self.outcome, Exception):
             raise self.outcome
         assert self.outcome is not None
         return self.outcome
@@ -54,6 +56,9 @@ class ScriptedHandle:
 class ScriptedEngine:
     """Replies ``"<adapter or base> <words>..."`` (stop strings ignored); from token ``hold_after`` on a
     reply waits while ``gate`` is clear."""
+
+    backend = "scripted engine (tests)"
+    seq2seq = False
 
     def __init__(self, tokenizer, base_name: str = "builtin:tiny-llama") -> None:
         self.tokenizer = tokenizer
@@ -67,11 +72,15 @@ class ScriptedEngine:
         self.hold_after = 0
         self.adapters: dict[str, AdapterInfo] = {}
         self.handles: list[ScriptedHandle] = []
-        self.fail_next: RequestError | None = None
+        self.fail_next: Exception | None = None  # the next generation fails with it (a RequestError or a bug)
+        self.adapter_gates: dict[str | None, threading.Event] = {}  # per-adapter gates instead of ``gate``
         self.broken: Exception | None = None  # raised by submit, as a bug would be
 
     def register(self, name: str, spec: str) -> AdapterInfo:
-        info = AdapterInfo(name=name, method=spec, source=spec, base_model=self.base_name, rank=8)
+        """``spec`` is a family name, or a folder whose adapter_config.json names one."""
+        config = Path(spec) / "adapter_config.json"
+        method = json.loads(config.read_text())["peft_type"].lower() if config.is_file() else spec
+        info = AdapterInfo(name=name, method=method, source=spec, base_model=self.base_name, rank=8)
         self.adapters[name] = info
         return info
 
@@ -137,7 +146,8 @@ class ScriptedEngine:
 
     def _wait_for_gate(self, handle: ScriptedHandle, index: int) -> bool:
         """False once the request is cancelled."""
-        while index >= self.hold_after and not self.gate.wait(0.01):
+        gate = self.adapter_gates.get(handle.request.adapter, self.gate)
+        while index >= self.hold_after and not gate.wait(0.01):
             if handle.cancelled.is_set():
                 return False
         return not handle.cancelled.is_set()

@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -489,3 +490,17 @@ def test_merges_hub_adapter_and_pushes_the_model(
     assert {name: data for name, data in remote_files.items() if name != ".gitattributes"} == local_files
     expected = peft_logits("builtin:tiny-llama", [local_adapter], quantization="nf4")
     assert max_error(merged_logits(out), expected) < FP32_BOUND
+
+
+def test_an_alias_bomb_recipe_yaml_in_the_adapter_is_one_line(
+    adapters: dict[str, Path], tmp_path: Path, monkeypatch, capsys
+):
+    from tests.test_yamlio import alias_bomb
+
+    adapter = copy_adapter(adapters["lora_a"], tmp_path / "bombed")
+    (adapter / "recipe.yaml").write_text("model: {name: builtin:tiny-llama}\n" + alias_bomb())
+    out = tmp_path / "merged"
+    started = time.perf_counter()
+    assert_one_line_cli_error([str(adapter), "--out", str(out)], monkeypatch, capsys, "recipe.yaml: refused")
+    assert time.perf_counter() - started < 10  # parsing stops at the cap; expanding would take minutes
+    assert_nothing_written(tmp_path, out)

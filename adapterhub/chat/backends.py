@@ -1,4 +1,4 @@
-"""Where replies come from: the Engine running in this process, or an OpenAI-compatible server.
+"""Where replies come from: the engine running in this process, or an OpenAI-compatible server.
 
 Both backends run each generation off the main thread and post its events onto a queue that the
 view reads, so the main thread stays free to draw and to catch Ctrl-C.
@@ -16,11 +16,13 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import httpx
 
+from adapterhub.chat.sanitize import terminal_safe
 from adapterhub.errors import UserError
+from adapterhub.plain_chat import plain_transcript
 from adapterhub.runtime.api import GenerationRequest, RequestError, SamplingParams
 
 if TYPE_CHECKING:
-    from adapterhub.runtime.engine import Engine
+    from adapterhub.runtime.serving import ServingEngine
 
 BASE = "base"  # what the REPL calls the base model without an adapter
 CONNECT_TIMEOUT_S = 10.0
@@ -55,6 +57,7 @@ class Done:
     slot: int
     completion_tokens: int | None  # None when the backend did not say: the view counts deltas
     finish_reason: str
+    prompt_tokens: int | None = None  # None when the backend did not say
 
 
 @dataclass(frozen=True)
@@ -83,21 +86,22 @@ class Backend(Protocol):
 
 
 class LocalBackend:
-    """The runtime Engine in this process; ``select`` registers adapters it has not seen yet."""
+    """The engine in this process; ``select`` registers adapters it has not seen yet."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: ServingEngine) -> None:
         self.engine = engine
-        self.description = f"local {engine.base_name}"
+        self.description = f"local {engine.base_name} ({engine.backend})"
 
     @classmethod
     def open(cls, base: str | None, adapter: str | None) -> LocalBackend:
         if base is None and adapter is None:
             raise UserError("no model to chat with: pass --base MODEL, --adapter NAME or --url URL")
         from adapterhub.hub.specs import AdapterSpec, infer_base
-        from adapterhub.runtime.engine import Engine, EngineConfig
+        from adapterhub.runtime.backends import open_engine
+        from adapterhub.runtime.serving import EngineConfig
 
         adapters = [] if adapter is None else [AdapterSpec(adapter, adapter)]
-        engine = Engine(EngineConfig(base=infer_base(adapters, base)))
+        engine = open_engine(EngineConfig(base=infer_base(adapters, base)))
         engine.start()
         return cls(engine)
 
@@ -142,14 +146,13 @@ def _wait_for(handle: Any, slot: int, events: queue.Queue[Event]) -> None:
     except Exception as err:  # an engine bug must end this reply with a message, not hang the REPL
         events.put(Failed(slot, UserError(f"the engine failed this reply: {type(err).__name__}: {err}")))
     else:
-        events.put(Done(slot, result.completion_tokens, result.finish_reason))
+        events.put(Done(slot, result.completion_tokens, result.finish_reason, result.prompt_tokens))
 
 
 def chat_prompt(tokenizer: Any, messages: list[dict[str, str]]) -> str:
     """The prompt text for a conversation, through the base's chat template."""
     if tokenizer.chat_template is None:
-        # Plain language models have no template: a readable transcript ending in the assistant's cue.
-        return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
+        return plain_transcript(messages)
     from jinja2 import TemplateError
 
     try:
@@ -245,7 +248,7 @@ class RemoteBackend:
         self, body: dict[str, Any], slot: int, events: queue.Queue[Event], reply: StreamingReply
     ) -> None:
         try:
-            completion_tokens, finish_reason = self._read_stream(body, slot, events, reply)
+            done = self._read_stream(body, slot, events, reply)
         except httpx.HTTPError as err:
             if reply.cancelled.is_set():
                 return
@@ -256,12 +259,12 @@ class RemoteBackend:
             message = f"the server at {self.url} sent a reply this client cannot read: {err!r}"
             events.put(Failed(slot, UserError(message)))
         else:
-            events.put(Done(slot, completion_tokens, finish_reason))
+            events.put(done)
 
     def _read_stream(
         self, body: dict[str, Any], slot: int, events: queue.Queue[Event], reply: StreamingReply
-    ) -> tuple[int | None, str]:
-        completion_tokens, finish_reason = None, "stop"
+    ) -> Done:
+        completion_tokens, finish_reason, usage = None, "stop", {}
         with self.client.stream("POST", "/chat/completions", json=body) as response:
             reply.attach(response)
             if not response.is_success:
@@ -269,18 +272,19 @@ class RemoteBackend:
                 self.check(response)
             for line in response.iter_lines():
                 if reply.cancelled.is_set():
-                    return completion_tokens, "cancelled"
+                    return Done(slot, completion_tokens, "cancelled")
                 data = line.removeprefix("data:").strip()
                 if not line.startswith("data:") or data == "[DONE]":
                     continue
                 chunk = parse_chunk(data, self.url)
-                completion_tokens = (chunk.get("usage") or {}).get("completion_tokens", completion_tokens)
+                usage = chunk.get("usage") or usage
+                completion_tokens = usage.get("completion_tokens", completion_tokens)
                 for choice in chunk.get("choices") or []:
                     text = (choice.get("delta") or {}).get("content")
                     if text:
                         events.put(Delta(slot, text))
                     finish_reason = choice.get("finish_reason") or finish_reason
-        return completion_tokens, finish_reason
+        return Done(slot, completion_tokens, finish_reason, usage.get("prompt_tokens"))
 
     def unreachable(self, err: httpx.HTTPError) -> UserError:
         return UserError(
@@ -320,22 +324,25 @@ def model_method(model: dict[str, Any]) -> str:
 
 
 def error_message(response: httpx.Response) -> str:
+    """The server's error message, made safe to print (it may end up in a one-line CLI error)."""
     try:
         error = response.json()["error"]
-        return str(error["message"] if isinstance(error, dict) else error)
+        message = str(error["message"] if isinstance(error, dict) else error)
     except (ValueError, KeyError, TypeError):
-        return response.text.strip()[:200] or response.reason_phrase
+        message = response.text.strip()[:200] or response.reason_phrase
+    return terminal_safe(message)
 
 
 def parse_chunk(data: str, url: str) -> dict[str, Any]:
     try:
         chunk = json.loads(data)
     except ValueError as err:
-        raise UserError(f"the server at {url} sent a malformed stream event: {data[:80]}") from err
+        message = f"the server at {url} sent a malformed stream event: {terminal_safe(data[:80])}"
+        raise UserError(message) from err
     if not isinstance(chunk, dict):
-        raise UserError(f"the server at {url} sent a malformed stream event: {data[:80]}")
+        raise UserError(f"the server at {url} sent a malformed stream event: {terminal_safe(data[:80])}")
     if "error" in chunk:
         error = chunk["error"]
         message = error.get("message", error) if isinstance(error, dict) else error
-        raise UserError(f"the server at {url} failed the reply: {message}")
+        raise UserError(f"the server at {url} failed the reply: {terminal_safe(str(message))}")
     return chunk

@@ -8,7 +8,8 @@ import click
 @click.command()
 @click.option(
     "--base",
-    help="Base model for local mode: a Hub id, a folder or builtin:tiny-llama. Default: the adapter's base.",
+    help="Base model for local mode: a Hub id, a folder, builtin:tiny-llama or a .gguf file. "
+    "Default: the adapter's base.",
 )
 @click.option(
     "--adapter", help="Adapter to start with: a store name, folder or REPO_ID[@REV] (a model id with --url)."

@@ -9,6 +9,7 @@ from rich.console import Console
 
 from adapterhub.chat.backends import Backend, LocalBackend, RemoteBackend
 from adapterhub.chat.commands import run_command
+from adapterhub.chat.sanitize import terminal_safe
 from adapterhub.chat.session import ChatSession
 from adapterhub.chat.transcript import Transcript
 from adapterhub.chat.view import ChatView
@@ -57,7 +58,7 @@ def run_repl(session: ChatSession) -> None:
     )
     while session.running:
         try:
-            line = read(f"{session.adapter.name}> ").strip()
+            line = read(f"{terminal_safe(session.adapter.name)}> ").strip()
         except KeyboardInterrupt:
             continue
         except EOFError:

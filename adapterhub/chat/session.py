@@ -7,8 +7,10 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from rich.table import Table
+from rich.text import Text
 
 from adapterhub.chat.backends import BASE, BASE_ENTRY, AdapterEntry, Backend, ChatRequest
+from adapterhub.chat.sanitize import terminal_safe
 from adapterhub.chat.transcript import Transcript, load_transcript, save_transcript
 from adapterhub.chat.view import ChatView, Reply
 from adapterhub.errors import UserError
@@ -110,7 +112,8 @@ class ChatSession:
     def adapters_table(self) -> Table:
         table = Table("", "adapter", "method")
         for entry in self.backend.adapters():
-            table.add_row("*" if entry.name == self.adapter.name else "", entry.name, entry.method)
+            current = "*" if entry.name == self.adapter.name else ""
+            table.add_row(current, Text(terminal_safe(entry.name)), Text(terminal_safe(entry.method)))
         return table
 
 

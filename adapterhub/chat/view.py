@@ -1,7 +1,8 @@
 """Drawing the chat: replies stream in as they arrive, then settle as Markdown; ``/compare`` side by side.
 
 On a terminal that can move its cursor the reply is redrawn live; in a pipe or a dumb terminal the
-text is written as it arrives and left plain.
+text is written as it arrives and left plain. Either way, what the model or a server said passes
+through ``terminal_safe`` first: no escape sequence of theirs reaches the terminal.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from rich.table import Table
 from rich.text import Text
 
 from adapterhub.chat.backends import AdapterEntry, Backend, ChatRequest, Delta, Done, Event, Generation
+from adapterhub.chat.sanitize import terminal_safe
 from adapterhub.errors import UserError
 
 REFRESH_S = 0.05  # redraw at most this often while tokens stream in
@@ -34,6 +36,8 @@ class Reply:
     text: str = ""
     deltas: int = 0
     completion_tokens: int | None = None
+    prompt_tokens: int | None = None
+    max_tokens: int | None = None  # what was asked for, to tell a full context from the max_tokens limit
     finish_reason: str | None = None  # None while streaming
     error: UserError | None = None
     started: float = field(default_factory=time.perf_counter)
@@ -58,6 +62,7 @@ class Reply:
             return
         if isinstance(event, Done):
             self.completion_tokens = event.completion_tokens
+            self.prompt_tokens = event.prompt_tokens
             self.finish_reason = event.finish_reason
         else:
             self.error = event.error
@@ -72,11 +77,20 @@ class Reply:
         if self.finish_reason == "cancelled":
             parts.append("stopped")
         elif self.finish_reason == "length":
-            parts.append("hit max_tokens")
+            parts.append(self._length_reason())
         return " · ".join(parts)
 
+    def _length_reason(self) -> str:
+        """A "length" stop is the max_tokens limit, or the model's context filling up before it."""
+        if self.max_tokens is None or self.tokens >= self.max_tokens:
+            return "hit max_tokens" if self.max_tokens is None else f"hit max_tokens ({self.max_tokens})"
+        if self.prompt_tokens is None:
+            return "context full: /undo or /reset to make room"
+        used = f"{self.prompt_tokens} prompt + {self.tokens} reply tokens"
+        return f"context full ({used}): /undo or /reset to make room"
+
     def status(self) -> str:
-        return f"{self.adapter.name} ({self.adapter.method}) · {self.speed()}"
+        return terminal_safe(f"{self.adapter.name} ({self.adapter.method}) · {self.speed()}")
 
 
 class ChatView:
@@ -89,7 +103,7 @@ class ChatView:
     ) -> list[Reply]:
         """Run the requests at once, drawing their text as it arrives; Ctrl-C stops them all."""
         events: queue.Queue[Event] = queue.Queue()
-        replies = [Reply(entry) for entry, _ in requests]
+        replies = [Reply(entry, max_tokens=request.params.max_tokens) for entry, request in requests]
         generations: list[Generation] = []
         try:
             for slot, (_, request) in enumerate(requests):
@@ -149,8 +163,9 @@ class ChatView:
 
         def write(final: bool = False) -> None:
             nonlocal written
-            self.console.file.write(reply.text[written:])
-            written = len(reply.text)
+            shown = terminal_safe(reply.text, final=final)
+            self.console.file.write(shown[written:])
+            written = len(shown)
             if final:
                 self.console.file.write("\n")
             self.console.file.flush()
@@ -164,10 +179,10 @@ class ChatView:
         self.console.print(Text(reply.status(), style="dim"))
 
     def error(self, err: UserError) -> None:
-        self.console.print(Text(f"error: {err}", style="red"))
+        self.console.print(Text(terminal_safe(f"error: {err}"), style="red"))
 
     def note(self, text: str) -> None:
-        self.console.print(Text(text, style="dim"))
+        self.console.print(Text(terminal_safe(text), style="dim"))
 
     def show(self, renderable: RenderableType) -> None:
         self.console.print(renderable)
@@ -179,15 +194,17 @@ def render(replies: list[Reply], side_by_side: bool, final: bool, per_row: int =
     def body(reply: Reply) -> RenderableType:
         if reply.error is not None:
             # A lone reply's error is raised to the caller, which prints it once.
-            return Text(f"error: {reply.error}", style="red") if side_by_side else Text("")
-        return Markdown(reply.text) if final else Text(reply.text)
+            return Text(terminal_safe(f"error: {reply.error}"), style="red") if side_by_side else Text("")
+        text = terminal_safe(reply.text, final=final)
+        # No hyperlinks: a link's target would be hidden from the reader (an OSC 8 escape).
+        return Markdown(text, hyperlinks=False) if final else Text(text)
 
     if not side_by_side:
         return body(replies[0])
     panels: list[RenderableType] = [
         Panel(
             body(reply),
-            title=f"{reply.adapter.name} ({reply.adapter.method})",
+            title=Text(terminal_safe(f"{reply.adapter.name} ({reply.adapter.method})")),
             subtitle=reply.speed() if reply.finished else None,
         )
         for reply in replies

@@ -128,11 +128,23 @@ def check_folder(folder: str | Path, base_config: PretrainedConfig | None = None
 
 def plan_for_base(adapter: AdapterFiles, base: BaseModules) -> ModulePlan | PromptShape:
     """PEFT's plan for this adapter on this base, after checking the saved weights against it."""
+    _check_task(adapter, base.config)
     if adapter.method in PROMPT_METHODS:
         return _prompt_shape(adapter, base.config)
     plan = base.plan(adapter.method, adapter.config, adapter.label)
     _compare_with_plan(adapter, plan, base)
     return plan
+
+
+def _check_task(adapter: AdapterFiles, config: PretrainedConfig) -> None:
+    seq2seq = bool(getattr(config, "is_encoder_decoder", False))
+    task = adapter.config.get("task_type")
+    if task not in (None, "SEQ_2_SEQ_LM" if seq2seq else "CAUSAL_LM"):
+        kind = "an encoder-decoder" if seq2seq else "a decoder"
+        raise RequestError(
+            f"adapter {adapter.label} is for {task}, and this base is {kind}: use an adapter trained on it",
+            "incompatible_adapter",
+        )
 
 
 def _compare_with_plan(adapter: AdapterFiles, plan: ModulePlan, base: BaseModules) -> None:
@@ -213,34 +225,45 @@ def _prompt_problem(method: str, config: dict, weights: dict[str, torch.Tensor])
     if embeddings is None or embeddings.dim() != 2 or len(weights) != 1:
         return "expected exactly one 2-D prompt_embeddings tensor"
     count = config.get("num_virtual_tokens")
-    submodules = config.get("num_transformer_submodules") or 1
-    if not isinstance(count, int) or embeddings.shape[0] != count * submodules:
+    # Prompt and P-tuning keep a row per virtual token per side (encoder, decoder); prefix tuning one.
+    sides = 1 if method == "prefix_tuning" else config.get("num_transformer_submodules") or 1
+    if not isinstance(count, int) or embeddings.shape[0] != count * sides:
         return f"prompt_embeddings has {embeddings.shape[0]} rows, num_virtual_tokens is {count}"
     return None
 
 
 def _prompt_shape(adapter: AdapterFiles, config: PretrainedConfig) -> PromptShape:
-    """PEFT's layout of the saved embeddings on this decoder (``_prepare_prompt_learning_config``)."""
-    where = f"adapter {adapter.label}"
+    """The saved embeddings' shape as PEFT lays them out on this base (its own
+    ``_prepare_prompt_learning_config``), checked against what was saved."""
+    from peft.utils.other import _prepare_prompt_learning_config
+
+    from adapterhub.contract.config_keys import peft_config_class
+
+    cls = peft_config_class(adapter.method)
+    # The sizes PEFT fills in from the base; the saved config holds those of the base it was made on.
+    derived = ("num_layers", "token_dim", "num_attention_heads", "num_transformer_submodules")
+    given = {
+        key: value
+        for key, value in adapter.config.items()
+        if key in cls.__dataclass_fields__ and key not in derived
+    }
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prepared = _prepare_prompt_learning_config(cls(**given), config)
+    # PeftModel's rule: an encoder-decoder gets virtual tokens on both sides (prefix tuning's
+    # encoder makes one row per virtual token whatever the side count).
+    sides = 2 if getattr(config, "is_encoder_decoder", False) else 1
+    count = adapter.config["num_virtual_tokens"]
+    prefix = adapter.method == "prefix_tuning"
+    want = (
+        count if prefix else count * sides,
+        prepared.token_dim * (2 * prepared.num_layers if prefix else 1),
+    )
     embeddings = adapter.weights["prompt_embeddings"]
-    if (adapter.config.get("num_transformer_submodules") or 1) != 1:
+    if tuple(embeddings.shape) != want:
         raise RequestError(
-            f"{where} is for an encoder-decoder model (num_transformer_submodules=2): use a decoder base",
+            f"adapter {adapter.label} was trained for a different base: prompt_embeddings is "
+            f"{list(embeddings.shape)} there, {list(want)} on this base",
             "incompatible_adapter",
         )
-    hidden = config.hidden_size
-    if adapter.method != "prefix_tuning":
-        width = hidden
-    else:
-        heads = config.num_attention_heads
-        kv_heads = getattr(config, "num_key_value_heads", None) or heads
-        head_dim = getattr(config, "head_dim", None) or hidden // heads
-        width = config.num_hidden_layers * 2 * kv_heads * head_dim
-    if embeddings.shape[1] != width:
-        what = "token width" if adapter.method != "prefix_tuning" else "prefix width (layers × 2 × kv width)"
-        raise RequestError(
-            f"{where} was trained for a different base: {what} is {embeddings.shape[1]} there, "
-            f"{width} on this base",
-            "incompatible_adapter",
-        )
-    return PromptShape(num_virtual_tokens=embeddings.shape[0], width=width)
+    return PromptShape(num_virtual_tokens=count, width=want[1])

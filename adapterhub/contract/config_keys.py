@@ -80,7 +80,7 @@ COMMON: dict[str, Rule] = {
 
 LORA: dict[str, Rule] = {
     **COMMON,
-    "task_type": _task_type((None, "CAUSAL_LM")),
+    "task_type": _task_type((None, "CAUSAL_LM", "SEQ_2_SEQ_LM")),  # checked against the base's kind
     # Which modules, at which rank and scaling, with DoRA and LoRA biases: read off PEFT's own layers.
     "r": honoured,
     "target_modules": honoured,
@@ -126,7 +126,7 @@ LORA: dict[str, Rule] = {
 
 IA3: dict[str, Rule] = {
     **COMMON,
-    "task_type": _task_type((None, "CAUSAL_LM")),
+    "task_type": _task_type((None, "CAUSAL_LM", "SEQ_2_SEQ_LM")),
     "target_modules": honoured,
     "exclude_modules": honoured,
     "feedforward_modules": honoured,
@@ -134,11 +134,11 @@ IA3: dict[str, Rule] = {
     "init_ia3_weights": honoured,  # the saved vectors replace the initial ones
 }
 
-# PEFT only prepends virtual tokens for a task model (PeftModelForCausalLM): with task_type null it
-# loads a plain PeftModel that ignores them.
+# PEFT only prepends virtual tokens for a task model (PeftModelForCausalLM/Seq2SeqLM): with task_type
+# null it loads a plain PeftModel that ignores them.
 PROMPT_COMMON: dict[str, Rule] = {
     **COMMON,
-    "task_type": _task_type(("CAUSAL_LM",)),
+    "task_type": _task_type(("CAUSAL_LM", "SEQ_2_SEQ_LM")),
     "num_virtual_tokens": honoured,  # checked against the saved embeddings
     "token_dim": honoured,  # checked against the base
     "num_transformer_submodules": honoured,  # checked: 1 for a decoder

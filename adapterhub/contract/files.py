@@ -8,6 +8,7 @@ one line naming the file.
 from __future__ import annotations
 
 import json
+import pickle
 from pathlib import Path
 
 import torch
@@ -62,6 +63,12 @@ def read_weights(folder: Path, label: str | None = None) -> dict[str, torch.Tens
             weights = load_file(path)
         else:
             weights = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        reason = " ".join(str(err).split())[:100]
+        raise _corrupt(
+            f"{shown} holds more than plain tensors, so it was not unpickled ({reason}): "
+            "re-save the adapter as adapter_model.safetensors"
+        ) from err
     except Exception as err:  # safetensors and torch raise assorted types for corrupt or hostile bytes
         reason = " ".join(str(err).split())[:100] or type(err).__name__
         raise _corrupt(

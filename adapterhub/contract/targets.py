@@ -26,10 +26,12 @@ PREFIX = "base_model.model."
 
 @dataclass(frozen=True)
 class LoraTarget:
-    """One module with a LoRA: a linear projection (``B A x``) or an embedding (``B A[ids]``)."""
+    """One module with a LoRA: a linear projection (``B A x``) or an embedding (``B A[ids]``), or
+    another of PEFT's layer kinds (which only the PEFT fallback serves)."""
 
     module: str  # the base module's name, e.g. model.layers.0.self_attn.q_proj or lm_head
-    kind: str  # "linear" or "embedding"
+    kind: str  # "linear", "embedding", or PEFT's layer class name (Conv1d, ...)
+    fan_in_fan_out: bool  # the base stores the weight transposed (GPT-2's Conv1D)
     rank: int
     scaling: float
     use_dora: bool
@@ -56,6 +58,8 @@ class ModulePlan:
     expected: dict[str, tuple[int, ...]] = field(default_factory=dict)  # saved key -> shape
     # Base weights PEFT may save beside an adapted embedding (save_embedding_layers); optional.
     base_copies: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    # ensure_weight_tying on a tied base with an adapted embedding or head: PEFT ties the adapters too.
+    ties_adapters: bool = False
 
 
 class BaseModules:
@@ -115,12 +119,9 @@ class BaseModules:
             target.kind == "embedding" or target.module in _output_names(self.model)
             for target in plan.lora.values()
         )
-        if config.get("ensure_weight_tying") and tied and getattr(self.config, "tie_word_embeddings", False):
-            raise RequestError(
-                f"adapter {where}: ensure_weight_tying=True on a base with tied embeddings is not served: "
-                "merge it with `adapterhub merge`",
-                "unsupported_adapter",
-            )
+        plan.ties_adapters = bool(
+            config.get("ensure_weight_tying") and tied and getattr(self.config, "tie_word_embeddings", False)
+        )
         return plan
 
 
@@ -138,21 +139,11 @@ def _read_layers(model: torch.nn.Module, plan: ModulePlan, where: str) -> None:
     tied_outputs = []
     for name, module in model.named_modules():
         if isinstance(module, LoraLayer):
-            kind = {LoraLinear: "linear", Embedding: "embedding"}.get(type(module))
-            if kind is None or module.fan_in_fan_out:
-                raise RequestError(
-                    f"adapter {where}: LoRA on '{name}' ({type(module).__name__}) is not served: "
-                    "the runtime serves LoRA on linear and embedding layers",
-                    "unsupported_adapter",
-                )
-            if kind == "embedding" and module.use_dora["default"]:
-                raise RequestError(
-                    f"adapter {where}: DoRA on the embedding '{name}' is not served: merge it",
-                    "unsupported_adapter",
-                )
+            kind = {LoraLinear: "linear", Embedding: "embedding"}.get(type(module), type(module).__name__)
             plan.lora[name] = LoraTarget(
                 module=name,
                 kind=kind,
+                fan_in_fan_out=bool(getattr(module, "fan_in_fan_out", False)),
                 rank=module.r["default"],
                 scaling=float(module.scaling["default"]),
                 use_dora=bool(module.use_dora["default"]),

@@ -26,7 +26,7 @@ from adapterhub.runtime.api import GenerationRequest, GenerationResult, RequestE
 if TYPE_CHECKING:
     from lm_eval.api.instance import Instance
 
-    from adapterhub.runtime.engine import Engine
+    from adapterhub.runtime.serving import ServingEngine
 
 KINDS = ("loglikelihood", "loglikelihood_rolling", "generate_until")
 DEFAULT_MAX_GEN_TOKS = 256  # HFLM's max_gen_toks
@@ -50,7 +50,7 @@ class EngineLM(TemplateLM):
 
     def __init__(
         self,
-        engine: Engine,
+        engine: ServingEngine,
         adapter: str | None = None,
         runner: RequestRunner | None = None,
         *,
@@ -282,7 +282,7 @@ class RequestRunner:
 
     def __init__(
         self,
-        engine: Engine,
+        engine: ServingEngine,
         *,
         window: int = DEFAULT_WINDOW,
         on_progress: Callable[[int, int], None] | None = None,

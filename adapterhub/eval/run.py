@@ -26,7 +26,7 @@ from adapterhub.hub.adapter import one_line
 if TYPE_CHECKING:
     from adapterhub.hub.specs import AdapterSpec
     from adapterhub.recipe import Recipe
-    from adapterhub.runtime.engine import Engine
+    from adapterhub.runtime.serving import ServingEngine
 
 BASE = "base"  # how the base model is named among the adapters to evaluate
 TASK_FILE_SUFFIXES = (".yaml", ".yml")
@@ -65,7 +65,8 @@ def evaluate_adapters(
     from adapterhub.hub.resolve import resolve
     from adapterhub.hub.specs import infer_base
     from adapterhub.models import is_seq2seq, load_config
-    from adapterhub.runtime.engine import Engine, EngineConfig
+    from adapterhub.runtime.backends import open_engine
+    from adapterhub.runtime.serving import EngineConfig
 
     if not adapters and not include_base:
         raise UserError("nothing to evaluate: name adapters and/or 'base'")
@@ -85,7 +86,7 @@ def evaluate_adapters(
     ):
         step = progress.add_task(f"loading {base}", total=None)
         with quiet():  # transformers' weight-loading bar
-            engine = Engine(
+            engine = open_engine(  # the fast runtime, or the exact PEFT fallback for other causal bases
                 EngineConfig(
                     base=base,
                     quantization=quantization,
@@ -188,7 +189,7 @@ def load_tasks(specs: tuple[str, ...]) -> tuple[Any, list]:
 
 
 def evaluate(
-    engine: Engine,
+    engine: ServingEngine,
     targets: list[EvalTarget],
     settings: EvalSettings,
     *,

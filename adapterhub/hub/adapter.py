@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import json
+import contextlib
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,22 +73,40 @@ def one_line(err: BaseException) -> str:
 
 
 def canonical_base(name: str) -> str:
-    """One spelling per base model, so ``builtin:tiny-llama`` equals the folder it is built in."""
+    """One spelling per base model, so ``builtin:tiny-llama`` equals the folder it is built in and a
+    GGUF file is known by its content (a renamed copy is the same base; a changed file is not)."""
+    from adapterhub import gguf
+
     if name.startswith("builtin:"):
         return str(home() / "builtin" / name.removeprefix("builtin:"))
+    if gguf.is_gguf(name):
+        with contextlib.suppress(UserError):  # a file not at hand keeps its spelling
+            return f"gguf:sha256:{gguf.source(name).sha256}"
     return name.rstrip("/")
 
 
 def check_base_model(adapter: Path, base_model: str, *, strict: bool = False) -> None:
     """Warn (or, when ``strict``, refuse) if the adapter at ``adapter`` was trained on another base model."""
-    config_path = Path(adapter) / CONFIG_FILE
-    trained_on = json.loads(config_path.read_text()).get("base_model_name_or_path") or ""
+    from adapterhub.contract.files import read_config
+
+    trained_on = read_config(Path(adapter)).get("base_model_name_or_path") or ""
     if not trained_on or canonical_base(trained_on) == canonical_base(base_model):
         return
-    message = f"adapter {adapter} was trained on '{trained_on}', not '{base_model}'"
+    message = f"adapter {adapter} was trained on '{trained_on}', not '{_described(base_model)}'"
     if strict:
         raise UserError(f"{message}: use the matching base model, or drop strict base checking")
     warn(f"{message}; outputs may be meaningless")
+
+
+def _described(base_model: str) -> str:
+    """A GGUF base as adapters record it (file name and hash), so a changed file shows its new hash."""
+    from adapterhub import gguf
+    from adapterhub.models import base_id
+
+    if gguf.is_gguf(base_model):
+        with contextlib.suppress(UserError):
+            return base_id(base_model)
+    return base_model
 
 
 def warn(message: str) -> None:

@@ -12,6 +12,8 @@ from rich.table import Table
 
 from adapterhub.errors import UserError
 from adapterhub.hub import store
+from adapterhub.hub.transfer import DEFAULT_DEADLINE_S
+from adapterhub.tables import print_table
 
 console = Console()
 status_console = Console(stderr=True)
@@ -27,7 +29,9 @@ def _source_folder(source: str) -> Path:
         return path
     if store.exists(source):
         return store.entry_path(source)
-    raise UserError(f"'{source}' is neither a folder nor a store name: see `adapterhub list`")
+    raise UserError(
+        f"'{source}' is neither a folder nor a store name{store.suggestion(source)}: see `adapterhub list`"
+    )
 
 
 @click.command()
@@ -75,6 +79,20 @@ def push(
 @click.option("--subfolder", help="Folder inside the repo that holds the adapter.")
 @click.option("--base-model", help="Warn if the adapter was trained on another base model.")
 @click.option("--strict-base", is_flag=True, help="Refuse, rather than warn, on a base-model mismatch.")
+@click.option(
+    "--max-size",
+    default="10GB",
+    show_default=True,
+    help="Refuse a repo whose adapter files are listed larger, and cut a transfer that passes it.",
+)
+@click.option(
+    "--timeout",
+    "timeout_s",
+    default=DEFAULT_DEADLINE_S,
+    show_default=True,
+    type=click.FloatRange(min=0, min_open=True),
+    help="Seconds the whole pull may take.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def pull(
     spec: str,
@@ -82,15 +100,19 @@ def pull(
     subfolder: str | None,
     base_model: str | None,
     strict_base: bool,
+    max_size: str,
+    timeout_s: float,
     as_json: bool,
 ) -> None:
     """Download an adapter from the Hub into the local store; REVISION is a tag, branch or commit sha."""
     from adapterhub.hub.remote import pull as pull_adapter
+    from adapterhub.hub.transfer import PullLimits, parse_size
 
     if strict_base and not base_model:
         raise UserError("--strict-base needs --base-model ORG/NAME to compare against")
+    limits = PullLimits(max_bytes=parse_size(max_size), deadline_s=timeout_s)
     result = pull_adapter(
-        spec, name=name, subfolder=subfolder, base_model=base_model, strict_base=strict_base
+        spec, name=name, subfolder=subfolder, base_model=base_model, strict_base=strict_base, limits=limits
     )
     if as_json:
         _print_json(
@@ -112,8 +134,10 @@ def list_adapters(as_json: bool) -> None:
         _print_json([asdict(entry) for entry in entries])
         return
     table = Table(title=f"adapters in {store.root()}")
-    for column in ("name", "method", "base model", "size", "params", "source@revision"):
-        table.add_column(column, justify="right" if column in ("size", "params") else "left")
+    # "stored": what the weights file holds. P-tuning and prefix tuning with a projection train an
+    # encoder that PEFT drops on save, so they store fewer parameters than they trained.
+    for column in ("name", "method", "base model", "size", "stored params", "source@revision"):
+        table.add_column(column, justify="right" if column in ("size", "stored params") else "left")
     for entry in entries:
         table.add_row(
             entry.name,
@@ -123,7 +147,7 @@ def list_adapters(as_json: bool) -> None:
             f"{entry.params:,}",
             entry.source_at_revision,
         )
-    console.print(table)
+    print_table(table, console)
 
 
 @click.command()
@@ -144,7 +168,7 @@ def show(name: str, as_json: bool) -> None:
     table.add_row("path", str(store.entry_path(name)))
     for file_name, digest in manifest.files.items():
         table.add_row(f"sha256 {file_name}", digest)
-    console.print(table)
+    print_table(table, console)
 
 
 @click.command()
@@ -157,8 +181,8 @@ def rm(name: str) -> None:
 
 def _human_bytes(size: int) -> str:
     value = float(size)
-    for unit in ("B", "KB", "MB"):
+    for unit in ("B", "KiB", "MiB"):
         if value < 1024:
             return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
         value /= 1024
-    return f"{value:.1f} GB"
+    return f"{value:.1f} GiB"

@@ -11,9 +11,9 @@ import fnmatch
 import hashlib
 import importlib
 import json
-import os
 import shutil
 import tempfile
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,9 +46,15 @@ from adapterhub.hub.adapter import (
     one_line,
     warn,
 )
+from adapterhub.hub.reach import endpoint
+from adapterhub.hub.transfer import (
+    DEFAULT_LIMITS,
+    PullLimits,
+    TransferBudget,
+    check_listing,
+)
 from adapterhub.paths import atomic_dir
 
-DEFAULT_ENDPOINT = "https://huggingface.co"
 # Remote files a push replaces, per kind: an adapter push leaves other files in the repo alone.
 REPLACED_FILES = {"adapter": [*ADAPTER_FILES, f"{EVAL_DIR}/*.json"], "model": ["*"]}
 
@@ -82,10 +88,6 @@ class PullResult:
     revision: str
     no_op: bool  # the store already held this exact revision
     manifest: store.Manifest
-
-
-def endpoint() -> str:
-    return os.environ.get("HF_ENDPOINT", DEFAULT_ENDPOINT).rstrip("/")
 
 
 def hub_api() -> HfApi:
@@ -129,6 +131,11 @@ def hub_errors(repo_id: str, revision: str | None = None) -> Iterator[None]:
     except HfHubHTTPError as err:
         status = err.response.status_code if err.response is not None else None
         if status == 401:
+            from huggingface_hub import get_token
+
+            if get_token() is None:
+                message = f"{where} needs a token for this (401) and none is set"
+                raise UserError(f"{message}: set HF_TOKEN or run `hf auth login`") from err
             raise UserError(f"{where} rejected the token (401): set HF_TOKEN or run `hf auth login`") from err
         if status == 403:
             raise UserError(
@@ -267,12 +274,13 @@ def _hub_base_model(folder: Path, recorded: str, override: str | None) -> str:
 
 
 def _recipe_model(folder: Path) -> str | None:
-    import yaml
+    from adapterhub import yamlio
 
-    text = _read_text(folder / "recipe.yaml")
-    if text is None:
+    path = folder / "recipe.yaml"
+    if not path.is_file():
         return None
-    model = (yaml.safe_load(text) or {}).get("model")
+    recipe = yamlio.load_file(path) or {}
+    model = recipe.get("model") if isinstance(recipe, dict) else None
     return model.get("name") if isinstance(model, dict) else None
 
 
@@ -344,73 +352,95 @@ def pull(
     subfolder: str | None = None,
     base_model: str | None = None,
     strict_base: bool = False,
+    limits: PullLimits = DEFAULT_LIMITS,
+    cancel: threading.Event | None = None,
 ) -> PullResult:
     """Download the adapter at ``REPO_ID[@REVISION]`` into the store, validated, under ``name``.
 
     Only the adapter files are fetched, into a temp folder that is renamed into the store once they have
     been validated, so a failure or interrupt leaves the store as it was. Pulling the revision the entry
     already holds is a no-op; a new revision replaces the entry only once it has fully succeeded.
+    ``limits`` bound the bytes and the time the pull may take; setting ``cancel`` stops it. The store
+    name is locked from the first check to the final rename: a second pull to it fails at once.
     """
     repo_id, ref = split_spec(spec)
     name = store.check_name(name or default_name(repo_id))
     prefix = f"{subfolder.strip('/')}/" if subfolder else ""
     api = hub_api()
-    with hub_errors(repo_id, ref):
-        info = api.model_info(repo_id, revision=ref, files_metadata=True)
-    held = store.read(name) if store.exists(name) else None
-    if held is not None and (held.source, held.subfolder) != (repo_id, subfolder):
-        raise UserError(
-            f"store name '{name}' already holds {held.source_at_revision}: "
-            f"pass --name to pull {repo_id} under another name, or `adapterhub rm {name}`"
-        )
-    if held is not None and held.revision == info.sha:
-        if base_model:
-            check_base_model(store.entry_path(name), base_model, strict=strict_base)
-        return PullResult(name, store.entry_path(name), info.sha, True, held)
-    sizes = {
-        sibling.rfilename.removeprefix(prefix): sibling.size or 0
-        for sibling in info.siblings or []
-        if sibling.rfilename.startswith(prefix)
-    }
-    wanted = [file_name for file_name in ADAPTER_FILES if file_name in sizes]
-    if CONFIG_FILE not in wanted:
-        hint = "it is a full model, not an adapter" if "config.json" in sizes else "it is not a PEFT adapter"
-        raise UserError(f"{repo_id}@{ref or 'main'} has no {prefix}{CONFIG_FILE}: {hint}")
-    with atomic_dir(store.entry_path(name), replace=True) as tmp:
-        _download(api, repo_id, info.sha, prefix, {file_name: sizes[file_name] for file_name in wanted}, tmp)
-        summary = inspect_adapter(tmp, label=f"{repo_id}@{ref or 'main'}")
-        if base_model:
-            check_base_model(tmp, base_model, strict=strict_base)
-        if is_local_path(summary.base_model):
-            warn(f"{repo_id} names a local path as its base model ('{summary.base_model}')")
-        manifest = store.write_manifest(
-            tmp, summary, name=name, source=repo_id, revision=info.sha, ref=ref, subfolder=subfolder
-        )
+    with store.lock(name):
+        with hub_errors(repo_id, ref):
+            info = api.model_info(repo_id, revision=ref, files_metadata=True)
+        held = store.read(name) if store.exists(name) else None
+        if held is not None and (held.source, held.subfolder) != (repo_id, subfolder):
+            raise UserError(
+                f"store name '{name}' already holds {held.source_at_revision}: "
+                f"pass --name to pull {repo_id} under another name, or `adapterhub rm {name}`"
+            )
+        if held is not None and held.revision == info.sha:
+            if base_model:
+                check_base_model(store.entry_path(name), base_model, strict=strict_base)
+            return PullResult(name, store.entry_path(name), info.sha, True, held)
+        sizes = {
+            sibling.rfilename.removeprefix(prefix): sibling.size
+            for sibling in info.siblings or []
+            if sibling.rfilename.startswith(prefix)
+        }
+        wanted = {file_name: sizes[file_name] for file_name in ADAPTER_FILES if file_name in sizes}
+        if CONFIG_FILE not in wanted:
+            hint = "a full model, not an adapter" if "config.json" in sizes else "not a PEFT adapter"
+            raise UserError(f"{repo_id}@{ref or 'main'} has no {prefix}{CONFIG_FILE}: it is {hint}")
+        listed = None if None in wanted.values() else sum(wanted.values())
+        where = f"{repo_id}@{ref or 'main'}"
+        check_listing(where, listed, limits, store.root())
+        budget = TransferBudget(where, listed, limits, cancel)
+        entry = store.entry_path(name)
+        with atomic_dir(entry, replace=True) as tmp:
+            _download(api, repo_id, info.sha, prefix, wanted, tmp, budget)
+            summary = inspect_adapter(tmp, label=where)
+            if base_model:
+                check_base_model(tmp, base_model, strict=strict_base)
+            if is_local_path(summary.base_model):
+                warn(f"{repo_id} names a local path as its base model ('{summary.base_model}')")
+            manifest = store.write_manifest(
+                tmp, summary, name=name, source=repo_id, revision=info.sha, ref=ref, subfolder=subfolder
+            )
+            budget.check()  # a cancel that came during validation still leaves the store as it was
     return PullResult(name, store.entry_path(name), info.sha, False, manifest)
 
 
-def _download(api: HfApi, repo_id: str, commit: str, prefix: str, sizes: dict[str, int], into: Path) -> None:
+def _download(
+    api: HfApi,
+    repo_id: str,
+    commit: str,
+    prefix: str,
+    sizes: dict[str, int | None],
+    into: Path,
+    budget: TransferBudget,
+) -> None:
     """Fetch ``sizes``' files of ``repo_id`` at ``commit`` flat into ``into``, with one rich progress bar."""
     scratch = into / ".download"
     columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn())
     progress_bar = Progress(*columns, console=Console(stderr=True), transient=True)
     with progress_bar as progress, hub_errors(repo_id, commit):
-        task = progress.add_task(f"pulling {repo_id}", total=sum(sizes.values()))
+        task = progress.add_task(f"pulling {repo_id}", total=sum(size or 0 for size in sizes.values()))
         for file_name in sizes:
+            budget.check()
             path = hf_hub_download(
                 repo_id,
                 f"{prefix}{file_name}",
                 revision=commit,
                 local_dir=scratch,
                 endpoint=api.endpoint,
-                tqdm_class=_progress_bridge(progress, task),
+                tqdm_class=_progress_bridge(progress, task, budget),
             )
             Path(path).rename(into / file_name)
     shutil.rmtree(scratch)
 
 
-def _progress_bridge(progress: Progress, task: int) -> type[tqdm]:
-    """A silent tqdm class that forwards huggingface_hub's byte counts to our rich progress bar."""
+def _progress_bridge(progress: Progress, task: int, budget: TransferBudget) -> type[tqdm]:
+    """A silent tqdm class that forwards huggingface_hub's byte counts to our rich progress bar and
+    the pull's budget; huggingface_hub reports each chunk before writing it, so the budget's
+    exception cuts the transfer there."""
 
     class Bridge(tqdm):
         def __init__(self, *args, **kwargs) -> None:
@@ -418,6 +448,7 @@ def _progress_bridge(progress: Progress, task: int) -> type[tqdm]:
 
         def update(self, n: float | None = 1) -> bool | None:
             progress.advance(task, n or 0)
+            budget.take(n or 0)
             return None
 
     return Bridge

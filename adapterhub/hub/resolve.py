@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 from adapterhub.errors import UserError
 from adapterhub.hub import store
 from adapterhub.hub.adapter import CONFIG_FILE, check_base_model, is_local_path
+from adapterhub.hub.transfer import DEFAULT_LIMITS, PullLimits
 
 
 def resolve(spec: str, *, strict_base: str | None = None, base_model: str | None = None) -> Path:
@@ -18,7 +20,7 @@ def resolve(spec: str, *, strict_base: str | None = None, base_model: str | None
     """
     path = _local_folder(spec)
     if path is None:
-        path = store.entry_path(spec) if store.exists(spec) else _from_hub(spec)
+        path = store.entry_path(spec) if store.exists(spec) else from_hub(spec)
     if strict_base:
         check_base_model(path, strict_base, strict=True)
     elif base_model:
@@ -37,15 +39,22 @@ def _local_folder(spec: str) -> Path | None:
     return path
 
 
-def _from_hub(spec: str) -> Path:
+def from_hub(
+    spec: str, *, limits: PullLimits = DEFAULT_LIMITS, cancel: threading.Event | None = None
+) -> Path:
+    """The store entry of the Hub adapter ``REPO_ID[@REV]``: one already pulled, or a new pull.
+
+    Unlike ``resolve`` it never looks for a local folder, so a server can take Hub ids from clients.
+    """
     from adapterhub.hub.remote import pull, split_spec
 
     if "/" not in spec:
         raise UserError(
-            f"no adapter named '{spec}' in the store: see `adapterhub list`, or give a folder or ORG/NAME"
+            f"no adapter named '{spec}' in the store{store.suggestion(spec)}: see `adapterhub list`, "
+            "or give a folder or ORG/NAME"
         )
     repo_id, revision = split_spec(spec)
     for entry in store.find_source(repo_id):
         if revision is None or revision in (entry.ref, entry.revision):
             return store.entry_path(entry.name)
-    return pull(spec).path
+    return pull(spec, limits=limits, cancel=cancel).path

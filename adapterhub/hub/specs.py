@@ -3,10 +3,10 @@ goes by, and the base model a set of them was trained on. Shared by ``serve`` an
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from adapterhub.contract.files import read_config
 from adapterhub.errors import UserError
 from adapterhub.hub.resolve import resolve
 
@@ -33,8 +33,7 @@ def infer_base(adapters: list[AdapterSpec], base: str | None) -> str:
         raise UserError("nothing to serve: pass --base MODEL and/or --adapters a,b,...")
     bases = {}
     for adapter in adapters:
-        config_file = Path(resolve(adapter.spec)) / "adapter_config.json"
-        recorded = json.loads(config_file.read_text()).get("base_model_name_or_path")
+        recorded = read_config(resolve(adapter.spec)).get("base_model_name_or_path")
         if not recorded:
             raise UserError(f"adapter '{adapter.name}' does not record its base model: pass --base MODEL")
         bases[adapter.name] = recorded

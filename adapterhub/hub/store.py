@@ -1,11 +1,14 @@
 """The local adapter store: one folder per adapter under ``$ADAPTERHUB_HOME/adapters``, each with a manifest.
 
 An entry appears only by an atomic rename of a fully written and validated temp folder, so readers never
-see a half-pulled adapter; names starting with a dot are temp folders and are never listed.
+see a half-pulled adapter; names starting with a dot are temp folders and locks and are never listed.
+Writers of one name (pull, train's ``output.store_name``, rm) hold ``lock(name)`` from their checks
+to their final rename, so a second writer fails at once instead of overwriting the first.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import re
@@ -14,10 +17,10 @@ from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
 
-from adapterhub.errors import UserError
+from adapterhub.errors import UserError, did_you_mean
 from adapterhub.eval.results import EVAL_DIR
 from adapterhub.hub.adapter import ADAPTER_FILES, AdapterSummary, inspect_adapter
-from adapterhub.paths import atomic_dir, home
+from adapterhub.paths import atomic_dir, exclusive_lock, home, restore_orphaned
 
 MANIFEST = "manifest.json"
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
@@ -62,14 +65,42 @@ def entry_path(name: str) -> Path:
     return root() / check_name(name)
 
 
+def lock(name: str) -> contextlib.AbstractContextManager[None]:
+    """Exclusive right to write the entry ``name``; a second writer gets a one-line error at once."""
+    return exclusive_lock(
+        root() / f".{check_name(name)}.lock",
+        f"store name '{name}'",
+        "wait for it to finish, or use another name",
+    )
+
+
 def exists(name: str) -> bool:
-    return NAME.match(name) is not None and (root() / name / MANIFEST).is_file()
+    if NAME.match(name) is None:
+        return False
+    restore_orphaned(root() / name)
+    return (root() / name / MANIFEST).is_file()
+
+
+def names() -> list[str]:
+    if not root().is_dir():
+        return []
+    return [path.name for path in sorted(root().iterdir()) if exists(path.name)]
+
+
+def suggestion(name: str) -> str:
+    """A "did you mean" for a store name that is not there, else ``""``."""
+    return did_you_mean(name, names())
+
+
+def not_stored(name: str) -> UserError:
+    return UserError(f"no adapter named '{name}' in the store{suggestion(name)}: see `adapterhub list`")
 
 
 def read(name: str) -> Manifest:
+    restore_orphaned(entry_path(name))
     path = entry_path(name) / MANIFEST
     if not path.is_file():
-        raise UserError(f"no adapter named '{name}' in the store: see `adapterhub list`")
+        raise not_stored(name)
     known = {item.name for item in fields(Manifest)}
     try:
         data = json.loads(path.read_text())
@@ -81,9 +112,10 @@ def read(name: str) -> Manifest:
 
 
 def entries() -> list[Manifest]:
-    if not root().is_dir():
-        return []
-    return [read(path.name) for path in sorted(root().iterdir()) if exists(path.name)]
+    if root().is_dir():
+        for old in root().glob(".*.old-*"):
+            restore_orphaned(root() / old.name[1:].rsplit(".old-", 1)[0])
+    return [read(name) for name in names()]
 
 
 def find_source(source: str, subfolder: str | None = None) -> list[Manifest]:
@@ -92,13 +124,14 @@ def find_source(source: str, subfolder: str | None = None) -> list[Manifest]:
 
 def remove(name: str) -> None:
     """Delete an entry, even one whose manifest is unreadable."""
-    if not exists(name):
-        raise UserError(f"no adapter named '{name}' in the store: see `adapterhub list`")
-    path = entry_path(name)
-    # Rename first so the entry disappears at once even if deleting its files is slow or interrupted.
-    doomed = path.with_name(f".{name}.rm")
-    path.rename(doomed)
-    shutil.rmtree(doomed)
+    with lock(name):
+        if not exists(name):
+            raise not_stored(name)
+        path = entry_path(name)
+        # Rename first so the entry disappears at once even if deleting its files is slow or interrupted.
+        doomed = path.with_name(f".{name}.rm")
+        path.rename(doomed)
+        shutil.rmtree(doomed)
 
 
 def sha256(path: Path) -> str:
@@ -131,15 +164,20 @@ def add_folder(folder: Path, name: str, *, replace: bool = False) -> Manifest:
     """Copy a local adapter (a training output dir) into the store under ``name``, validated first."""
     folder = Path(folder).resolve()
     summary = inspect_adapter(folder)
-    if exists(name) and not replace:
-        raise UserError(f"store name '{name}' is taken: choose another name or `adapterhub rm {name}` first")
-    with atomic_dir(entry_path(name), replace=True) as tmp:
-        for file_name in ADAPTER_FILES:
-            if (folder / file_name).is_file():
-                shutil.copy2(folder / file_name, tmp / file_name)
-        if (folder / EVAL_DIR).is_dir():  # adapterhub eval's results travel with the adapter
-            shutil.copytree(folder / EVAL_DIR, tmp / EVAL_DIR, ignore=shutil.ignore_patterns(".*"))
-        manifest = write_manifest(tmp, summary, name=name, source=str(folder), revision=None, origin="local")
+    with lock(name):
+        if exists(name) and not replace:
+            raise UserError(
+                f"store name '{name}' is taken: choose another name or `adapterhub rm {name}` first"
+            )
+        with atomic_dir(entry_path(name), replace=True) as tmp:
+            for file_name in ADAPTER_FILES:
+                if (folder / file_name).is_file():
+                    shutil.copy2(folder / file_name, tmp / file_name)
+            if (folder / EVAL_DIR).is_dir():  # adapterhub eval's results travel with the adapter
+                shutil.copytree(folder / EVAL_DIR, tmp / EVAL_DIR, ignore=shutil.ignore_patterns(".*"))
+            manifest = write_manifest(
+                tmp, summary, name=name, source=str(folder), revision=None, origin="local"
+            )
     return manifest
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from adapterhub.errors import UserError
+from adapterhub.errors import UserError, did_you_mean
 from adapterhub.methods.base import BuildContext, Method
 
 _REGISTRY: dict[str, Method] = {}
@@ -19,7 +19,10 @@ def names() -> list[str]:
 
 def get(name: str, source: str = "recipe") -> Method:
     if name not in _REGISTRY:
-        raise UserError(f"{source}: unknown method.type '{name}': choose one of {', '.join(_REGISTRY)}")
+        raise UserError(
+            f"{source}: unknown method.type '{name}'{did_you_mean(str(name), _REGISTRY)}; "
+            f"choose one of {', '.join(_REGISTRY)}"
+        )
     return _REGISTRY[name]
 
 

@@ -8,8 +8,8 @@ from typing import Any
 
 from peft import PeftConfig
 
-from adapterhub.errors import UserError
-from adapterhub.typecheck import describe, field_hints, matches
+from adapterhub.errors import UserError, did_you_mean
+from adapterhub.typecheck import Rule, at_least, between, field_hints, problem
 
 # Set by adapterhub from the model and run, never by a recipe.
 MANAGED_KEYS = frozenset(
@@ -27,6 +27,9 @@ MANAGED_KEYS = frozenset(
         "num_layers",
     }
 )
+# Allowed values of the numeric PEFT parameters every method that has them shares.
+DROPOUT = between(0, 1, high_open=True)
+VIRTUAL_TOKENS = {"num_virtual_tokens": at_least(1)}
 
 
 @dataclass(frozen=True)
@@ -45,6 +48,7 @@ class Method:
     config_class: type[PeftConfig]
     summary: str
     defaults: Mapping[str, Any] = field(default_factory=dict)
+    rules: Mapping[str, Rule] = field(default_factory=dict)  # allowed values of numeric parameters
 
     @property
     def is_prompt_learning(self) -> bool:
@@ -59,10 +63,12 @@ class Method:
         for key, value in values.items():
             if key not in hints:
                 raise UserError(
-                    f"{source}: method.{key}: not a {self.name} parameter; known: {', '.join(hints)}"
+                    f"{source}: method.{key}: not a {self.name} parameter{did_you_mean(str(key), hints)}; "
+                    f"known: {', '.join(hints)}"
                 )
-            if not matches(value, hints[key]):
-                raise UserError(f"{source}: method.{key}: expected {describe(hints[key])}, got {value!r}")
+            wrong = problem(value, hints[key], self.rules.get(key))
+            if wrong:
+                raise UserError(f"{source}: method.{key}: {wrong}")
         return {**self.defaults, **values}
 
     def finish(self, params: dict[str, Any], context: BuildContext) -> dict[str, Any]:

@@ -3,7 +3,8 @@
 from peft import PromptEncoderConfig
 
 from adapterhub.methods import register
-from adapterhub.methods.base import Method
+from adapterhub.methods.base import DROPOUT, VIRTUAL_TOKENS, Method
+from adapterhub.typecheck import at_least
 
 P_TUNING = register(
     Method(
@@ -11,5 +12,11 @@ P_TUNING = register(
         config_class=PromptEncoderConfig,
         summary="virtual tokens produced by a trainable prompt encoder",
         defaults={"num_virtual_tokens": 20, "encoder_hidden_size": 128},
+        rules={
+            **VIRTUAL_TOKENS,
+            "encoder_hidden_size": at_least(1),
+            "encoder_num_layers": at_least(1),
+            "encoder_dropout": DROPOUT,
+        },
     )
 )

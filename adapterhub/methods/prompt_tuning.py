@@ -5,7 +5,7 @@ from typing import Any
 from peft import PromptTuningConfig
 
 from adapterhub.methods import register
-from adapterhub.methods.base import BuildContext, Method
+from adapterhub.methods.base import VIRTUAL_TOKENS, BuildContext, Method
 
 
 class PromptTuning(Method):
@@ -28,5 +28,6 @@ PROMPT_TUNING = register(
         config_class=PromptTuningConfig,
         summary="trainable virtual-token embeddings prepended to the input",
         defaults={"num_virtual_tokens": 20},
+        rules=VIRTUAL_TOKENS,
     )
 )

@@ -208,6 +208,13 @@ def _lora(
     adapter: AdapterFiles, plan: ModulePlan, base: BaseShape, weights: BaseWeights, capacity: Capacity
 ) -> NativeAdapter:
     saved = adapter.weights
+    if plan.ties_adapters:
+        raise _not_served(adapter, "ensure_weight_tying=True on a base with tied embeddings")
+    for module, target in plan.lora.items():
+        if target.kind not in ("linear", "embedding") or target.fan_in_fan_out:
+            raise _not_served(adapter, f"LoRA on '{module}' ({target.kind}, as the base stores it)")
+        if target.kind == "embedding" and target.use_dora:
+            raise _not_served(adapter, f"DoRA on the embedding '{module}'")
     _check_targets(adapter, [m for m, t in plan.lora.items() if t.kind == "linear"], base)
     _check_targets(adapter, list(plan.biases), base)
     _check_base_copies(adapter, plan, weights)

@@ -8,7 +8,6 @@ exactly ``--new-tokens`` per row (EOS is ignored) so the token counts of all pha
 from __future__ import annotations
 
 import contextlib
-import json
 import statistics
 import tempfile
 import time
@@ -17,12 +16,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
-import click
 import torch
 
+from adapterhub.models import unwrap_peft
 from adapterhub.runtime.api import FAMILIES, GenerationRequest, SamplingParams
+from adapterhub.runtime.backends import open_engine
 from adapterhub.runtime.engine import Engine, EngineConfig
-from adapterhub.runtime.random_adapters import peft_config, strip_peft_layers, write_random_adapter
+from adapterhub.runtime.random_adapters import peft_config, write_random_adapter
+from adapterhub.runtime.serving import ServingEngine
 
 VIRTUAL_TOKENS = 16
 T = TypeVar("T")
@@ -50,7 +51,7 @@ def _timed(device: str, run: Callable[[], T]) -> tuple[float, T]:
     return time.perf_counter() - start, tokens
 
 
-def engine_run(engine: Engine, work: Workload) -> int:
+def engine_run(engine: ServingEngine, work: Workload) -> int:
     """Submit the whole batch before the loop starts, so it is admitted as one batch."""
     params = SamplingParams(max_tokens=work.new_tokens)
     handles = [
@@ -75,11 +76,13 @@ def hf_generate(model: torch.nn.Module, ids: torch.Tensor, new_tokens: int, **ex
                 input_ids=ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kwargs
             ),
         )
-    return (out.shape[1] - ids.shape[1]) * ids.shape[0], seconds
+    # A decoder's output holds the prompt; an encoder-decoder's holds the decoder start token.
+    prompt = 1 if getattr(model.config, "is_encoder_decoder", False) else ids.shape[1]
+    return (out.shape[1] - prompt) * ids.shape[0], seconds
 
 
 def peft_run(
-    engine: Engine, folders: dict[str, Path], families: dict[str, str], work: Workload
+    engine: ServingEngine, folders: dict[str, Path], families: dict[str, str], work: Workload
 ) -> tuple[int, float]:
     """Plain PEFT on the engine's own base: all LoRA rows in one ``adapter_names`` batch, other rows
     grouped per adapter (one PeftModel holds one PEFT type, and only LoRA honours per-row names).
@@ -99,7 +102,7 @@ def peft_run(
         with peft_autocast(engine):
             done, took = hf_generate(peft_model, ids[lora_rows], work.new_tokens, adapter_names=names)
         tokens, seconds = tokens + done, seconds + took
-        strip_peft_layers(model)
+        unwrap_peft(model)
     for name in sorted({a for a in work.adapters if a is not None and families[a] != "lora"}):
         rows = [i for i, a in enumerate(work.adapters) if a == name]
         with peft_autocast(engine):
@@ -107,7 +110,7 @@ def peft_run(
                 PeftModel.from_pretrained(model, str(folders[name])), ids[rows], work.new_tokens
             )
         tokens, seconds = tokens + done, seconds + took
-        strip_peft_layers(model)
+        unwrap_peft(model)
     base_rows = [i for i, a in enumerate(work.adapters) if a is None]
     if base_rows:
         done, took = hf_generate(model, ids[base_rows], work.new_tokens)
@@ -115,7 +118,7 @@ def peft_run(
     return tokens, seconds
 
 
-def peft_autocast(engine: Engine) -> contextlib.AbstractContextManager:
+def peft_autocast(engine: ServingEngine) -> contextlib.AbstractContextManager:
     """Autocast to the engine's compute dtype around plain PEFT's generate.
 
     PEFT keeps adapter weights in fp32; on a 4-bit base with bf16 compute its IA3 layers then return
@@ -169,10 +172,10 @@ def bench_engine(
     new_tokens: int,
     rank: int = 16,
     static_decode: str = "auto",
-) -> Engine:
+) -> ServingEngine:
     """An engine sized for a benchmark: a slot per adapter, context for the prompts plus virtual
     tokens plus the generation, and EOS ignored so every request generates exactly ``new_tokens``."""
-    engine = Engine(
+    engine = open_engine(
         EngineConfig(
             base=base,
             quantization=quantize,
@@ -189,21 +192,25 @@ def bench_engine(
     return engine
 
 
-def random_prompts(engine: Engine, count: int, length: int, seed: int = 0) -> list[list[int]]:
+def random_prompts(engine: ServingEngine, count: int, length: int, seed: int = 0) -> list[list[int]]:
     generator = torch.Generator().manual_seed(seed)
     vocab = engine.model.config.vocab_size
     return torch.randint(3, vocab, (count, length), generator=generator).tolist()
 
 
 def register_random_adapters(
-    engine: Engine, count: int, folder: Path, rank: int = 16
+    engine: ServingEngine, count: int, folder: Path, rank: int = 16
 ) -> tuple[dict[str, Path], dict[str, str]]:
     """Write ``count`` random adapters (families round-robin over all five) with PEFT under ``folder``
     and register them; returns name -> folder and name -> family."""
     families = {f"{FAMILIES[i % len(FAMILIES)]}-{i}": FAMILIES[i % len(FAMILIES)] for i in range(count)}
     folders = {}
+    fast = isinstance(engine, Engine)  # the fallback's bases take PEFT's per-architecture targets
+    task_type = "SEQ_2_SEQ_LM" if engine.seq2seq else "CAUSAL_LM"
     for seed, (name, family) in enumerate(families.items(), start=1):
-        config = peft_config(family, rank=rank, num_virtual_tokens=VIRTUAL_TOKENS)
+        config = peft_config(
+            family, rank=rank, num_virtual_tokens=VIRTUAL_TOKENS, task_type=task_type, llama_targets=fast
+        )
         folders[name] = write_random_adapter(engine.model, config, folder / name, seed=seed)
         engine.register(name, str(folders[name]))
     return folders, families
@@ -263,56 +270,34 @@ def run_bench(
         progress("plain PEFT: the mixed batch")
         tokens, seconds = peft_run(engine, folders, families, phases["mixed"])
         results["peft_tok_s"] = tokens / seconds
-        progress("adapter load and swap")
-        load_ms, swap_ms = load_and_swap_ms(engine, folders[first_lora], names)
+        load_ms = swap_ms = None
+        if isinstance(engine, Engine):  # the fallback keeps no adapter resident to time
+            progress("adapter load and swap")
+            load_ms, swap_ms = load_and_swap_ms(engine, folders[first_lora], names)
     return {
         **{key: round(value, 2) for key, value in results.items()},
         "mixed_over_base": round(results["mixed_tok_s"] / results["base_tok_s"], 3),
         "speedup_vs_peft": round(results["mixed_tok_s"] / results["peft_tok_s"], 2),
-        "adapter_load_ms": round(load_ms, 3),
-        "adapter_swap_ms": round(swap_ms, 3),
+        "adapter_load_ms": None if load_ms is None else round(load_ms, 3),
+        "adapter_swap_ms": None if swap_ms is None else round(swap_ms, 3),
+        "backend": engine.backend,
         "device": engine.device,
         "device_name": torch.cuda.get_device_name() if engine.device.startswith("cuda") else "cpu",
         "base": base,
         "dtype": str(engine.dtype).removeprefix("torch."),
         "quantization": engine.quantization,
-        "static_decode": engine.static_decode,
-        "cuda_graphs": engine.cuda_graphs,
+        "static_decode": getattr(engine, "static_decode", False),
+        "cuda_graphs": getattr(engine, "cuda_graphs", False),
         "batch": batch,
         "prompt_len": prompt_len,
         "new_tokens": new_tokens,
         "adapters": adapters,
         "families": families,
         "lora_rank": rank,
-        "lora_targets": "q,k,v,o,gate,up,down",
+        "lora_targets": "q,k,v,o,gate,up,down" if isinstance(engine, Engine) else "PEFT's defaults",
         "virtual_tokens": VIRTUAL_TOKENS,
         "versions": _versions(),
     }
-
-
-def engine_options(command: Callable) -> Callable:
-    """The options every engine benchmark shares: which device, base and quantization."""
-    for option in reversed(
-        [
-            click.option(
-                "--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True
-            ),
-            click.option(
-                "--base",
-                default="builtin:tiny-llama",
-                show_default=True,
-                help="builtin:tiny-llama, a folder or random:<hub-id>",
-            ),
-            click.option(
-                "--quantize",
-                type=click.Choice(["auto", "nf4", "int8", "none"]),
-                default="auto",
-                show_default=True,
-            ),
-        ]
-    ):
-        command = option(command)
-    return command
 
 
 def _versions() -> dict[str, str]:
@@ -320,49 +305,3 @@ def _versions() -> dict[str, str]:
     import transformers
 
     return {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__}
-
-
-@click.command("serve")
-@engine_options
-@click.option("--adapters", default=8, show_default=True, help="adapters, families round-robin over all five")
-@click.option("--batch", default=32, show_default=True)
-@click.option("--prompt-len", default=128, show_default=True)
-@click.option("--new-tokens", default=64, show_default=True)
-@click.option("--rank", default=16, show_default=True, help="LoRA rank (all 7 projections)")
-@click.option(
-    "--static-decode",
-    type=click.Choice(["auto", "on", "off"]),
-    default="auto",
-    show_default=True,
-    help="bucketed static decode shapes, as CUDA graphs on CUDA (auto: on for CUDA)",
-)
-@click.option("--json", "as_json", is_flag=True, help="print one JSON object")
-def bench_serve(**options) -> None:
-    """Base vs one adapter vs all five families mixed in one batch, against plain PEFT."""
-    from rich.console import Console
-
-    from adapterhub.errors import UserError
-
-    as_json = options.pop("as_json")
-    if options["adapters"] < len(FAMILIES):
-        raise UserError(f"--adapters {options['adapters']} cannot cover all five families: use 5 or more")
-    console = Console(stderr=True)
-    with console.status("benchmark") as status:
-        result = run_bench(**options, progress=lambda message: status.update(message))
-    if as_json:
-        click.echo(json.dumps(result, indent=2))
-        return
-    _print_table(result)
-
-
-def _print_table(result: dict) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=f"serve bench: {result['base']} {result['quantization']} on {result['device_name']}")
-    table.add_column("metric")
-    table.add_column("value", justify="right")
-    for key, value in result.items():
-        if not isinstance(value, dict):
-            table.add_row(key, str(value))
-    Console().print(table)

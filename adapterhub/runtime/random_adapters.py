@@ -20,6 +20,7 @@ from peft import (
 )
 from torch import nn
 
+from adapterhub.models import unwrap_peft
 from adapterhub.paths import atomic_dir
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -32,37 +33,43 @@ def peft_config(
     num_virtual_tokens: int = 4,
     rslora: bool = False,
     target_modules: list[str] | None = None,
+    task_type: str = "CAUSAL_LM",
+    llama_targets: bool = True,
     **lora_options,
 ) -> PeftConfig:
-    """A PEFT config of one family; LoRA and IA3 target every projection of a Llama-family layer.
+    """A PEFT config of one family. LoRA and IA3 target every projection of a Llama-family layer, or
+    with ``llama_targets=False`` PEFT's own defaults for the base's architecture (MT5, GPT-2, ...).
 
     ``lora_options`` go to ``LoraConfig`` as they are (``use_dora``, ``lora_bias``,
     ``trainable_token_indices``, ...).
     """
     if family == "lora":
+        targets = target_modules or (list(PROJECTIONS) if llama_targets else None)
         return LoraConfig(
-            task_type="CAUSAL_LM",
+            task_type=task_type,
             r=rank,
             lora_alpha=2 * rank,
-            target_modules=target_modules or list(PROJECTIONS),
+            target_modules=targets,
             use_rslora=rslora,
             lora_dropout=0.0,
             **lora_options,
         )
     if family == "ia3":
+        if not llama_targets:
+            return IA3Config(task_type=task_type)
         return IA3Config(
-            task_type="CAUSAL_LM",
+            task_type=task_type,
             target_modules=["k_proj", "v_proj", "down_proj", "up_proj"],
             feedforward_modules=["down_proj"],
         )
     if family == "prompt_tuning":
-        return PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=num_virtual_tokens)
+        return PromptTuningConfig(task_type=task_type, num_virtual_tokens=num_virtual_tokens)
     if family == "p_tuning":
         return PromptEncoderConfig(
-            task_type="CAUSAL_LM", num_virtual_tokens=num_virtual_tokens, encoder_hidden_size=64
+            task_type=task_type, num_virtual_tokens=num_virtual_tokens, encoder_hidden_size=64
         )
     if family == "prefix_tuning":
-        return PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=num_virtual_tokens)
+        return PrefixTuningConfig(task_type=task_type, num_virtual_tokens=num_virtual_tokens)
     raise ValueError(f"unknown PEFT family {family}")
 
 
@@ -87,35 +94,5 @@ def write_random_adapter(model: nn.Module, config: PeftConfig, folder: Path, see
                 param.copy_(noise)
     with atomic_dir(Path(folder)) as tmp:
         peft_model.save_pretrained(tmp)
-    strip_peft_layers(model)
+    unwrap_peft(model)
     return Path(folder)
-
-
-def strip_peft_layers(model: nn.Module) -> None:
-    """Put every module PEFT wrapped back in its place.
-
-    PEFT's own ``unload()`` refuses IA3 on 4-bit bases ("cannot merge"), though nothing needs merging.
-    Wrappers nest (a LoRA over trainable tokens over the output head): the outermost one is replaced by
-    the innermost original module, and what was inside it is not visited again.
-    """
-    from peft.tuners.tuners_utils import BaseTunerLayer
-    from peft.utils.other import AuxiliaryTrainingWrapper
-
-    def original(module: nn.Module) -> nn.Module:
-        while True:
-            if isinstance(module, AuxiliaryTrainingWrapper):  # trainable tokens, modules_to_save
-                module = module.original_module
-            elif isinstance(module, BaseTunerLayer) and hasattr(module, "base_layer"):
-                module = module.base_layer
-            else:
-                return module
-
-    replaced: list[str] = []
-    for name, module in list(model.named_modules()):
-        if any(name.startswith(prefix + ".") for prefix in replaced):
-            continue
-        unwrapped = original(module)
-        if unwrapped is not module:
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, unwrapped)
-            replaced.append(name)

@@ -57,6 +57,10 @@ def check_params(params: SamplingParams, vocab_size: int) -> None:
             "max_tokens 0: only with prompt logprobs (echo), which score the prompt alone",
         ),
         (params.temperature < 0, f"temperature {params.temperature}: use 0 (greedy) or more"),
+        (
+            params.seed is not None and not -(2**63) <= params.seed < 2**64,
+            f"seed {params.seed}: use an integer from -2**63 to 2**64 - 1",
+        ),
         (not 0 < params.top_p <= 1, f"top_p {params.top_p}: use a value in (0, 1]"),
         (params.top_k < -1, f"top_k {params.top_k}: use 0 or -1 (off) or more"),
         (not 0 <= params.min_p <= 1, f"min_p {params.min_p}: use a value in [0, 1]"),

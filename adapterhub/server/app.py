@@ -6,10 +6,13 @@ The app never starts or stops the engine: whoever runs it owns the engine's life
 
 from __future__ import annotations
 
+import asyncio
 import secrets
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import replace
+from functools import partial
 from typing import TYPE_CHECKING, Annotated, Any
 
 import anyio
@@ -19,11 +22,15 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from adapterhub import __version__
+from adapterhub.errors import UserError
+from adapterhub.hub.transfer import PullCancelled
 from adapterhub.runtime.api import AdapterInfo, RequestError, SamplingParams
 from adapterhub.server.bridge import Generations
 from adapterhub.server.errors import ERROR_RESPONSES, ApiError, add_error_handlers
+from adapterhub.server.http_server import SHUTDOWN_MESSAGE, Drain
+from adapterhub.server.loading_policy import LoadingPolicy
 from adapterhub.server.metrics import ServerMetrics
-from adapterhub.server.middleware import BodySizeLimit, RecordRequests
+from adapterhub.server.middleware import AllowedHosts, BodySizeLimit, CatchBugs, RecordRequests
 from adapterhub.server.params import output_grammar, sampling_params
 from adapterhub.server.replies import GenerationStream, Reply, collect_cancelling_on_disconnect, sse_events
 from adapterhub.server.schemas import (
@@ -53,6 +60,7 @@ if TYPE_CHECKING:
 DEFAULT_MAX_QUEUE = 256
 DEFAULT_MAX_TOKENS_CAP = 2048
 DEFAULT_MAX_BODY_BYTES = 1 << 20
+DEFAULT_READ_TIMEOUT_S = 30.0  # for a request's headers, and again for its body
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 
 
@@ -68,18 +76,29 @@ def create_app(
     max_tokens_cap: int = DEFAULT_MAX_TOKENS_CAP,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     served_model_name: str | None = None,
+    loading: LoadingPolicy | None = None,
+    allowed_hosts: tuple[str, ...] = (),
+    read_timeout_s: float = DEFAULT_READ_TIMEOUT_S,
 ) -> FastAPI:
     """The FastAPI app serving ``engine`` (already started by the caller) over the OpenAI API.
 
     ``max_queue`` bounds generations in flight (429 beyond), ``max_tokens_cap`` the tokens one
-    completion may ask for (400 beyond), ``max_body_bytes`` the request body (413 beyond).
-    ``served_model_name`` is the base model's id for clients (default: ``engine.base_name``).
+    completion may ask for (400 beyond), ``max_body_bytes`` the request body (413 beyond, 408 when it
+    takes over ``read_timeout_s``). ``served_model_name`` is the base model's id for clients (default:
+    ``engine.base_name``). ``loading`` says whether and from where clients may load adapters (off by
+    default); ``allowed_hosts``, when given, are the only ``Host`` names answered.
     """
     server = _Server(
-        engine, max_queue=max_queue, max_tokens_cap=max_tokens_cap, served_model_name=served_model_name
+        engine,
+        max_queue=max_queue,
+        max_tokens_cap=max_tokens_cap,
+        served_model_name=served_model_name,
+        api_key=api_key,
+        loading=loading,
     )
     app = FastAPI(title="adapterhub", summary="OpenAI-compatible multi-adapter server", version="1")
     app.state.metrics = server.metrics
+    app.state.drain = server.drain  # what a shutdown has to finish or cancel (see http_server.py)
 
     add_error_handlers(app)
     _add_v1_routes(app, server, api_key)
@@ -97,7 +116,10 @@ def create_app(
         return Response(generate_latest(server.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     app.add_middleware(RecordRequests, metrics=server.metrics)
-    app.add_middleware(BodySizeLimit, max_bytes=max_body_bytes)
+    app.add_middleware(BodySizeLimit, max_bytes=max_body_bytes, timeout_s=read_timeout_s)
+    if allowed_hosts:
+        app.add_middleware(AllowedHosts, hosts=allowed_hosts)
+    app.add_middleware(CatchBugs)
     return app
 
 
@@ -111,14 +133,20 @@ def _add_v1_routes(app: FastAPI, server: _Server, api_key: str | None) -> None:
     # Routes go on the app itself (no sub-router) so that metrics see their full path templates.
     # Without a key the OpenAPI document must not claim Bearer auth, so the check is left out entirely.
     dependencies = [Depends(check_key)] if api_key else []
+    # Loading and unloading check their own key (the admin key, if set) in the server's methods,
+    # whichever route calls them; the dependency only declares Bearer auth in the OpenAPI document.
+    admin_key = server.loading.admin_api_key or api_key
+    admin_dependencies = [Depends(HTTPBearer(auto_error=False))] if admin_key else []
 
-    def route(path: str, endpoint: Callable, method: str, model: type, **extra: Any) -> None:
+    def route(
+        path: str, endpoint: Callable, method: str, model: type, *, admin: bool = False, **extra: Any
+    ) -> None:
         app.add_api_route(
             path,
             endpoint,
             methods=[method],
             response_model=model,
-            dependencies=dependencies,
+            dependencies=admin_dependencies if admin else dependencies,
             responses={**ERROR_RESPONSES, **extra.pop("responses", {})},
             **extra,
         )
@@ -128,12 +156,12 @@ def _add_v1_routes(app: FastAPI, server: _Server, api_key: str | None) -> None:
     route("/v1/models/{model:path}", server.get_model, "GET", ModelCard)
     route("/v1/completions", server.completions, "POST", Completion, **streamed)
     route("/v1/chat/completions", server.chat_completions, "POST", ChatCompletion, **streamed)
-    route("/v1/adapters", server.load_adapter, "POST", ModelCard, status_code=201)
-    route("/v1/adapters/{name:path}", server.unload_adapter, "DELETE", DeletedModel)
+    route("/v1/adapters", server.load_adapter, "POST", ModelCard, admin=True, status_code=201)
+    route("/v1/adapters/{name:path}", server.unload_adapter, "DELETE", DeletedModel, admin=True)
     # vLLM's names for the same operations, through the same methods (and so the same policy).
     text = {"responses": {200: {"content": {"text/plain": {"schema": {"type": "string"}}}}}}
-    route("/v1/load_lora_adapter", server.load_lora_adapter, "POST", None, **text)
-    route("/v1/unload_lora_adapter", server.unload_lora_adapter, "POST", None, **text)
+    route("/v1/load_lora_adapter", server.load_lora_adapter, "POST", None, admin=True, **text)
+    route("/v1/unload_lora_adapter", server.unload_lora_adapter, "POST", None, admin=True, **text)
     route("/tokenize", server.tokenize, "POST", TokenizeResponse)
     route("/detokenize", server.detokenize, "POST", DetokenizeResponse)
     route("/tokenizer_info", server.tokenizer_info, "GET", None)
@@ -143,15 +171,30 @@ class _Server:
     """The routes' state: the engine, the limits, the metrics and the generations in flight."""
 
     def __init__(
-        self, engine: Engine, *, max_queue: int, max_tokens_cap: int, served_model_name: str | None
+        self,
+        engine: Engine,
+        *,
+        max_queue: int,
+        max_tokens_cap: int,
+        served_model_name: str | None,
+        api_key: str | None,
+        loading: LoadingPolicy | None,
     ) -> None:
         self.engine = engine
         self.model_name = served_model_name or engine.base_name
+        # An encoder-decoder without a chat template reads conversations as plain_chat's transcript.
+        self.plain_chat = engine.seq2seq
         self.max_queue = max_queue
         self.max_tokens_cap = max_tokens_cap
-        self.metrics = ServerMetrics(engine)
+        self.api_key = api_key
+        self.loading = loading or LoadingPolicy()
+        self.metrics = ServerMetrics(engine, served=self.is_served)
+        self.drain = Drain()
         self.in_flight = 0
         self.created = int(time.time())
+
+    def is_served(self, model: str) -> bool:
+        return model == self.model_name or any(info.name == model for info in self.engine.list())
 
     async def list_models(self) -> dict[str, Any]:
         adapters = [self._adapter_card(info) for info in self.engine.list()]
@@ -162,14 +205,18 @@ class _Server:
             return self._base_card()
         return self._adapter_card(self._find_adapter(model))
 
-    async def load_adapter(self, body: AdapterLoadRequest) -> dict[str, Any]:
-        if body.name == self.model_name or any(a.name == body.name for a in self.engine.list()):
+    async def load_adapter(self, body: AdapterLoadRequest, request: Request) -> dict[str, Any]:
+        """Load an adapter while serving, as far as ``self.loading`` allows (every route to it ends here)."""
+        self.loading.authorize(request.headers.get("authorization"), self.api_key)
+        if self.is_served(body.name):
             message = (
                 f"model '{body.name}' is already served: DELETE /v1/adapters/{body.name} or pick another name"
             )
             raise ApiError(409, message, "adapter_exists", "name")
+        source = self.loading.resolve(body.source)
+        folder = source.folder or await self._pull(source.hub_spec, request)
         try:
-            info = await anyio.to_thread.run_sync(self.engine.register, body.name, body.source)
+            info = await anyio.to_thread.run_sync(self.engine.register, body.name, str(folder))
         except RequestError as err:
             if err.code != "unknown_adapter":
                 raise
@@ -177,21 +224,46 @@ class _Server:
             raise ApiError(400, str(err), "bad_adapter_source", "source") from err
         return self._adapter_card(info)
 
-    async def unload_adapter(self, name: str) -> dict[str, Any]:
+    async def _pull(self, spec: str, request: Request) -> str:
+        """The store folder of Hub adapter ``spec``, pulled within the policy's limits if need be; a
+        client that hangs up, or a shutdown past its grace, stops the pull."""
+        from adapterhub.hub.resolve import from_hub
+
+        cancel = threading.Event()
+        self.drain.pulls.add(cancel)
+        watcher = asyncio.create_task(_set_on_disconnect(request, cancel))
+        cancelled = False
+        try:
+            pull = partial(from_hub, spec, limits=self.loading.pull_limits, cancel=cancel)
+            return str(await anyio.to_thread.run_sync(pull))
+        except PullCancelled as err:
+            cancelled = True
+            message = SHUTDOWN_MESSAGE if self.drain.draining else f"{err}: retry the request"
+            raise ApiError(503, message, "cancelled") from err
+        except UserError as err:
+            raise ApiError(400, str(err), "bad_adapter_source", "source") from err
+        finally:
+            watcher.cancel()
+            self.drain.pulls.discard(cancel)
+            self.drain.ended(cancelled=cancelled)
+
+    async def unload_adapter(self, name: str, request: Request) -> dict[str, Any]:
+        self.loading.authorize(request.headers.get("authorization"), self.api_key)
         self._find_adapter(name)
         await anyio.to_thread.run_sync(self.engine.unregister, name)
+        self.metrics.forget(name)
         return {"id": name, "object": "model", "deleted": True}
 
-    async def load_lora_adapter(self, body: LoraLoadRequest) -> PlainTextResponse:
+    async def load_lora_adapter(self, body: LoraLoadRequest, request: Request) -> PlainTextResponse:
         """vLLM's route: the same load as ``POST /v1/adapters``, answered as vLLM answers."""
         if body.load_inplace:
             message = "'load_inplace' is not supported: unload the adapter first, then load it"
             raise ApiError(400, message, "unsupported", "load_inplace")
-        await self.load_adapter(AdapterLoadRequest(name=body.lora_name, source=body.lora_path))
+        await self.load_adapter(AdapterLoadRequest(name=body.lora_name, source=body.lora_path), request)
         return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
 
-    async def unload_lora_adapter(self, body: LoraUnloadRequest) -> PlainTextResponse:
-        await self.unload_adapter(body.lora_name)
+    async def unload_lora_adapter(self, body: LoraUnloadRequest, request: Request) -> PlainTextResponse:
+        await self.unload_adapter(body.lora_name, request)
         return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
 
     # -- vLLM's tokenizer routes (lm-eval's remote tokenizer uses them) -----------------------------
@@ -210,7 +282,7 @@ class _Server:
                     "unsupported",
                     "add_generation_prompt",
                 )
-            tokens = render(tokenizer, body.messages, None, self.model_name)
+            tokens = render(tokenizer, body.messages, None, self.model_name, plain=self.plain_chat)
             if body.add_special_tokens:
                 raise ApiError(
                     400,
@@ -293,7 +365,7 @@ class _Server:
             if plan is None or body.tools is None
             else [t.model_dump(exclude_none=True) for t in body.tools]
         )
-        prompt = render(tokenizer, body.messages, tools, body.model)
+        prompt = render(tokenizer, body.messages, tools, body.model, plain=self.plain_chat)
         params = sampling_params(
             body,
             max_tokens=max_tokens,
@@ -350,23 +422,36 @@ class _Server:
             raise ApiError(429, message, "overloaded")
         adapter = None if body.model == self.model_name else body.model
         generations = Generations(self.engine, stream=body.stream)
-        for prompt in prompts:
-            for choice in range(body.n):
-                seed = None if params.seed is None else params.seed + choice
-                generations.submit(prompt, adapter, replace(params, seed=seed))
+        try:
+            for prompt in prompts:
+                for choice in range(body.n):
+                    seed = None if params.seed is None else params.seed + choice
+                    generations.submit(prompt, adapter, replace(params, seed=seed))
+        except RequestError as err:
+            if err.code != "unknown_adapter":
+                raise
+            # The engine's words ("register it first") name a Python call; an HTTP client needs routes.
+            message = (
+                f"model '{body.model}' is not served here: GET /v1/models lists what is; serve it with "
+                "`adapterhub serve --adapters NAME=SPEC`, or load it with POST /v1/adapters"
+            )
+            raise ApiError(404, message, "unknown_adapter", "model") from err
         self._track(count)
+        self.drain.generations.add(generations)
+
+        def done() -> None:
+            generations.cancel()
+            self.drain.generations.discard(generations)
+            self.drain.ended(cancelled=generations.told_cancelled)
+            self._track(-count)
+
         if body.stream:
             usage = body.stream_options is not None and body.stream_options.include_usage
-
-            def close() -> None:
-                generations.cancel()
-                self._track(-count)
-
-            return GenerationStream(sse_events(generations, reply, usage=usage), close)
+            return GenerationStream(sse_events(generations, reply, usage=usage), done)
         try:
             results = await collect_cancelling_on_disconnect(request, generations, reply)
         finally:
-            self._track(-count)
+            done()
         return JSONResponse(reply.full(results))
 
     def _track(self, delta: int) -> None:
@@ -385,7 +470,8 @@ class _Server:
 
     def _base_card(self) -> dict[str, Any]:
         base = self.engine.base_name
-        return self._card(self.model_name, root=base, parent=None, metadata={"kind": "base"})
+        metadata = {"kind": "base", "backend": self.engine.backend}
+        return self._card(self.model_name, root=base, parent=None, metadata=metadata)
 
     def _adapter_card(self, info: AdapterInfo) -> dict[str, Any]:
         metadata = {
@@ -409,6 +495,12 @@ class _Server:
             "max_model_len": self.engine.max_context,
             "metadata": metadata,
         }
+
+
+async def _set_on_disconnect(request: Request, event: threading.Event) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+    event.set()
 
 
 def _choice_name(plan: ToolPlan) -> str:

@@ -23,13 +23,12 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import click
 import httpx
 import torch
 
 from adapterhub.runtime.api import GenerationRequest, SamplingParams
-from adapterhub.runtime.bench import bench_engine, engine_options, random_prompts, register_random_adapters
-from adapterhub.runtime.engine import Engine
+from adapterhub.runtime.bench import bench_engine, random_prompts, register_random_adapters
+from adapterhub.runtime.serving import ServingEngine
 from adapterhub.server.app import create_app
 from adapterhub.server.background import serve_in_background
 
@@ -66,7 +65,7 @@ def _percentile_ms(values: list[float], fraction: float) -> float:
 
 
 def engine_phase(
-    engine: Engine, jobs: list[tuple[list[int], str | None]], params: SamplingParams, concurrency: int
+    engine: ServingEngine, jobs: list[tuple[list[int], str | None]], params: SamplingParams, concurrency: int
 ) -> tuple[float, int]:
     """(seconds, tokens) with ``concurrency`` threads calling ``engine.generate``."""
     started = time.perf_counter()
@@ -280,70 +279,3 @@ def run_http_bench(
         "adapters": adapters,
         **shape,
     }
-
-
-@click.command("http")
-@engine_options
-@click.option(
-    "--adapters",
-    default=5,
-    show_default=True,
-    type=click.IntRange(min=1),
-    help="families round-robin; the base takes requests too",
-)
-@click.option("--requests", default=200, show_default=True, type=click.IntRange(min=1))
-@click.option(
-    "--concurrency",
-    default=16,
-    show_default=True,
-    type=click.IntRange(min=1),
-    help="client threads, and the engine's batch size",
-)
-@click.option("--prompt-len", default=32, show_default=True, type=click.IntRange(min=1))
-@click.option("--new-tokens", default=32, show_default=True, type=click.IntRange(min=1))
-@click.option(
-    "--stream/--no-stream", default=True, show_default=True, help="stream (and measure time to first token)"
-)
-@click.option("--logprobs", is_flag=True, help=f"add a run with logprobs={TOP_LOGPROBS}, as a ratio to plain")
-@click.option(
-    "--json-schema",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    help="add a run constrained by this JSON schema, as a ratio to plain",
-)
-@click.option("--url", help="drive this OpenAI-compatible server instead (prompts from --base's vocabulary)")
-@click.option("--models", help="with --url: the model names to use, round-robin (default: all it lists)")
-@click.option(
-    "--repeats",
-    default=1,
-    show_default=True,
-    type=click.IntRange(min=1),
-    help="rounds of all HTTP runs in turn; medians are reported (use 3+ on a busy machine)",
-)
-@click.option("--json", "as_json", is_flag=True, help="print one JSON object")
-def bench_http(as_json: bool, **options) -> None:
-    """The server's throughput and latency against the engine called directly, same requests."""
-    from rich.console import Console
-    from rich.table import Table
-
-    if options["models"] and not options["url"]:
-        raise click.UsageError("--models names the models of a --url server: give --url too")
-    if options["json_schema"] is not None:
-        try:
-            json.loads(options["json_schema"].read_text())
-        except ValueError as err:
-            raise click.BadParameter(
-                f"{options['json_schema']} is not JSON: {err}", param_hint="--json-schema"
-            ) from None
-    console = Console(stderr=True)
-    with console.status("benchmark") as status:
-        result = run_http_bench(**options, progress=lambda message: status.update(message))
-    if as_json:
-        click.echo(json.dumps(result, indent=2))
-        return
-    title = f"http bench: {result['base']}" + (f" at {result['url']}" if "url" in result else "")
-    table = Table(title=title)
-    table.add_column("metric")
-    table.add_column("value", justify="right")
-    for key, value in result.items():
-        table.add_row(key, str(value))
-    Console().print(table)

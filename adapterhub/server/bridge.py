@@ -23,6 +23,7 @@ from adapterhub.runtime.api import (
     SamplingParams,
     TokenLogprob,
 )
+from adapterhub.server.errors import internal_error_message
 
 if TYPE_CHECKING:
     from adapterhub.runtime.engine import Engine
@@ -60,6 +61,8 @@ class Generations:
         self._lock = threading.Lock()
         self._wakeup_scheduled = False
         self._ready = asyncio.Event()
+        self.cancel_reason: str | None = None  # why the server cancelled them, told to the client
+        self.told_cancelled = False  # the client heard "cancelled" rather than an answer
 
     def submit(self, prompt: str | list[int], adapter: str | None, params: SamplingParams) -> None:
         """Submit one more generation; if the engine refuses (``RequestError``) the others are cancelled."""
@@ -74,10 +77,16 @@ class Generations:
         self.handles.append(handle)
         threading.Thread(target=self._wait, args=(index, handle), daemon=True, name="adapterhub-wait").start()
 
-    def cancel(self) -> None:
+    def cancel(self, reason: str | None = None) -> None:
+        self.cancel_reason = self.cancel_reason or reason
         for handle in self.handles:
             if not handle.done:
                 handle.cancel()
+
+    def cancelled_error(self) -> RequestError:
+        """What a client hears about a generation that ended cancelled, since OpenAI has no such end."""
+        self.told_cancelled = True
+        return RequestError(self.cancel_reason or "the request was cancelled: retry it", "cancelled")
 
     async def events_until_finished(self) -> AsyncIterator[TextDelta | Finished]:
         """Every event in order; text arriving after its generation finished is dropped."""
@@ -113,6 +122,8 @@ class Generations:
             finished = Finished(index, handle.result(), None)
         except RequestError as err:
             finished = Finished(index, None, err)
+        except Exception as err:  # a failed forward (a bug): the client must hear of it, not wait forever
+            finished = Finished(index, None, RequestError(internal_error_message(err), "internal_error"))
         self._post(finished)
 
     def _post(self, event: TextDelta | Finished) -> None:

@@ -56,18 +56,10 @@ class EngineReplica:
         from ray import serve
 
         from adapterhub.runtime.api import RequestError
-        from adapterhub.server.app import create_app
-        from adapterhub.server.launch import build_engine
+        from adapterhub.server.launch import app_for, build_engine
 
         self.engine = build_engine(options)
-        self.app = create_app(
-            self.engine,
-            api_key=options.api_key,
-            max_queue=options.max_queue,
-            max_tokens_cap=options.max_tokens_cap,
-            max_body_bytes=options.max_body_bytes,
-            served_model_name=options.served_model_name,
-        )
+        self.app = app_for(self.engine, options)
         self.grace_s = options.grace_s
         self.engine.start()
         context = serve.get_replica_context()

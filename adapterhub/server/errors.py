@@ -28,15 +28,18 @@ REQUEST_ERROR_STATUS = {
 ERROR_TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
+    403: "permission_error",
     404: "not_found_error",
+    408: "invalid_request_error",
     409: "invalid_request_error",
     413: "invalid_request_error",
     422: "invalid_request_error",
     429: "rate_limit_error",
 }
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    status: {"model": ErrorBody} for status in (400, 401, 404, 409, 413, 422, 429, 503)
+    status: {"model": ErrorBody} for status in (400, 401, 403, 404, 408, 409, 413, 422, 429, 503)
 }
+RETRY_AFTER_S = 1  # what a 429 tells clients to wait: the queue moves at decode speed
 
 
 class ApiError(Exception):
@@ -61,6 +64,8 @@ def error_response(
 ) -> JSONResponse:
     if status == 401:
         headers = {**(headers or {}), "WWW-Authenticate": "Bearer"}
+    if status == 429:
+        headers = {**(headers or {}), "Retry-After": str(RETRY_AFTER_S)}
     return JSONResponse(error_body(status, message, code, param), status_code=status, headers=headers)
 
 
@@ -95,8 +100,9 @@ def add_error_handlers(app: FastAPI) -> None:
     async def http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
         return error_response(err.status_code, str(err.detail), None, headers=err.headers)
 
-    @app.exception_handler(Exception)
-    async def internal_error(request: Request, err: Exception) -> JSONResponse:
-        # A bug, not a bad request: the body still has OpenAI's shape; the traceback goes to the log.
-        first_line = (str(err).splitlines() or [""])[0][:200]
-        return error_response(500, f"internal error ({type(err).__name__}: {first_line})", "internal_error")
+    # Other exceptions are bugs: ``middleware.CatchBugs`` answers them, keeping the connection usable.
+
+
+def internal_error_message(err: BaseException) -> str:
+    first_line = (str(err).splitlines() or [""])[0][:200]
+    return f"internal error ({type(err).__name__}: {first_line})"

@@ -6,7 +6,8 @@ batch size and adapter loads/evictions are read from ``engine.stats()`` at scrap
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import contextlib
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -43,7 +44,11 @@ class EngineStatsCollector(Collector):
 
 
 class ServerMetrics:
-    def __init__(self, engine: Any) -> None:
+    """``served`` says whether a model name is served now: per-model series exist only for those, and
+    an unloaded adapter's series go with it (clients choose adapter names; they must not pile up)."""
+
+    def __init__(self, engine: Any, served: Callable[[str], bool] = lambda model: True) -> None:
+        self.served = served
         self.registry = CollectorRegistry()
         self.requests = Counter(
             "adapterhub_requests",
@@ -77,3 +82,14 @@ class ServerMetrics:
             registry=self.registry,
         )
         self.registry.register(EngineStatsCollector(engine))
+
+    def count_tokens(self, model: str, prompt_tokens: int, completion_tokens: int) -> None:
+        if self.served(model):  # a request that outlived its adapter's unload leaves no series behind
+            self.prompt_tokens.labels(model).inc(prompt_tokens)
+            self.completion_tokens.labels(model).inc(completion_tokens)
+
+    def forget(self, model: str) -> None:
+        """Drop the series of a model that is no longer served."""
+        for counter in (self.prompt_tokens, self.completion_tokens):
+            with contextlib.suppress(KeyError):
+                counter.remove(model)

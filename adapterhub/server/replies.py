@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -15,10 +16,12 @@ from starlette.types import Receive, Scope, Send
 from adapterhub.runtime.api import GenerationResult, TokenLogprob
 from adapterhub.runtime.vocabulary import Vocabulary
 from adapterhub.server.bridge import Finished, Generations, TextDelta
-from adapterhub.server.errors import error_body, request_error_status
+from adapterhub.server.errors import error_body, internal_error_message, request_error_status
 from adapterhub.server.logprobs import CompletionLogprobs, chat_logprobs
 from adapterhub.server.metrics import ServerMetrics
 from adapterhub.server.tools import ToolCallStream, ToolPlan
+
+logger = logging.getLogger("adapterhub.server")
 
 
 class GenerationStream(StreamingResponse):
@@ -73,8 +76,7 @@ class Reply:
     def finished(self, event: Finished) -> GenerationResult:
         result = event.result
         assert result is not None
-        self.metrics.prompt_tokens.labels(self.model).inc(result.prompt_tokens)
-        self.metrics.completion_tokens.labels(self.model).inc(result.completion_tokens)
+        self.metrics.count_tokens(self.model, result.prompt_tokens, result.completion_tokens)
         return result
 
     # -- streamed --------------------------------------------------------------------------------
@@ -171,7 +173,21 @@ class Reply:
 
 async def sse_events(generations: Generations, reply: Reply, *, usage: bool) -> AsyncIterator[str]:
     """SSE events: text deltas per choice (with their tokens' logprobs), tool calls once a choice's
-    generation has ended, each choice's finish, optional usage, then ``[DONE]``."""
+    generation has ended, each choice's finish, optional usage, then ``[DONE]``.
+
+    A failure, a cancelled generation or a bug ends the stream with an error event, then ``[DONE]``.
+    """
+    try:
+        async for event in _sse_events(generations, reply, usage=usage):
+            yield event
+    except Exception as err:  # a bug: the client still gets an error event, the log the traceback
+        logger.exception("a streamed reply failed")
+        generations.cancel()
+        yield sse(error_body(500, internal_error_message(err), "internal_error"))
+        yield "data: [DONE]\n\n"
+
+
+async def _sse_events(generations: Generations, reply: Reply, *, usage: bool) -> AsyncIterator[str]:
     results: list[GenerationResult] = []
     count = len(generations.handles)
     sent = [""] * count  # generated text that events carried, per choice
@@ -199,9 +215,9 @@ async def sse_events(generations: Generations, reply: Reply, *, usage: bool) -> 
             if text:  # the engine holds text back (a partial character, a possible stop string)
                 yield sse(reply.chunk(index, text, logprobs=pending[index]))
                 pending[index] = []
-        elif event.error is not None:
+        elif event.error is not None or event.result.finish_reason == "cancelled":
             generations.cancel()
-            err = event.error
+            err = event.error or generations.cancelled_error()
             yield sse(error_body(request_error_status(err), str(err), err.code))
             yield "data: [DONE]\n\n"
             return
@@ -241,9 +257,9 @@ async def collect_cancelling_on_disconnect(
     try:
         async for event in generations.events_until_finished():
             assert isinstance(event, Finished)
-            if event.error is not None:
+            if event.error is not None or event.result.finish_reason == "cancelled":
                 generations.cancel()
-                raise event.error
+                raise event.error or generations.cancelled_error()
             results[event.index] = reply.finished(event)
         reply.first_token(generations.first_token_at)
     finally:

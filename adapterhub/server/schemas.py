@@ -12,8 +12,10 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, model_validator
+from pydantic_core import PydanticCustomError
 
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 # OpenAI fields about the platform's own bookkeeping (billing tiers, stored completions, abuse
 # monitoring, prompt-cache routing): accepted, and nothing here changes with them.
 NO_EFFECT = (
@@ -39,7 +41,41 @@ class ErrorBody(BaseModel):
     error: ErrorDetail
 
 
-class Body(BaseModel):
+def _lone_surrogate(value: Any, where: str) -> str | None:
+    """The first place in ``value`` holding a lone UTF-16 surrogate (JSON allows ``"\\ud800"``), if any."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return where or "body"
+    elif isinstance(value, BaseModel):
+        return _lone_surrogate(dict(value), where)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            found = _lone_surrogate(key, where) or _lone_surrogate(item, f"{where}.{key}".lstrip("."))
+            if found:
+                return found
+    elif isinstance(value, list | tuple):
+        for index, item in enumerate(value):
+            if found := _lone_surrogate(item, f"{where}[{index}]"):
+                return found
+    return None
+
+
+class UnicodeText(BaseModel):
+    """A request whose every string is valid Unicode: a lone surrogate cannot be tokenized or echoed."""
+
+    @model_validator(mode="after")
+    def _no_lone_surrogates(self) -> UnicodeText:
+        where = _lone_surrogate(self, "")
+        if where is not None:
+            raise PydanticCustomError(
+                "lone_surrogate", f"{where} holds a lone UTF-16 surrogate (like \\ud800): send valid Unicode"
+            )
+        return self
+
+
+class Body(UnicodeText):
     """A request object whose undeclared fields are collected (``model_extra``), then refused."""
 
     model_config = ConfigDict(extra="allow")
@@ -90,7 +126,7 @@ class SamplingFields(Body):
     max_tokens: int | None = Field(default=None, ge=0)
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=INT64_MIN, le=INT64_MAX)
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -232,7 +268,7 @@ class ChatCompletionRequest(SamplingFields):
         return refused + (("modalities",) if self.modalities not in (None, ["text"]) else ())
 
 
-class AdapterLoadRequest(BaseModel):
+class AdapterLoadRequest(UnicodeText):
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(min_length=1, max_length=200, pattern=r"^[^=\s]+$")
@@ -280,6 +316,9 @@ class Usage(BaseModel):
 
 class ModelMetadata(BaseModel):
     kind: Literal["base", "adapter"]
+    backend: str | None = Field(
+        default=None, description="The base's: the fast runtime or the PEFT fallback."
+    )
     method: str | None = Field(default=None, description="The adapter's PEFT family.")
     source: str | None = None
     base_model: str | None = None

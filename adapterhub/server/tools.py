@@ -21,6 +21,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
+from adapterhub.plain_chat import plain_transcript
 from adapterhub.runtime.api import GrammarSpec
 from adapterhub.runtime.grammar import JSON_OPTIONS
 from adapterhub.server.errors import ApiError
@@ -240,14 +241,24 @@ def plan_tools(body: ChatCompletionRequest, tokenizer: Any, model: str) -> ToolP
 
 
 def render(
-    tokenizer: Any, messages: list[ChatMessage], tools: list[dict[str, Any]] | None, model: str
+    tokenizer: Any,
+    messages: list[ChatMessage],
+    tools: list[dict[str, Any]] | None,
+    model: str,
+    *,
+    plain: bool = False,
 ) -> list[int]:
-    """The prompt token ids of a conversation through the base's chat template, tools included."""
+    """The prompt token ids of a conversation through the base's chat template, tools included.
+
+    ``plain``: a base without a template (an encoder-decoder) gets ``plain_chat``'s transcript.
+    """
+    conversation = [template_message(message) for message in messages]
     if not template_text(tokenizer):
+        if plain and not tools:
+            return list(tokenizer(plain_transcript(conversation))["input_ids"])
         raise ApiError(
             400, f"base model '{model}' has no chat template: use /v1/completions", "no_chat_template"
         )
-    conversation = [template_message(message) for message in messages]
     try:
         if tools:
             plain = tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)

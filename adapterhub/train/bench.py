@@ -7,22 +7,32 @@ model from its config with random weights and feeds fixed-shape synthetic batche
 "n/a". ``--baseline`` also trains each recipe the way PEFT's own examples do (fp32 weights and compute,
 torch AdamW, a plain PyTorch loop without Trainer) on the same machine and reports the speed-up.
 
+``--full`` trains each recipe as ``adapterhub train`` does instead (its own length, its output folder
+written), so accuracy is that of the finished adapter. ``--test FILE`` scores accuracy by generation on
+held-out rows rather than the validation split, and ``--zero-shot`` adds the base model alone, with the
+same prompts, as a first row. Generation accuracy is computed as ``serve`` answers (see
+``adapterhub.train.evaluate.generation_accuracy``). On Linux the peak memory of each row is its own:
+the process's peak resident set is reset before each recipe.
+
 Timing synchronizes the device only at the ends of the timed window, never per step: a per-step
 sync would stop the CPU from queueing the next step's kernels while the GPU runs this one.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import gc
 import itertools
-import json
+import os
+import platform
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import click
 import torch
 from peft import PeftModel
 from rich.console import Console
@@ -37,18 +47,32 @@ from transformers import (
 from transformers.trainer_callback import PrinterCallback
 
 from adapterhub.errors import UserError
-from adapterhub.models import is_seq2seq, load_tokenizer
+from adapterhub.models import is_seq2seq, load_model, load_tokenizer
 from adapterhub.recipe import Recipe, load_recipe
-from adapterhub.train.data import Collator, Splits, Tokenize, collator_for, load_splits
-from adapterhub.train.evaluate import generation_accuracy, teacher_forced
-from adapterhub.train.peft_model import build_peft_model, checkpoint_unties_lm_head, count_parameters
+from adapterhub.train.data import Collator, Splits, Tokenize, collator_for, load_splits, normalize, read_file
+from adapterhub.train.evaluate import (
+    generation_accuracy,
+    served_by_engine,
+    served_texts,
+    share_correct,
+    teacher_forced,
+)
+from adapterhub.train.peft_model import (
+    build_peft_model,
+    checkpoint_unties_lm_head,
+    count_parameters,
+    model_spec,
+)
 from adapterhub.train.trainer import (
     AdapterTrainer,
+    compile_errors,
     peak_memory_mib,
     precision_flags,
+    reset_peak_memory,
     tokenized,
     training_arguments,
 )
+from adapterhub.train.trainer import train as train_recipe
 
 
 class StepClock(TrainerCallback):
@@ -142,10 +166,15 @@ def bench_data(
 
 
 def bench_recipe(
-    recipe: Recipe, *, random: bool, steps: int, warmup: int, eval_batches: int, label_tokens: int
+    recipe: Recipe,
+    *,
+    random: bool,
+    steps: int,
+    warmup: int,
+    eval_batches: int,
+    label_tokens: int,
+    test_rows: list[dict] | None = None,
 ) -> dict[str, Any]:
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
     model = build_peft_model(recipe)
     device = next(model.parameters()).device
     seq2seq = is_seq2seq(model.config)
@@ -183,7 +212,8 @@ def bench_recipe(
             callbacks=[clock],
         )
         trainer.remove_callback(PrinterCallback)
-        trainer.train()
+        with compile_errors():
+            trainer.train()
     peak = peak_memory_mib(device)
 
     flags = precision_flags(recipe.training.precision, device)
@@ -201,9 +231,10 @@ def bench_recipe(
             accuracy = generation_accuracy(
                 model,
                 data.tokenizer,
-                data.splits.validation[:eval_count],
+                test_rows or data.splits.validation[:eval_count],
                 seq2seq=seq2seq,
                 batch_size=batch_size,
+                base=model_spec(recipe, str(device)),
             )
     params = count_parameters(
         model, untied_lm_head=checkpoint_unties_lm_head(model.get_base_model(), recipe.model.name)
@@ -226,6 +257,86 @@ def bench_recipe(
     del trainer, model
     free_memory()
     return result
+
+
+def bench_full(recipe: Recipe, test_rows: list[dict] | None, console: Console) -> dict[str, Any]:
+    """Train ``recipe`` as ``adapterhub train`` does, then score the finished adapter on ``test_rows``."""
+    started = time.perf_counter()
+    result = train_recipe(recipe, console=console)
+    metrics, model = result.metrics, result.model
+    accuracy: float | str = metrics.get("generation_accuracy", "n/a")
+    if test_rows is not None:
+        device = next(model.parameters()).device
+        accuracy = generation_accuracy(
+            model,
+            load_tokenizer(recipe.model.name),
+            test_rows,
+            seq2seq=is_seq2seq(model.config),
+            batch_size=recipe.training.eval_batch_size or recipe.training.batch_size,
+            base=model_spec(recipe, str(device)),
+        )
+    row = {
+        "method": recipe.method.type,
+        "trainable_params": metrics["trainable_params"],
+        "total_params": metrics["total_params"],
+        "trainable_percent": round(metrics["trainable_percent"], 3),
+        "peak_memory_mib": metrics["peak_memory_mib"],
+        "train_it_s": metrics["train_it_s"],
+        "eval_it_s": round(metrics.get("eval_it_s", 0.0), 3),
+        "accuracy": accuracy,
+        "validation_generation_accuracy": metrics.get("generation_accuracy", "n/a"),
+        "initial_validation_accuracy": metrics.get("initial_accuracy", "n/a"),
+        "steps": metrics["steps"],
+        "batch_size": recipe.training.batch_size,
+        "train_loss": round(metrics["train_loss"], 4),
+        "train_seconds": metrics["train_seconds"],
+        "wall_seconds": round(time.perf_counter() - started, 1),
+        "precision": recipe.training.precision,
+        "output_dir": str(result.output_dir),
+    }
+    del result, model
+    free_memory()
+    return row
+
+
+def zero_shot_row(recipe: Recipe, test_rows: list[dict] | None) -> dict[str, Any]:
+    """The base model alone, greedy on the same prompts the adapters are scored on."""
+    started = time.perf_counter()
+    rows = test_rows or load_splits(recipe.data).validation[: recipe.training.eval_max_samples]
+    tokenizer = load_tokenizer(recipe.model.name)
+    spec = model_spec(recipe)
+    batch_size = recipe.training.eval_batch_size or recipe.training.batch_size
+    base = load_model(spec)
+    total = count_parameters(base, untied_lm_head=checkpoint_unties_lm_head(base, recipe.model.name)).total
+    if served_by_engine(spec):
+        del base
+        free_memory()
+        accuracy = share_correct(served_texts(spec, tokenizer, rows, None, batch_size=batch_size), rows)
+    else:
+        accuracy = generation_accuracy(
+            base, tokenizer, rows, seq2seq=is_seq2seq(base.config), batch_size=batch_size
+        )
+    return {
+        "method": "zero-shot base",
+        "trainable_params": 0,
+        "total_params": total,
+        "trainable_percent": 0.0,
+        "peak_memory_mib": "n/a",
+        "train_it_s": "n/a",
+        "eval_it_s": "n/a",
+        "accuracy": accuracy,
+        "wall_seconds": round(time.perf_counter() - started, 1),
+    }
+
+
+def read_test_rows(path: str | None, recipe: Recipe) -> list[dict] | None:
+    """Held-out rows in the recipe's data format (its columns, labels and prompt template applied)."""
+    if path is None:
+        return None
+    rows, fmt = normalize(read_file(Path(path)), recipe.data, path)
+    if fmt != "prompt_completion":
+        raise UserError(f"--test {path}: accuracy needs prompt/completion rows, found {fmt} rows")
+    return rows
 
 
 def plain_peft_baseline(
@@ -273,77 +384,92 @@ def free_memory() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+    with contextlib.suppress(OSError, AttributeError):  # glibc only: hand freed heap pages back
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
-@click.command("train")
-@click.argument("recipes", nargs=-1, required=True, type=click.Path(dir_okay=False))
-@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Recipe override, repeatable.")
-@click.option("--random", "random_weights", is_flag=True, help="Random weights and synthetic batches.")
-@click.option(
-    "--steps", default=20, type=click.IntRange(min=1), show_default=True, help="Timed training steps."
-)
-@click.option(
-    "--warmup",
-    default=3,
-    type=click.IntRange(min=1),
-    show_default=True,
-    help="Untimed first steps (compile, allocate).",
-)
-@click.option("--eval-batches", default=10, show_default=True)
-@click.option("--label-tokens", default=3, show_default=True, help="Label length of synthetic batches.")
-@click.option(
-    "--baseline", is_flag=True, help="Also run each recipe in plain-PEFT fp32 and report the speed-up."
-)
-@click.option("--json", "as_json", is_flag=True)
-def bench_train(
-    recipes: tuple[str, ...],
+def bench_recipes(
+    paths: list[str],
     overrides: tuple[str, ...],
+    *,
     random_weights: bool,
     steps: int,
     warmup: int,
     eval_batches: int,
     label_tokens: int,
     baseline: bool,
-    as_json: bool,
-) -> None:
-    """Train each RECIPE briefly and report params, peak memory, train/eval it/s and accuracy."""
-    console = Console(stderr=True)
+    full: bool,
+    test_path: str | None,
+    zero_shot: bool,
+    progress: Callable[[str], None],
+) -> dict[str, Any]:
+    """Train each recipe (briefly, or fully with ``full``; with ``baseline`` also the plain-PEFT way)
+    and score it; the report as a dict. ``zero_shot`` adds the base model alone as a first row."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    recipes = [load_recipe(path, overrides) for path in paths]  # every recipe is checked before any runs
+    if random_weights and (full or zero_shot or test_path):
+        raise UserError("--random has no accuracy to score: drop --full, --test and --zero-shot with it")
+    if zero_shot and len({recipe.model.name for recipe in recipes}) > 1:
+        raise UserError("--zero-shot needs recipes of one base model (model.name): bench them separately")
     results = []
-    for path in recipes:
-        recipe = load_recipe(path, overrides)
+    started = time.perf_counter()
+    if zero_shot:
+        progress(f"scoring the base model {recipes[0].model.name} alone")
+        results.append({"recipe": None, **zero_shot_row(recipes[0], read_test_rows(test_path, recipes[0]))})
+    for index, (path, recipe) in enumerate(zip(paths, recipes, strict=True), start=1):
         if random_weights:
             recipe = replace(recipe, model=replace(recipe.model, random_init=True))
-        kwargs = {
-            "random": random_weights,
-            "steps": steps,
-            "warmup": warmup,
-            "eval_batches": eval_batches,
-            "label_tokens": label_tokens,
+        reset_peak_memory(torch.device(device))
+        test_rows = read_test_rows(test_path, recipe)
+        if full:
+            progress(f"[{index}/{len(paths)}] {path}: training in full, then scoring")
+            results.append({"recipe": path, **bench_full(recipe, test_rows, Console(stderr=True))})
+            continue
+        progress(f"[{index}/{len(paths)}] {path}: {warmup} warm-up + {steps} timed steps")
+        result = {
+            "recipe": path,
+            **bench_recipe(
+                recipe,
+                random=random_weights,
+                steps=steps,
+                warmup=warmup,
+                eval_batches=eval_batches,
+                label_tokens=label_tokens,
+                test_rows=test_rows,
+            ),
         }
-        with console.status(f"benchmarking {path}"):
-            result = {"recipe": path, **bench_recipe(recipe, **kwargs)}
-            if baseline:
-                plain = plain_peft_baseline(
-                    recipe, random=random_weights, steps=steps, warmup=warmup, label_tokens=label_tokens
-                )
-                result["baseline_train_it_s"] = plain["train_it_s"]
-                result["baseline_peak_memory_mib"] = plain["peak_memory_mib"]
-                result["speedup"] = (
-                    round(result["train_it_s"] / plain["train_it_s"], 2) if plain["train_it_s"] else None
-                )
+        if baseline:
+            progress(f"[{index}/{len(paths)}] {path}: plain-PEFT baseline")
+            plain = plain_peft_baseline(
+                recipe, random=random_weights, steps=steps, warmup=warmup, label_tokens=label_tokens
+            )
+            result["baseline_train_it_s"] = plain["train_it_s"]
+            result["baseline_peak_memory_mib"] = plain["peak_memory_mib"]
+            result["speedup"] = (
+                round(result["train_it_s"] / plain["train_it_s"], 2) if plain["train_it_s"] else None
+            )
         results.append(result)
-    report = {
-        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+    return {
+        "device": torch.cuda.get_device_name() if device == "cuda" else cpu_name(),
         "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
         "random_weights": random_weights,
-        "steps": steps,
+        "steps": "each recipe's own" if full else steps,
+        "test": test_path,
+        "wall_seconds": round(time.perf_counter() - started, 1),
         "results": results,
     }
-    if as_json:
-        click.echo(json.dumps(report, indent=2))
-        return
-    Console().print(results_table(report))
+
+
+def cpu_name() -> str:
+    """The CPU's model name as /proc/cpuinfo gives it, and its core count."""
+    name = platform.processor() or "cpu"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    return f"{name} ({os.cpu_count()} cores)"
 
 
 def results_table(report: dict[str, Any]) -> Table:

@@ -2,14 +2,17 @@
 
 Three row formats are understood: ``{"prompt", "completion"}`` (loss on the completion),
 ``{"messages": [...]}`` (chat template applied, loss on assistant turns only) and ``{"text"}``.
+Files are read row by row and reading stops at ``data.max_samples``; a malformed row is reported
+with its line number.
 """
 
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import random
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +27,7 @@ FORMAT_COLUMNS = {"prompt_completion": ("prompt", "completion"), "messages": ("m
 MAX_LABELS = 32  # at most this many distinct completions make a dataset "label-style" (accuracy is reported)
 IGNORE = -100
 Collator = Callable[[list[dict[str, Any]]], Mapping[str, torch.Tensor]]
+Row = tuple[str, dict[str, Any]]  # where the row is ("line 12", "row 3"), and the row
 
 
 @dataclass
@@ -41,41 +45,126 @@ class Splits:
         return sorted(values) if len(values) <= MAX_LABELS else None
 
 
-def read_file(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
+def read_file(path: Path) -> Iterator[Row]:
+    """The rows of a data file, read as they are needed: ``(where, row)`` with ``where`` its line."""
+    if not path.exists() or path.is_dir():
         raise UserError(f"data file {path} not found: fix data.path in the recipe")
     suffix = path.suffix.lower()
+    readers = {".jsonl": _json_lines, ".json": _json_file, ".csv": _csv_rows, ".parquet": _parquet_rows}
+    if suffix not in readers:
+        raise UserError(f"data file {path}: unsupported type '{suffix}': use .jsonl, .json, .csv or .parquet")
+    return readers[suffix](path)
+
+
+def _text_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """Numbered lines of a UTF-8 file (a leading byte-order mark dropped), one at a time."""
+    with path.open("rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+            except UnicodeDecodeError as err:
+                raise UserError(f"data file {path} line {number} is not UTF-8 text ({err.reason})") from err
+            yield number, line
+
+
+def _json_lines(path: Path, lines: Iterator[tuple[int, str]] | None = None) -> Iterator[Row]:
+    for number, line in lines if lines is not None else _text_lines(path):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except (json.JSONDecodeError, RecursionError) as err:
+            reason = err.msg if isinstance(err, json.JSONDecodeError) else "nested too deeply"
+            raise UserError(
+                f"data file {path} line {number} is not valid JSON ({reason}): fix or remove that line"
+            ) from err
+        if not isinstance(row, dict):
+            raise UserError(
+                f"data file {path} line {number} is a JSON {type(row).__name__}, not an object: "
+                "write one {...} object per line"
+            )
+        yield f"line {number}", row
+
+
+def _json_file(path: Path) -> Iterator[Row]:
+    """A ``.json`` file: one JSON array of objects (read whole), or JSON Lines (streamed)."""
+    lines = _text_lines(path)
+    first = next(((number, line) for number, line in lines if line.strip()), None)
+    if first is None:
+        return
+    number, line = first
+    if not line.lstrip().startswith("["):
+        yield from _json_lines(path, itertools.chain([(number, line)], lines))
+        return
+    text = line + "".join(rest for _, rest in lines)
     try:
-        if suffix in (".jsonl", ".json"):
-            text = path.read_text()
-            if suffix == ".json" and text.lstrip().startswith("["):
-                return json.loads(text)
-            return [json.loads(line) for line in text.splitlines() if line.strip()]
-        if suffix == ".csv":
-            with path.open(newline="") as handle:
-                return list(csv.DictReader(handle))
-        if suffix == ".parquet":
-            import pyarrow.parquet as pq
+        items = json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as err:
+        where = f"line {err.lineno + number - 1}" if isinstance(err, json.JSONDecodeError) else "its nesting"
+        raise UserError(f"data file {path} is not valid JSON at {where}: fix the file") from err
+    for index, row in enumerate(items):
+        if not isinstance(row, dict):
+            raise UserError(f"data file {path} item {index} is not a JSON object: write a list of {{...}}")
+        yield f"item {index}", row
 
-            return pq.read_table(path).to_pylist()
-    except (json.JSONDecodeError, ValueError, OSError) as err:
+
+def _csv_rows(path: Path) -> Iterator[Row]:
+    reader = csv.reader((line for _, line in _text_lines(path)), strict=True)
+    try:
+        header = next(reader, None)
+        if header is None:
+            return
+        for fields in reader:
+            if not fields:
+                continue
+            if len(fields) != len(header):
+                raise UserError(
+                    f"data file {path} line {reader.line_num} has {len(fields)} fields but the header has "
+                    f"{len(header)}: quote fields that contain commas"
+                )
+            yield f"line {reader.line_num}", dict(zip(header, fields, strict=True))
+    except csv.Error as err:
+        raise UserError(f"data file {path} line {reader.line_num} is not valid CSV ({err})") from err
+
+
+def _parquet_rows(path: Path) -> Iterator[Row]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        index = 0
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
+            for row in batch.to_pylist():
+                yield f"row {index}", row
+                index += 1
+    except (pa.ArrowException, OSError) as err:
         raise UserError(f"data file {path} could not be read: {str(err).splitlines()[0]}") from err
-    raise UserError(f"data file {path}: unsupported type '{suffix}': use .jsonl, .json, .csv or .parquet")
 
 
-def read_hub_dataset(name: str, config: str | None, split: str) -> list[dict[str, Any]]:
+def read_hub_dataset(name: str, config: str | None, split: str) -> Iterator[Row]:
+    from adapterhub.hub.reach import go_offline_if_unreachable, unreachable_hint
+
+    if not Path(name).exists():
+        go_offline_if_unreachable()
     import datasets
 
     try:
-        return datasets.load_dataset(name, config, split=split).to_list()
+        dataset = datasets.load_dataset(name, config, split=split)
     except Exception as err:  # datasets raises many types for a missing id, config or split
+        hint = unreachable_hint()
+        if hint is not None:
+            raise UserError(
+                f"dataset '{name}' could not be loaded: {hint}: check your network and HF_ENDPOINT, "
+                "or train on a local file with data.path=FILE"
+            ) from err
         raise UserError(
             f"dataset '{name}' (config {config}, split {split}) could not be loaded: "
             f"{str(err).splitlines()[0][:160]}"
         ) from err
+    return ((f"row {index}", row) for index, row in enumerate(dataset))
 
 
-def read_rows(args: DataArgs, *, validation: bool = False) -> list[dict[str, Any]]:
+def read_rows(args: DataArgs, *, validation: bool = False) -> Iterator[Row]:
     if validation:
         if args.validation_path:
             return read_file(Path(args.validation_path))
@@ -95,36 +184,40 @@ def detect_format(row: dict[str, Any], where: str) -> str:
     )
 
 
-def normalize(rows: list[dict[str, Any]], args: DataArgs, where: str) -> tuple[list[dict[str, Any]], str]:
-    """Rename mapped columns, apply label names and the prompt template, and check every row."""
-    if not rows:
-        raise UserError(f"{where}: the dataset is empty")
+def normalize(rows: Iterable[Row], args: DataArgs, where: str) -> tuple[list[dict[str, Any]], str]:
+    """Rename mapped columns, apply label names and the prompt template, and check every row.
+
+    Rows are read one at a time and reading stops at ``data.max_samples``, so a large file costs
+    only the rows used.
+    """
     mapping = {source: target for target, source in args.columns.items()}
-    rows = [{mapping.get(key, key): value for key, value in row.items()} for row in rows]
-    fmt = detect_format(rows[0], where) if args.format == "auto" else args.format
-    required = FORMAT_COLUMNS[fmt]
-    out = []
-    for index, row in enumerate(rows):
+    fmt = None if args.format == "auto" else args.format
+    out: list[dict[str, Any]] = []
+    for label, raw in itertools.islice(rows, args.max_samples):
+        row = {mapping.get(key, key): value for key, value in raw.items()}
+        fmt = fmt or detect_format(row, where)
+        required = FORMAT_COLUMNS[fmt]
         missing = [column for column in required if row.get(column) in (None, "")]
         if missing:
             raise UserError(
-                f"{where}: row {index} has no '{missing[0]}' column (format {fmt}); "
-                "map yours with data.columns"
+                f"{where}: {label} has no '{missing[0]}' column (format {fmt}); map yours with data.columns"
             )
         if fmt == "prompt_completion":
             completion = row["completion"]
             if args.label_names is not None and str(completion).isdigit():  # CSV gives "2", JSON gives 2
-                completion = label_name(args.label_names, int(completion), where, index)
+                completion = label_name(args.label_names, int(completion), where, label)
             prompt = args.prompt_template.format(**{**row, "prompt": row["prompt"]})
             out.append({"prompt": str(prompt), "completion": str(completion)})
         else:
             out.append({column: row[column] for column in required})
-    return out[: args.max_samples] if args.max_samples else out, fmt
+    if fmt is None or not out:
+        raise UserError(f"{where}: the dataset is empty")
+    return out, fmt
 
 
-def label_name(names: list[str], label: int, where: str, index: int) -> str:
+def label_name(names: list[str], label: int, where: str, row: str) -> str:
     if label >= len(names):
-        raise UserError(f"{where}: row {index} has label {label} but data.label_names has {len(names)} names")
+        raise UserError(f"{where}: {row} has label {label} but data.label_names has {len(names)} names")
     return names[label]
 
 

@@ -55,8 +55,12 @@ class RichProgress(TrainerCallback):
             self.progress.console.print(f"  step {state.global_step}: eval_loss {logs['eval_loss']:.4f}")
 
     def on_train_end(self, args, state, control, **_: Any):
+        self.close()
+
+    def close(self) -> None:
         if self.progress is not None:
             self.progress.stop()
+            self.progress = None
 
 
 def summary_table(title: str, rows: dict[str, Any]) -> Table:

@@ -13,6 +13,7 @@ from adapterhub.methods.base import BuildContext
 from adapterhub.models import (
     ModelSpec,
     auto_class,
+    base_id,
     is_seq2seq,
     load_config,
     load_model,
@@ -39,7 +40,7 @@ def build_context(recipe: Recipe, *, weights_available: bool) -> BuildContext:
     config = load_config(name)
     return BuildContext(
         task_type="SEQ_2_SEQ_LM" if is_seq2seq(config) else "CAUSAL_LM",
-        base_model=name,
+        base_model=base_id(name),
         tokenizer_path=local_path(name),
         weights_available=weights_available and not (recipe.model.random_init or random_prefix),
     )
@@ -52,16 +53,18 @@ def peft_config_for(recipe: Recipe, *, weights_available: bool = True):
     )
 
 
+def model_spec(recipe: Recipe, device: str = "auto") -> ModelSpec:
+    model = recipe.model
+    return ModelSpec(model.name, model.quantization, model.dtype, model.random_init, device)
+
+
 def build_peft_model(recipe: Recipe, *, device: str = "auto") -> PeftModel:
     """Load the base as the recipe says, prepare it for k-bit training if quantized, and wrap it.
 
     Random weights and the adapter's initial values come from ``training.seed``, so a run repeats.
     """
     set_seed(recipe.training.seed)
-    spec = ModelSpec(
-        recipe.model.name, recipe.model.quantization, recipe.model.dtype, recipe.model.random_init, device
-    )
-    model = load_model(spec)
+    model = load_model(model_spec(recipe, device))
     if recipe.model.quantization != "none":
         model = prepare_model_for_kbit_training(
             model,

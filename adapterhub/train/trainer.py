@@ -1,19 +1,23 @@
 """``adapterhub train``: fit an adapter from a recipe with transformers' Trainer, write a complete output dir.
 
 The run works in ``.<dir>.partial`` beside the output dir (checkpoints live there, so
-``training.resume=true`` can continue an interrupted run) and the finished adapter appears in
-``output.dir`` by one atomic rename. Launched under ``accelerate launch`` or ``torchrun`` the
-same code trains data-parallel; only the main process writes.
+``training.resume=true`` can continue an interrupted run from its newest complete checkpoint) and
+the finished adapter appears in ``output.dir`` by one atomic rename. The output dir, and the store
+name if any, stay locked from the first check to that rename, so a second run into either fails at
+once. Launched under ``accelerate launch`` or ``torchrun`` the same code trains data-parallel;
+only the main process writes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import resource
 import shutil
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,21 +28,45 @@ from peft import PeftModel
 from rich.console import Console
 from transformers import Trainer, TrainingArguments
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
-from transformers.trainer_utils import get_last_checkpoint
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from adapterhub.card import adapter_card
 from adapterhub.errors import UserError
+from adapterhub.hub import store
 from adapterhub.hub.store import add_folder, check_name
 from adapterhub.hub.store import exists as store_exists
-from adapterhub.models import is_seq2seq, load_tokenizer, split_random
-from adapterhub.paths import atomic_dir
+from adapterhub.models import base_id, is_seq2seq, load_tokenizer
+from adapterhub.paths import atomic_dir, disk_errors, exclusive_lock
 from adapterhub.recipe import Recipe
+from adapterhub.tables import print_table
+from adapterhub.train import checkpoints
 from adapterhub.train.data import Splits, Tokenize, collator_for, load_splits
 from adapterhub.train.display import RichProgress, summary_table
 from adapterhub.train.evaluate import generation_accuracy, teacher_forced
-from adapterhub.train.peft_model import build_peft_model, checkpoint_unties_lm_head, count_parameters
+from adapterhub.train.peft_model import (
+    build_peft_model,
+    checkpoint_unties_lm_head,
+    count_parameters,
+    model_spec,
+)
 
 CHECKPOINTS = "checkpoints"
+
+
+@contextlib.contextmanager
+def compile_errors() -> Iterator[None]:
+    """Turn a ``training.compile`` graph that this machine's C++ toolchain cannot build into one line."""
+    from torch._dynamo.exc import BackendCompilerFailed
+    from torch._inductor.exc import InductorError
+
+    try:
+        yield
+    except (InductorError, BackendCompilerFailed) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(
+            f"training.compile: torch.compile could not build the training step here ({reason}); "
+            "set training.compile: false to train eagerly"
+        ) from err
 
 
 @dataclass
@@ -66,9 +94,22 @@ class AdapterTrainer(Trainer):
             return 0
         return 6 * inputs[main_input].numel() * self.non_embedding_params
 
+    def _save_checkpoint(self, model, trial) -> None:
+        """Trainer's save, then the marker that says it is whole, then the older checkpoints go."""
+        super()._save_checkpoint(model, trial)
+        if self.args.should_save:
+            run_dir = Path(self._get_output_dir(trial=trial))
+            checkpoints.mark_complete_and_prune(run_dir / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+
 
 def work_dir_for(output_dir: Path) -> Path:
     return output_dir.with_name(f".{output_dir.name}.partial")
+
+
+def last_checkpoint(output_dir: Path) -> Path | None:
+    """The newest complete checkpoint an interrupted run into ``output_dir`` left (what resume takes)."""
+    folder = work_dir_for(output_dir) / CHECKPOINTS
+    return checkpoints.newest_complete(folder)[0] if folder.is_dir() else None
 
 
 def check_store_name(recipe: Recipe) -> None:
@@ -129,7 +170,7 @@ def training_arguments(
         eval_steps=t.eval_steps,
         save_strategy="steps",
         save_steps=t.save_steps,
-        save_total_limit=1,
+        save_total_limit=None,  # AdapterTrainer keeps the newest complete checkpoint itself
         report_to=[],
         disable_tqdm=True,
         remove_unused_columns=False,
@@ -151,10 +192,64 @@ def peak_memory_mib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20
 
 
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a new peak: CUDA's allocator statistics, or on Linux the process's peak resident set."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    with contextlib.suppress(OSError):  # elsewhere the CPU peak stays the whole process's
+        Path("/proc/self/clear_refs").write_text("5")
+
+
 def tokenized(splits: Splits, tokenize: Tokenize, limit: int | None = None) -> tuple[list[dict], list[dict]]:
     train = [tokenize(row, splits.format) for row in splits.train]
     validation = [tokenize(row, splits.format) for row in splits.validation[:limit]]
     return train, validation
+
+
+@contextlib.contextmanager
+def writer_locks(recipe: Recipe, main_process: bool) -> Iterator[None]:
+    """The output dir's lock and, with ``output.store_name``, the store name's (main process only)."""
+    with contextlib.ExitStack() as stack:
+        if main_process:
+            output_dir = Path(recipe.output.dir)
+            stack.enter_context(
+                exclusive_lock(
+                    output_dir.with_name(f".{output_dir.name}.lock"),
+                    f"output dir {output_dir}",
+                    "wait for that run to finish, or choose another output.dir",
+                )
+            )
+            if recipe.output.store_name:
+                stack.enter_context(store.lock(recipe.output.store_name))
+        yield
+
+
+def resume_checkpoint(recipe: Recipe, work_dir: Path, console: Console, main_process: bool) -> str | None:
+    """The newest complete checkpoint when ``training.resume`` is set; incomplete newer ones go."""
+    if not recipe.training.resume:
+        return None
+    found, incomplete = checkpoints.newest_complete(work_dir / CHECKPOINTS)
+    if found is None:
+        raise UserError(
+            f"training.resume=true but {work_dir} holds no complete checkpoint: "
+            "set training.resume=false to train from the start"
+        )
+    from adapterhub.contract import read_adapter
+
+    try:  # the adapter contract at this door too: a diverged (NaN) or foreign checkpoint is refused
+        read_adapter(found)
+    except UserError as err:
+        raise UserError(
+            f"training.resume=true but {found.name} cannot be resumed from ({err}): "
+            "set training.resume=false to train from the start"
+        ) from err
+    if main_process:
+        for folder in incomplete:
+            console.print(f"[yellow]skipping {folder.name}: its save was interrupted", highlight=False)
+            checkpoints.remove(folder)
+        console.print(f"resuming from {found.name} (step {checkpoints.step_of(found)})", highlight=False)
+    return str(found)
 
 
 def train(recipe: Recipe, console: Console | None = None) -> TrainResult:
@@ -162,6 +257,11 @@ def train(recipe: Recipe, console: Console | None = None) -> TrainResult:
     console = console or Console(stderr=True)
     # On CPU, accelerate only sets up gloo data parallelism (torchrun/accelerate launch) when told cpu=True.
     state = PartialState(cpu=not torch.cuda.is_available())
+    with writer_locks(recipe, state.is_main_process):
+        return _train(recipe, console, state)
+
+
+def _train(recipe: Recipe, console: Console, state: PartialState) -> TrainResult:
     output_dir = check_output_dir(recipe)
     check_store_name(recipe)
     if recipe.eval.tasks:
@@ -169,6 +269,10 @@ def train(recipe: Recipe, console: Console | None = None) -> TrainResult:
 
         check_before_training(recipe)
     work_dir = work_dir_for(output_dir)
+    if state.is_main_process:
+        for note in recipe.notes:
+            console.print(f"note: {note}", style="dim", markup=False, highlight=False)
+    resume_from = resume_checkpoint(recipe, work_dir, console, state.is_main_process)
     if not recipe.training.resume and state.is_main_process and work_dir.exists():
         shutil.rmtree(work_dir)
     state.wait_for_everyone()
@@ -181,34 +285,36 @@ def train(recipe: Recipe, console: Console | None = None) -> TrainResult:
     tokenize = Tokenize(tokenizer, recipe.data, seq2seq=seq2seq)
     train_rows, eval_rows = tokenized(splits, tokenize, recipe.training.eval_max_samples)
     collator = collator_for(tokenizer, recipe.data, seq2seq=seq2seq, fixed_shape=recipe.training.compile)
+    progress = RichProgress(console)
     trainer = AdapterTrainer(
         model=model,
         args=training_arguments(recipe, work_dir, device, has_eval=bool(eval_rows)),
         train_dataset=train_rows,
         eval_dataset=eval_rows or None,
         data_collator=collator,
-        callbacks=[RichProgress(console)],
+        callbacks=[progress],
     )
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
 
     if state.is_main_process:
         initial = evaluate(model, tokenizer, collator, splits, eval_rows, recipe, seq2seq, generation=False)
-    resume_from = get_last_checkpoint(str(work_dir / CHECKPOINTS)) if recipe.training.resume else None
-    if recipe.training.resume and resume_from is None and state.is_main_process:
-        console.print(f"[yellow]no checkpoint in {work_dir}; starting from scratch")
     started = time.perf_counter()
-    output = trainer.train(resume_from_checkpoint=resume_from)
+    try:
+        with disk_errors(work_dir), compile_errors():  # checkpoints are written there
+            output = trainer.train(resume_from_checkpoint=resume_from)
+    finally:
+        progress.close()  # an interrupt skips on_train_end; the live bar must not outlive it
     elapsed = time.perf_counter() - started
     if not state.is_main_process:
         state.wait_for_everyone()
         return TrainResult(output_dir, {})
 
-    name, _ = split_random(recipe.model.name)
+    name = recipe.model.name
     params = count_parameters(model, untied_lm_head=checkpoint_unties_lm_head(model.get_base_model(), name))
     metrics: dict[str, Any] = {
         "method": recipe.method.type,
-        "base_model": name,
+        "base_model": base_id(name),
         "trainable_params": params.trainable,
         "total_params": params.total,
         "trainable_percent": round(params.percent, 4),
@@ -237,11 +343,13 @@ def train(recipe: Recipe, console: Console | None = None) -> TrainResult:
         add_folder(output_dir, recipe.output.store_name, replace=recipe.training.overwrite)
         metrics["store_name"] = recipe.output.store_name
     shown = {key: value for key, value in metrics.items() if key != "eval"}  # eval: a table of its own
-    console.print(summary_table(f"trained {recipe.method.type} → {output_dir}", shown))
+    print_table(
+        summary_table(f"trained {recipe.method.type}", {"output_dir": str(output_dir), **shown}), console
+    )
     if evaluation is not None:
         from adapterhub.eval.report import scores_table
 
-        console.print(scores_table(evaluation))
+        print_table(scores_table(evaluation), console)
     if eval_error is not None:
         raise UserError(f"the adapter is saved in {output_dir}, but its evaluation failed: {eval_error}")
     state.wait_for_everyone()
@@ -267,8 +375,9 @@ def evaluate(
         metrics.pop("accuracy")
     elif generation and recipe.training.generation_eval:
         rows = splits.validation[: recipe.training.eval_max_samples]
+        device = str(next(model.parameters()).device)
         metrics["generation_accuracy"] = generation_accuracy(
-            model, tokenizer, rows, seq2seq=seq2seq, batch_size=batch_size
+            model, tokenizer, rows, seq2seq=seq2seq, batch_size=batch_size, base=model_spec(recipe, device)
         )
     model.train()
     return metrics
@@ -280,7 +389,9 @@ def write_output(
     """Adapter files, resolved recipe, metrics, loss curve and model card, appearing all at once."""
     with atomic_dir(output_dir, replace=True) as tmp:
         model.save_pretrained(tmp)
-        (tmp / "recipe.yaml").write_text(recipe.to_yaml())
+        # Local paths relative to the output dir, so the written recipe runs from wherever it is.
+        recipe_yaml = recipe.to_yaml(relative_to=output_dir)
+        (tmp / "recipe.yaml").write_text(recipe_yaml)
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         has_curve = plot_loss(log_history, tmp / "loss_curve.png")
         (tmp / "README.md").write_text(
@@ -291,7 +402,7 @@ def write_output(
                 metrics={
                     k: v for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)
                 },
-                recipe_yaml=recipe.to_yaml(),
+                recipe_yaml=recipe_yaml,
                 curve_png="loss_curve.png" if has_curve else None,
             )
         )

@@ -35,11 +35,11 @@ def run_piped(*args: str, stdin: str, timeout: float = 120) -> subprocess.Comple
 class ChatTerminal:
     """``adapterhub chat`` under pexpect in an xterm-sized pseudo-terminal."""
 
-    def __init__(self, *args: str, timeout: float = 60) -> None:
+    def __init__(self, *args: str, timeout: float = 60, term: str = "xterm") -> None:
         self.child = pexpect.spawn(
             sys.executable,
             ["-m", "adapterhub", "chat", *args],
-            env={**os.environ, **TERMINAL},
+            env={**os.environ, **TERMINAL, "TERM": term},
             dimensions=(50, 150),
             encoding="utf-8",
             timeout=timeout,
@@ -75,8 +75,8 @@ class ChatTerminal:
 
 
 @contextlib.contextmanager
-def chat_terminal(*args: str) -> Iterator[ChatTerminal]:
-    terminal = ChatTerminal(*args)
+def chat_terminal(*args: str, term: str = "xterm") -> Iterator[ChatTerminal]:
+    terminal = ChatTerminal(*args, term=term)
     try:
         yield terminal
     finally:

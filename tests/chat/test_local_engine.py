@@ -108,3 +108,22 @@ def test_a_conversation_longer_than_the_context_asks_for_undo(engine) -> None:
     session.undo()
     assert session.messages == []
     assert session.ask("hello").finish_reason in ("stop", "length")
+
+
+def test_a_reply_cut_by_the_full_context_says_so_not_max_tokens(engine) -> None:
+    from adapterhub.chat.backends import chat_prompt
+
+    def prompt_tokens(words: int) -> int:
+        prompt = chat_prompt(engine.tokenizer, [{"role": "user", "content": "hello " * words}])
+        return len(engine.tokenizer(prompt)["input_ids"])
+
+    words = engine.max_context
+    while prompt_tokens(words) > engine.max_context - 4:  # leave room for a few tokens only
+        words -= 1
+    session = ChatSession(
+        LocalBackend(engine), ChatView(Console(file=io.StringIO())), params=SamplingParams(max_tokens=50)
+    )
+    reply = session.ask("hello " * words)
+    assert reply.finish_reason == "length" and reply.tokens < 50
+    expected = f"context full ({prompt_tokens(words)} prompt + {reply.tokens} reply tokens)"
+    assert expected in reply.status() and "max_tokens" not in reply.status()

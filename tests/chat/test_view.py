@@ -33,3 +33,15 @@ def test_status_names_adapter_method_and_speed() -> None:
     assert reply.status() == "lora-a (lora) · 12 tokens · 24.0 tok/s · hit max_tokens"
     reply.stop()
     assert reply.status().endswith("· stopped")
+
+
+def test_a_length_stop_says_whether_max_tokens_or_the_context_ran_out() -> None:
+    lora = AdapterEntry("lora-a", "lora")
+    hit_limit = Reply(lora, completion_tokens=12, max_tokens=12, prompt_tokens=30, finish_reason="length")
+    assert hit_limit.status().endswith("· hit max_tokens (12)")
+    context_full = Reply(lora, completion_tokens=5, max_tokens=64, prompt_tokens=123, finish_reason="length")
+    assert context_full.status().endswith(
+        "· context full (123 prompt + 5 reply tokens): /undo or /reset to make room"
+    )
+    unknown_prompt = Reply(lora, completion_tokens=5, max_tokens=64, finish_reason="length")
+    assert "context full: /undo" in unknown_prompt.status()

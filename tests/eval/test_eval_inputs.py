@@ -50,7 +50,7 @@ def test_recipe_eval_section_is_checked_by_key() -> None:
     from adapterhub.recipe import load_recipe
 
     recipe = Path(__file__).resolve().parents[2] / "recipes" / "quickstart.yaml"
-    with pytest.raises(UserError, match=r"eval\.limit: use 1 or more"):
+    with pytest.raises(UserError, match=r"eval\.limit: must be ≥ 1, got 0"):
         load_recipe(recipe, ["eval.limit=0"])
     with pytest.raises(UserError, match=r"eval\.sample: unknown key"):
         load_recipe(recipe, ["eval.sample=3"])

@@ -54,6 +54,26 @@ def hub(hub_server: FakeHub, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) ->
     return hub_server
 
 
+def store_listing() -> dict[str, bytes]:
+    """Every file under the store, hidden temp folders and locks included, with its bytes."""
+    from adapterhub.hub import store
+
+    root = store.root()
+    if not root.exists():
+        return {}
+    return {str(path.relative_to(root)): path.read_bytes() for path in root.rglob("*") if path.is_file()}
+
+
+@pytest.fixture
+def held(hub: FakeHub, adapter_copy) -> dict[str, bytes]:
+    """A store that already holds one adapter (``kept``), whose files must survive every failure."""
+    from adapterhub.hub import pull, push_folder
+
+    push_folder(adapter_copy("lora-builtin"), "alice/kept")
+    pull("alice/kept", name="kept")
+    return store_listing()
+
+
 @pytest.fixture(params=["regular", "lfs"])
 def any_hub(request: pytest.FixtureRequest, hub: FakeHub, monkeypatch: pytest.MonkeyPatch) -> FakeHub:
     """The fake Hub in both upload modes: files inline in commits, or weights through git-LFS."""

@@ -8,6 +8,13 @@ their own namespace.
 By default every file is uploaded in "regular" mode (inline in the commit). With ``lfs = True`` the
 server asks for weights (``*.safetensors``, ``*.bin``) through the git-LFS batch API, as the real Hub
 does for a client with ``HF_HUB_DISABLE_XET=1``. The real Hub's Xet storage is never exercised.
+
+It can also be hostile, per file: list a size other than the file's (``listed_sizes``), send bytes
+past the end of a file until the client hangs up (``overflowing``), drop every transfer of a file
+after some bytes while ignoring Range so a client restarts it forever (``dropping``), or hold every
+download until a test lets it go (``download_gate``). The content builders at the end make the
+hostile files themselves: a pickle that leaves a marker file if it is ever unpickled, a YAML alias
+bomb, and adapter weights with NaNs.
 """
 
 from __future__ import annotations
@@ -17,12 +24,14 @@ import contextlib
 import fnmatch
 import hashlib
 import json
+import pickle
 import re
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlsplit
 
 GITATTRIBUTES = (
@@ -56,14 +65,18 @@ class Commit:
     date: str
     lfs: set[str] = field(default_factory=set)  # paths stored through git-LFS
 
-    def entry(self, path: str) -> dict:
-        """The file as the tree and paths-info routes describe it; LFS files point at their sha256."""
+    def entry(self, path: str, listed_size: int | None = None) -> dict:
+        """The file as the tree and paths-info routes describe it; LFS files point at their sha256.
+
+        ``listed_size`` is the size to claim instead of the true one (a hostile listing).
+        """
         data = self.files[path]
+        size = len(data) if listed_size is None else listed_size
         if path not in self.lfs:
-            return {"type": "file", "oid": git_blob_sha(data), "size": len(data), "path": path}
+            return {"type": "file", "oid": git_blob_sha(data), "size": size, "path": path}
         pointer = lfs_pointer(data)
-        lfs = {"oid": sha256(data), "size": len(data), "pointerSize": len(pointer)}
-        return {"type": "file", "oid": git_blob_sha(pointer), "size": len(data), "path": path, "lfs": lfs}
+        lfs = {"oid": sha256(data), "size": size, "pointerSize": len(pointer)}
+        return {"type": "file", "oid": git_blob_sha(pointer), "size": size, "path": path, "lfs": lfs}
 
 
 @dataclass
@@ -94,6 +107,11 @@ class FakeHub:
     cut_next_download: set[str] = field(default_factory=set)
     lfs: bool = False
     lfs_objects: dict[str, bytes] = field(default_factory=dict)  # sha256 -> content
+    # Hostile behaviours, keyed by the file's path in its repo:
+    listed_sizes: dict[str, int] = field(default_factory=dict)  # the size info and tree claim
+    overflowing: set[str] = field(default_factory=set)  # GET sends the file, then zeros until hang-up
+    dropping: dict[str, int] = field(default_factory=dict)  # GET: 200 (Range ignored), N bytes, drop
+    download_gate: threading.Event | None = None  # when set to a clear event, downloads wait for it
     lock: threading.RLock = field(default_factory=threading.RLock)
     url: str = ""
 
@@ -104,6 +122,18 @@ class FakeHub:
             self.cut_next_download.clear()
             self.lfs = False
             self.lfs_objects.clear()
+            self.listed_sizes.clear()
+            self.overflowing.clear()
+            self.dropping.clear()
+            self.download_gate = None
+
+    def downloads(self, file_name: str) -> int:
+        """How many GETs of a file named ``file_name`` (in any repo) the server has seen."""
+        with self.lock:
+            return sum(
+                method == "GET" and "/resolve/" in path and path.endswith(f"/{file_name}")
+                for method, path in self.requests
+            )
 
     # -- repository model -------------------------------------------------------------------------
 
@@ -261,8 +291,12 @@ class _Handler(BaseHTTPRequestHandler):
         for route_method, pattern, handler in routes:
             match = re.fullmatch(pattern, path)
             if match and route_method == method:
+                arguments = {key: unquote(value) for key, value in match.groupdict().items() if value}
+                if handler == self._download:  # takes the lock itself: it may stream or wait for long
+                    handler(**arguments)
+                    return
                 with self.hub.lock:
-                    handler(**{key: unquote(value) for key, value in match.groupdict().items() if value})
+                    handler(**arguments)
                 return
         raise HubError(404, f"no route for {method} {path}")
 
@@ -356,7 +390,7 @@ class _Handler(BaseHTTPRequestHandler):
         commit = self.hub.resolve(repository, rev)
         siblings = []
         for path in sorted(commit.files):
-            entry = commit.entry(path)
+            entry = commit.entry(path, self.hub.listed_sizes.get(path))
             sibling = {"rfilename": path, "size": entry["size"], "blobId": entry["oid"]}
             if "lfs" in entry:
                 lfs = entry["lfs"]
@@ -394,7 +428,7 @@ class _Handler(BaseHTTPRequestHandler):
             if "/" in rest and not recursive:
                 folders.add(f"{prefix}/{rest.split('/')[0]}" if prefix else rest.split("/")[0])
                 continue
-            entries.append(commit.entry(path))
+            entries.append(commit.entry(path, self.hub.listed_sizes.get(path)))
         entries += [
             {"type": "directory", "oid": "0" * 40, "size": 0, "path": path} for path in sorted(folders)
         ]
@@ -523,10 +557,19 @@ class _Handler(BaseHTTPRequestHandler):
         self._send_json({})
 
     def _download(self, repo: str, rev: str, file: str) -> None:
-        commit = self.hub.resolve(self._readable(repo), rev)
-        if file not in commit.files:
-            raise HubError(404, f"Entry not found: {file}", "EntryNotFound")
-        data = commit.files[file]
+        gate = self.hub.download_gate
+        if gate is not None and self.command == "GET":
+            gate.wait(60)
+        with self.hub.lock:
+            commit = self.hub.resolve(self._readable(repo), rev)
+            if file not in commit.files:
+                raise HubError(404, f"Entry not found: {file}", "EntryNotFound")
+            data = commit.files[file]
+            cut = self.command == "GET" and file in self.hub.cut_next_download
+            if cut:
+                self.hub.cut_next_download.discard(file)
+            overflowing = file in self.hub.overflowing
+            drop_after = self.hub.dropping.get(file)
         etag = sha256(data) if file in commit.lfs else git_blob_sha(data)
         headers = {
             "X-Repo-Commit": commit.sha,
@@ -536,27 +579,43 @@ class _Handler(BaseHTTPRequestHandler):
         }
         status, body = 200, data
         match = re.fullmatch(r"bytes=(\d+)-(\d*)", self.headers.get("Range", ""))
-        if match and self.command == "GET":
+        if match and self.command == "GET" and drop_after is None:
             start = int(match.group(1))
             end = int(match.group(2)) if match.group(2) else len(data) - 1
             status, body = 206, data[start : end + 1]
             headers["Content-Range"] = f"bytes {start}-{start + len(body) - 1}/{len(data)}"
-        if self.command == "GET" and file in self.hub.cut_next_download:
-            self.hub.cut_next_download.discard(file)
-            self._send_cut(status, body, headers)
-            return
-        self._send(status, body, headers)
+        if cut:
+            self._send_cut(status, body, headers, len(body) // 2)
+        elif self.command == "GET" and drop_after is not None:
+            self._send_cut(status, body, headers, drop_after)
+        elif self.command == "GET" and overflowing:
+            self._send_overflowing(body, headers)
+        else:
+            self._send(status, body, headers)
 
-    def _send_cut(self, status: int, body: bytes, headers: dict[str, str]) -> None:
-        """Promise the whole body, send half, and drop the connection."""
+    def _send_cut(self, status: int, body: bytes, headers: dict[str, str], sent: int) -> None:
+        """Promise the whole body, send its first ``sent`` bytes, and drop the connection."""
         self.send_response(status)
         for key, value in headers.items():
             self.send_header(key, value)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
-        self.wfile.write(body[: len(body) // 2])
+        self.wfile.write(body[:sent])
         self.wfile.flush()
         self.close_connection = True
+
+    def _send_overflowing(self, body: bytes, headers: dict[str, str]) -> None:
+        """Send the file and then zeros, with no length, until the client hangs up."""
+        self.send_response(200)
+        for key, value in headers.items():
+            self.send_header(key, value)
+        self.send_header("Connection", "close")
+        self.end_headers()
+        self.close_connection = True
+        with contextlib.suppress(OSError):
+            self.wfile.write(body)
+            while True:
+                self.wfile.write(bytes(64 << 10))
 
     def _lfs_batch(self, repo: str) -> None:
         self._writable(repo)
@@ -584,3 +643,38 @@ class _Handler(BaseHTTPRequestHandler):
         if oid not in self.hub.lfs_objects or self._json_body().get("size") != len(self.hub.lfs_objects[oid]):
             raise HubError(404, f"LFS object {oid} is missing")
         self._send_json({})
+
+
+# -- hostile content ------------------------------------------------------------------------------
+
+
+class _LeavesMarker:
+    """Unpickled by a full unpickler, this creates the file ``path`` (``open(path, "w")``)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self) -> tuple:
+        return (open, (str(self.path), "w"))
+
+
+def marker_pickle(marker: Path) -> bytes:
+    """An ``adapter_model.bin`` that runs code (it creates ``marker``) if anything ever unpickles it."""
+    return pickle.dumps({"base_model.model.lm_head.lora_A.weight": _LeavesMarker(marker)}, protocol=2)
+
+
+def alias_bomb(levels: int = 9, width: int = 9) -> bytes:
+    """A few hundred bytes of YAML that expand to ``width ** levels`` strings when aliases are followed."""
+    lines = [f"l0: &l0 [{', '.join(['lol'] * width)}]"]
+    lines += [f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * width)}]" for i in range(1, levels)]
+    return ("\n".join(lines) + "\n").encode()
+
+
+def nan_weights(safetensors_bytes: bytes) -> bytes:
+    """The same adapter weights with the first entry of every tensor set to NaN."""
+    from safetensors.torch import load, save
+
+    tensors = load(safetensors_bytes)
+    for tensor in tensors.values():
+        tensor.view(-1)[0] = float("nan")
+    return save(tensors)

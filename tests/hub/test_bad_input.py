@@ -9,24 +9,8 @@ import pytest
 
 from adapterhub.hub import pull, push_folder, store
 
-from .conftest import DEAD_ENDPOINT, TOKENS, run_main, upload_raw
+from .conftest import DEAD_ENDPOINT, TOKENS, run_main, store_listing, upload_raw
 from .fake_hub import FakeHub
-
-
-def store_listing() -> dict[str, bytes]:
-    """Every file under the store, hidden temp folders included, with its bytes."""
-    root = store.root()
-    if not root.exists():
-        return {}
-    return {str(path.relative_to(root)): path.read_bytes() for path in root.rglob("*") if path.is_file()}
-
-
-@pytest.fixture
-def held(hub: FakeHub, adapter_copy) -> dict[str, bytes]:
-    """A store that already holds one adapter (``kept``), whose files must survive every failure."""
-    push_folder(adapter_copy("lora-builtin"), "alice/kept")
-    pull("alice/kept", name="kept")
-    return store_listing()
 
 
 def assert_one_line_error(code: int, err: str, *needles: str) -> None:
@@ -121,6 +105,14 @@ def test_rejected_token_401_and_foreign_namespace_403(hub: FakeHub, held, adapte
     code, err = run_main(["push", str(adapter_copy("lora-builtin")), "bob/stolen"], capsys, monkeypatch)
     assert_one_line_error(code, err, "no permission for bob/stolen", "(403)")
     assert "bob/stolen" not in hub.repos
+    assert store_listing() == held
+
+
+def test_push_with_no_token_says_none_is_set(hub: FakeHub, held, adapter_copy, capsys, monkeypatch):
+    monkeypatch.delenv("HF_TOKEN")
+    code, err = run_main(["push", str(adapter_copy("lora-builtin")), "alice/new"], capsys, monkeypatch)
+    assert_one_line_error(code, err, "needs a token for this (401) and none is set", "HF_TOKEN")
+    assert "rejected" not in err and "alice/new" not in hub.repos
     assert store_listing() == held
 
 

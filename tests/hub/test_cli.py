@@ -38,8 +38,10 @@ def test_plain_peft_adapter_push_pull_list_show_rm(hub: FakeHub, adapter_copy, t
     pushed = json.loads(_ok(run_cli(["push", str(source), "alice/prompt", "--tag", "v1", "--json"], pusher)))
     assert pushed["commit"] == hub.repos["alice/prompt"].tags["v1"] and not pushed["no_op"]
 
-    again = _ok(run_cli(["push", str(source), "alice/prompt", "--tag", "v1"], pusher))
+    repushed = run_cli(["push", str(source), "alice/prompt", "--tag", "v1"], pusher)
+    again = _ok(repushed)
     assert f"unchanged, nothing to push: {hub.url}/alice/prompt/tree/v1" in again
+    assert "No files have been modified" not in repushed.stderr  # huggingface_hub's own line stays off
     assert f"commit {pushed['commit']}" in again
 
     puller = {**hub_env(hub, tmp_path, user="bob"), "ADAPTERHUB_HOME": str(tmp_path / "bob-home")}

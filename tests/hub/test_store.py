@@ -95,3 +95,75 @@ def test_adapter_card_metadata_for_hub_and_builtin_bases() -> None:
 
     builtin = adapter_card(base_model="builtin:tiny-llama", method="lora", title="tiny")
     assert "base_model:" not in builtin.split("---")[1] and "`builtin:tiny-llama`" in builtin
+
+
+def test_list_never_cuts_a_value_in_a_pipe_or_at_80_columns(
+    adapter_copy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import io
+
+    from rich.console import Console
+
+    from adapterhub.hub import commands
+    from tests.table_text import column_texts, squeezed
+
+    monkeypatch.setenv("ADAPTERHUB_HOME", str(tmp_path / "home"))
+    for name, kind in (("prefix_tuning-support-style-v2", "prefix"), ("p_tuning-greeter", "p-tuning")):
+        store.add_folder(adapter_copy(kind), name)
+    entries = store.entries()
+    expected = {
+        0: [entry.name for entry in entries],
+        1: [entry.method for entry in entries],
+        2: [entry.base_model for entry in entries],
+        4: [f"{entry.params:,}" for entry in entries],
+        5: [entry.source_at_revision for entry in entries],  # the long temp folders they came from
+    }
+    headers = ["name", "method", "base model", "size", "stored params", "source@revision"]
+    for console in (
+        Console(file=io.StringIO(), width=80),  # a pipe
+        Console(file=io.StringIO(), width=80, force_terminal=True, color_system=None),  # a terminal
+    ):
+        monkeypatch.setattr(commands, "console", console)
+        commands.list_adapters.main([], standalone_mode=False)
+        rendered = console.file.getvalue()
+        shown_headers, columns = column_texts(rendered)
+        assert "…" not in rendered and shown_headers == [squeezed([header]) for header in headers]
+        for index, values in expected.items():
+            assert columns[index] == squeezed(values), rendered
+        assert columns[3].count("KiB") == len(entries)
+        if console.is_terminal:
+            assert max(len(line) for line in rendered.splitlines()) <= 80
+
+
+class WritesAMarker:
+    """Pickled as a call to ``open(marker, "w")``: unpickling it would create the marker file."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def test_a_pickle_in_adapter_model_bin_is_refused_unrun_naming_the_file(adapter_copy, tmp_path: Path) -> None:
+    import torch
+
+    folder = adapter_copy("lora-builtin")
+    (folder / "adapter_model.safetensors").unlink()
+    marker = tmp_path / "unpickled"
+    torch.save({"base_model.model.lm_head.weight": WritesAMarker(marker)}, folder / "adapter_model.bin")
+    with pytest.raises(UserError) as refused:
+        inspect_adapter(folder)
+    message = str(refused.value)
+    assert message.startswith(f"{folder / 'adapter_model.bin'} holds more than plain tensors")
+    assert "adapter_model.safetensors" in message and "\n" not in message
+    assert not marker.exists()
+
+
+def test_a_deeply_nested_adapter_config_is_one_line_naming_the_file(adapter_copy) -> None:
+    folder = adapter_copy("lora-builtin")
+    (folder / "adapter_config.json").write_text(
+        '{"peft_type": "LORA", "x": ' + "[" * 100_000 + "]" * 100_000 + "}"
+    )
+    with pytest.raises(UserError, match=r"adapter_config\.json is nested too deeply"):
+        inspect_adapter(folder)

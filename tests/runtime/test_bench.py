@@ -7,8 +7,8 @@ import json
 import pytest
 from click.testing import CliRunner
 
+from adapterhub.bench import bench_serve
 from adapterhub.runtime.api import FAMILIES
-from adapterhub.runtime.bench import bench_serve
 
 KEYS = (
     "base_tok_s",
@@ -35,6 +35,10 @@ def test_bench_serve_prints_json_with_all_metrics(tiny_llama, quantization: str)
     assert all(result[key] > 0 for key in KEYS)
     assert set(result["families"].values()) == set(FAMILIES)
     assert (result["batch"], result["new_tokens"], result["quantization"]) == (3, 4, quantization)
+    # Not a terminal here: each phase is a line on stderr as it starts, stdout stays pure JSON.
+    phases = [line.split(" (")[0] for line in outcome.stderr.splitlines()]
+    assert phases[0] == "bench serve: loading builtin:tiny-llama"
+    assert "bench serve: engine: mixed" in phases and "bench serve: adapter load and swap" in phases
 
 
 def test_bench_serve_refuses_too_few_adapters_for_five_families() -> None:

@@ -7,10 +7,10 @@ from pathlib import Path
 
 from click.testing import CliRunner
 
+from adapterhub.bench import bench_http
 from adapterhub.runtime.engine import Engine, EngineConfig
 from adapterhub.server.app import create_app
 from adapterhub.server.background import serve_in_background
-from adapterhub.server.bench import bench_http
 
 SHAPE = ["--requests", "12", "--concurrency", "4", "--prompt-len", "8", "--new-tokens", "3"]
 SCHEMA = {"type": "array", "items": {"type": "string"}}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -16,6 +17,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+from http_helpers import KeepAlive
 from scripted_engine import wait_until
 from transformers import AutoModelForCausalLM
 
@@ -24,6 +26,8 @@ from adapterhub.runtime.engine import Engine, EngineConfig
 from adapterhub.runtime.random_adapters import peft_config, write_random_adapter
 from adapterhub.server.app import create_app
 from adapterhub.server.background import serve_in_background
+from adapterhub.server.loading_policy import LoadingPolicy
+from tests.hub.fake_hub import marker_pickle
 
 FAMILIES = ("lora", "ia3", "prompt_tuning", "prefix_tuning")
 PROMPTS = ("the food was", "Review: the room was very clean\nSentiment:")
@@ -53,8 +57,10 @@ def engine(adapter_folders: dict[str, Path]) -> Engine:
 
 
 @pytest.fixture(scope="module")
-def url(engine: Engine) -> str:
-    with serve_in_background(create_app(engine)) as base_url:
+def url(engine: Engine, adapter_folders: dict[str, Path]) -> str:
+    root = adapter_folders["lora"].parent.resolve()
+    app = create_app(engine, loading=LoadingPolicy(enabled=True, roots=(root,)))
+    with serve_in_background(app) as base_url:
         yield base_url
 
 
@@ -253,6 +259,43 @@ def test_adapters_load_and_unload_while_requests_arrive(
     assert httpx.delete(f"{url}/v1/adapters/spare", timeout=60).status_code == 200
 
 
+def test_inputs_that_once_crashed_the_server_are_refused_on_a_live_connection(
+    url: str, adapter_folders: dict[str, Path]
+) -> None:
+    """Each gets a 4xx with an OpenAI body, no pickle runs, and the same keep-alive connection then
+    serves the next request."""
+    root = adapter_folders["lora"].parent
+    marker = root / "unpickled"
+    pickled = root / "pickled"
+    pickled.mkdir(exist_ok=True)
+    shutil.copy(adapter_folders["lora"] / "adapter_config.json", pickled)
+    (pickled / "adapter_model.bin").write_bytes(marker_pickle(marker))
+    nested = root / "nested"
+    nested.mkdir(exist_ok=True)
+    (nested / "adapter_config.json").write_text("[" * 100_000 + "]" * 100_000)
+    completion = '{"model": "%s", "prompt": %s, "max_tokens": 2, "temperature": 1, "seed": %d}'
+    chat = '{"model": "lora", "messages": [{"role": "user", "content": "%s"}]}'
+    bad_inputs = [
+        ("/v1/completions", completion % (BASE, '"hi"', 2**63), 422, "invalid_value"),
+        ("/v1/completions", completion % (BASE, '"hi"', -(2**63) - 1), 422, "invalid_value"),
+        ("/v1/completions", completion % (BASE, '"\\ud800"', 1), 422, "invalid_value"),
+        ("/v1/completions", completion % ("\\udfff", '"hi"', 1), 422, "invalid_value"),
+        ("/v1/chat/completions", chat % "a\\ud83d", 422, "invalid_value"),
+        ("/v1/adapters", '{"name": "p", "source": "pickled"}', 400, "corrupt_adapter"),
+        ("/v1/adapters", '{"name": "n", "source": "nested"}', 400, "corrupt_adapter"),
+    ]
+    connection = KeepAlive(url)
+    for path, body, status, code in bad_inputs:
+        answered, _, answer = connection.send("POST", path, body)
+        assert (answered, answer["error"]["code"]) == (status, code), (path, body, answer)
+        assert "\n" not in answer["error"]["message"]
+        assert connection.send("GET", "/v1/models")[0] == 200
+    top_seed = completion % (BASE, '"hi"', 2**63 - 1)
+    assert connection.send("POST", "/v1/completions", top_seed)[0] == 200
+    connection.close()
+    assert not marker.exists()
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -270,39 +313,36 @@ def refuses_connections(url: str, within_s: float = 10.0) -> bool:
     return False
 
 
+def start_serve(*args: str) -> tuple[subprocess.Popen, str]:
+    """A real ``adapterhub serve`` on a free port, once it answers /health."""
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "adapterhub", "serve", "--port", str(port), *args],
+        env=os.environ.copy(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        assert server.poll() is None, server.stdout.read()
+        assert time.monotonic() < deadline
+        try:
+            if httpx.get(f"{url}/health").status_code == 200:
+                return server, url
+        except httpx.TransportError:
+            time.sleep(0.2)
+
+
 @pytest.mark.slow
 def test_sigterm_finishes_the_request_in_flight_then_exits(
     engine: Engine, adapter_folders: dict[str, Path]
 ) -> None:
     expected = alone(engine, "hello", "prompt_tuning", max_tokens=150)
     assert expected.finish_reason == "length"
-    port = free_port()
-    command = [
-        sys.executable,
-        "-m",
-        "adapterhub",
-        "serve",
-        "--adapters",
-        f"pt={adapter_folders['prompt_tuning']}",
-    ]
-    server = subprocess.Popen(
-        [*command, "--port", str(port), "--grace", "60"],
-        env=os.environ.copy(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    server, url = start_serve("--adapters", f"pt={adapter_folders['prompt_tuning']}", "--grace", "60")
     try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 120
-        while True:
-            assert server.poll() is None, server.stdout.read()
-            assert time.monotonic() < deadline
-            try:
-                if httpx.get(f"{url}/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.2)
         body = {"model": "pt", "prompt": "hello", "max_tokens": 150, "temperature": 0, "stream": True}
         events = []
         with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=120) as response:
@@ -320,6 +360,62 @@ def test_sigterm_finishes_the_request_in_flight_then_exits(
             "".join(c["text"] for c in choices) == expected.text and choices[-1]["finish_reason"] == "length"
         )
         assert server.wait(60) == 0
+        assert "SIGTERM: 1 in-flight request(s) finished; stopping" in server.stdout.read()
     finally:
         if server.poll() is None:
             server.kill()
+
+
+@pytest.mark.slow
+def test_sigterm_past_a_short_grace_gives_every_client_an_answer_or_an_error(
+    engine: Engine, adapter_folders: dict[str, Path]
+) -> None:
+    """Long requests outlive a 0.5 s grace: each client gets its whole answer, or a 503 body / an SSE
+    error event and [DONE]; the log counts both truthfully."""
+    server, url = start_serve("--adapters", f"pt={adapter_folders['prompt_tuning']}", "--grace", "0.5")
+    body = {"model": "pt", "prompt": "hello", "max_tokens": 500, "temperature": 0}  # most of the context
+    outcomes: list[str] = []
+    first_token = threading.Event()
+
+    def stream() -> None:
+        with httpx.stream(
+            "POST", f"{url}/v1/completions", json={**body, "stream": True}, timeout=120
+        ) as answer:
+            events = []
+            for line in answer.iter_lines():
+                if line.startswith("data: "):
+                    events.append(line.removeprefix("data: "))
+                    first_token.set()
+        assert events[-1] == "[DONE]"
+        last = json.loads(events[-2])
+        outcomes.append("cancelled" if last.get("error", {}).get("code") == "cancelled" else "finished")
+        assert "error" in last or last["choices"][0]["finish_reason"] == "length"
+
+    def whole() -> None:
+        answer = httpx.post(f"{url}/v1/completions", json=body, timeout=120)
+        if answer.status_code == 503:
+            assert answer.json()["error"]["code"] == "cancelled"
+            outcomes.append("cancelled")
+        else:
+            assert answer.status_code == 200 and answer.json()["choices"][0]["finish_reason"] == "length"
+            outcomes.append("finished")
+
+    clients = [threading.Thread(target=stream), threading.Thread(target=whole)]
+    try:
+        for client in clients:
+            client.start()
+        assert first_token.wait(120)
+        server.send_signal(signal.SIGTERM)
+        for client in clients:
+            client.join(120)
+        assert server.wait(60) == 0
+        log = server.stdout.read()
+    finally:
+        if server.poll() is None:
+            server.kill()
+    assert len(outcomes) == 2
+    finished, cancelled = outcomes.count("finished"), outcomes.count("cancelled")
+    summary = f"SIGTERM: {finished} in-flight request(s) finished"
+    if cancelled:
+        summary += f", {cancelled} cancelled after the 0.5 s grace"
+    assert f"{summary}; stopping" in log, log[-2000:]

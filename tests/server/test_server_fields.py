@@ -19,6 +19,7 @@ from adapterhub.runtime.engine import Engine, EngineConfig
 from adapterhub.runtime.random_adapters import peft_config, write_random_adapter
 from adapterhub.server.app import create_app
 from adapterhub.server.background import serve_in_background
+from adapterhub.server.loading_policy import LoadingPolicy
 
 SERVED_NAME = "tiny-base"
 FAMILIES = ("lora", "ia3", "prompt_tuning", "p_tuning", "prefix_tuning")
@@ -42,7 +43,11 @@ def engine(hermes_base: Path, tmp_path_factory: pytest.TempPathFactory) -> Engin
 
 @pytest.fixture(scope="module")
 def url(engine: Engine) -> str:
-    with serve_in_background(create_app(engine, served_model_name=SERVED_NAME, max_tokens_cap=64)) as base:
+    # The vLLM load aliases go through the same loading policy: on, for the adapters' own folder.
+    roots = tuple({Path(info.source).resolve().parent for info in engine.list()})
+    loading = LoadingPolicy(enabled=True, roots=roots)
+    app = create_app(engine, served_model_name=SERVED_NAME, max_tokens_cap=64, loading=loading)
+    with serve_in_background(app) as base:
         yield base
 
 

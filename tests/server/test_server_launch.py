@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +15,7 @@ import pytest
 from adapterhub.errors import UserError
 from adapterhub.hub.specs import AdapterSpec, infer_base
 from adapterhub.server.launch import parse_adapter_specs
+from tests.table_text import column_texts, squeezed
 
 
 def adapter_folder(root: Path, name: str, base: str | None) -> Path:
@@ -92,3 +95,75 @@ def test_build_engine_infers_the_base_and_registers_the_adapters(tiny_llama: Pat
     with pytest.raises(RequestError) as full:
         engine.submit(GenerationRequest("hello", adapter="mine"))
     assert full.value.code == "overloaded"
+
+
+def test_serve_on_a_taken_port_fails_in_one_line_before_loading_anything() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        # A base that does not exist: had it been looked at first, the error would be about it.
+        command = [
+            sys.executable,
+            "-m",
+            "adapterhub",
+            "serve",
+            "--base",
+            "./no-such-model",
+            "--port",
+            str(port),
+        ]
+        child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        err = child.stderr.read()
+        child.stdout.read()
+        _, status, usage = os.wait4(child.pid, 0)
+        child.returncode = os.waitstatus_to_exitcode(status)
+    assert child.returncode == 1
+    assert err.count("\n") == 1 and f"cannot listen on 127.0.0.1:{port}" in err and "--port" in err, err
+    # CPU seconds, not wall time: a busy machine slows a start, but loading a model costs far more.
+    assert usage.ru_utime + usage.ru_stime < 3.0
+
+
+def test_an_adapter_cannot_take_the_base_models_name(tmp_path: Path) -> None:
+    from adapterhub.server.launch import check_names
+
+    folder = adapter_folder(tmp_path, "lora", "builtin:tiny-llama")
+    check_names(parse_adapter_specs(f"mine={folder}"), "builtin:tiny-llama")
+    with pytest.raises(
+        UserError, match="the base model's own name, and could never be reached: give it an alias"
+    ):
+        check_names(parse_adapter_specs(f"builtin:tiny-llama={folder}"), "builtin:tiny-llama")
+
+
+def test_the_startup_table_names_every_model_whole_at_80_columns() -> None:
+    from rich.console import Console
+
+    from adapterhub.runtime.api import AdapterInfo
+    from adapterhub.server.launch import served_table
+    from adapterhub.tables import print_table
+
+    class Served:
+        base_name = "HuggingFaceTB/SmolLM2-360M-Instruct"
+        backend = "fast multi-adapter runtime"
+
+        def list(self) -> list[AdapterInfo]:
+            return [
+                AdapterInfo("support-lora", "lora", "alice/smollm2-support@v1", self.base_name, rank=16),
+                AdapterInfo("style", "prefix_tuning", "/srv/adapters/style-prefix", self.base_name, None, 20),
+            ]
+
+    rows = [
+        ["HuggingFaceTB/SmolLM2-360M-Instruct", "base", "", ""],
+        ["support-lora", "lora", "r=16", "alice/smollm2-support@v1"],
+        ["style", "prefix_tuning", "20 virtual tokens", "/srv/adapters/style-prefix"],
+    ]
+    for console in (
+        Console(file=io.StringIO(), width=80, force_terminal=True, color_system=None),  # a terminal
+        Console(file=io.StringIO(), width=80),  # a pipe
+    ):
+        print_table(served_table(Served()), console)
+        rendered = console.file.getvalue()
+        _, columns = column_texts(rendered)
+        assert columns == [squeezed([row[index] for row in rows]) for index in range(4)], rendered
+        assert "…" not in rendered
+        assert "models served by the fast multi-adapter runtime" in rendered

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import socket
 import threading
+from pathlib import Path
 
 import httpx
 import openai
@@ -14,6 +15,7 @@ from scripted_engine import ScriptedEngine, wait_until
 from adapterhub.runtime.api import RequestError
 from adapterhub.server.app import create_app
 from adapterhub.server.background import serve_in_background
+from adapterhub.server.loading_policy import LoadingPolicy
 
 
 def client(url: str, api_key: str = "unused") -> openai.OpenAI:
@@ -161,7 +163,7 @@ def test_error_statuses_and_openai_bodies(
 def test_openai_client_raises_the_matching_errors(scripted: ScriptedEngine) -> None:
     with serve_in_background(create_app(scripted)) as url:
         api = client(url)
-        with pytest.raises(openai.NotFoundError, match="unknown adapter"):
+        with pytest.raises(openai.NotFoundError, match="model 'nope' is not served here"):
             api.chat.completions.create(model="nope", messages=[{"role": "user", "content": "hi"}])
         with pytest.raises(openai.UnprocessableEntityError, match="temperature"):
             api.completions.create(model="lora-a", prompt="hi", temperature=-1)
@@ -252,14 +254,15 @@ def test_a_bug_is_a_500_with_an_openai_body(scripted: ScriptedEngine) -> None:
     }
 
 
-def test_adapter_management_routes(scripted: ScriptedEngine) -> None:
-    with serve_in_background(create_app(scripted)) as url:
-        loaded = httpx.post(
-            f"{url}/v1/adapters", json={"name": "pt-c", "source": "prompt_tuning"}, timeout=30
-        )
+def test_adapter_management_routes(scripted: ScriptedEngine, tmp_path: Path) -> None:
+    (tmp_path / "pt").mkdir()
+    (tmp_path / "pt" / "adapter_config.json").write_text('{"peft_type": "PROMPT_TUNING"}')
+    loading = LoadingPolicy(enabled=True, roots=(tmp_path.resolve(),))
+    with serve_in_background(create_app(scripted, loading=loading)) as url:
+        loaded = httpx.post(f"{url}/v1/adapters", json={"name": "pt-c", "source": "pt"}, timeout=30)
         assert loaded.status_code == 201 and loaded.json()["metadata"]["method"] == "prompt_tuning"
         assert "pt-c" in [m.id for m in client(url).models.list().data]
-        again = httpx.post(f"{url}/v1/adapters", json={"name": "pt-c", "source": "lora"}, timeout=30)
+        again = httpx.post(f"{url}/v1/adapters", json={"name": "pt-c", "source": "pt"}, timeout=30)
         assert again.status_code == 409 and again.json()["error"]["code"] == "adapter_exists"
         assert httpx.delete(f"{url}/v1/adapters/pt-c", timeout=30).json()["deleted"] is True
         gone = httpx.delete(f"{url}/v1/adapters/pt-c", timeout=30)
@@ -327,3 +330,12 @@ def test_graceful_shutdown_finishes_in_flight_requests(scripted: ScriptedEngine)
     asking.join(30)
     thread.join(30)
     assert outcome["text"] == scripted.reply_text("lora-a", scripted.tokenizer("hi").input_ids, 3)
+
+
+def test_an_unknown_model_is_explained_in_http_terms(scripted: ScriptedEngine) -> None:
+    with serve_in_background(create_app(scripted)) as url:
+        response = httpx.post(f"{url}/v1/completions", json={"model": "nope", "prompt": "hi"}, timeout=30)
+    error = response.json()["error"]
+    assert response.status_code == 404 and error["code"] == "unknown_adapter" and error["param"] == "model"
+    assert "GET /v1/models" in error["message"] and "POST /v1/adapters" in error["message"]
+    assert "--adapters" in error["message"] and "register it" not in error["message"]

@@ -76,3 +76,24 @@ def test_compiled_training_under_bf16_autocast_learns_in_one_graph(tmp_path: Pat
     assert counters["stats"]["unique_graphs"] >= 1, "the compiled run traced nothing"
     assert not counters["graph_break"], f"graph breaks: {dict(counters['graph_break'])}"
     assert result.metrics["eval_loss"] < result.metrics["initial_eval_loss"]
+
+
+def test_a_compile_the_machine_cannot_build_is_one_line_naming_the_setting(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import torch._inductor.config as inductor_config
+
+    from adapterhub.errors import UserError
+
+    torch._dynamo.reset()
+    monkeypatch.setattr(inductor_config.cpp, "cxx", ("/bin/false",))  # a C++ toolchain that cannot build
+    monkeypatch.setattr(inductor_config, "fx_graph_cache", False)  # a cached kernel would skip the build
+    with pytest.raises(UserError, match=r"^training\.compile: .*set training\.compile: false"):
+        quiet_train(
+            recipe(
+                tmp_path,
+                METHODS["lora"],
+                training={"compile": True, "max_steps": 1, "generation_eval": False},
+            )
+        )
+    torch._dynamo.reset()

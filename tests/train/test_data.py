@@ -1,4 +1,7 @@
+import contextlib
 import json
+import os
+import threading
 from pathlib import Path
 
 import pyarrow as pa
@@ -73,7 +76,7 @@ def test_label_beyond_label_names(tmp_path: Path) -> None:
         columns={"prompt": "sentence", "completion": "label"},
         label_names=["negative", "positive"],
     )
-    with pytest.raises(UserError, match=r"row 2 has label 2 but data\.label_names has 2 names"):
+    with pytest.raises(UserError, match=r"line 3 has label 2 but data\.label_names has 2 names"):
         load_splits(args)
 
 
@@ -95,3 +98,61 @@ def test_fixed_shape_batches_pad_to_the_recipe_lengths(tiny_llama: Path, seq2seq
         width = longest[key].shape[1]
         assert fixed[key][:, :width].tolist() == longest[key].tolist(), key
         assert (fixed[key][:, width:] == pad).all(), key
+
+
+def test_reading_stops_at_max_samples_and_never_sees_later_rows(tmp_path: Path) -> None:
+    """An endless stream through a named pipe: the reader takes its rows and hangs up."""
+    pipe = tmp_path / "endless.jsonl"
+    os.mkfifo(pipe)
+    written = []
+
+    def write_until_hung_up() -> None:
+        with contextlib.suppress(BrokenPipeError), pipe.open("w") as handle:
+            for index in range(1_000_000):
+                handle.write(json.dumps({"prompt": f"p{index}", "completion": "c"}) + "\n")
+                written.append(index)
+
+    writer = threading.Thread(target=write_until_hung_up)
+    writer.start()
+    splits = load_splits(DataArgs(path=str(pipe), max_samples=10, validation_fraction=0.2))
+    writer.join(60)
+    assert not writer.is_alive()
+    assert sorted(row["prompt"] for row in splits.train + splits.validation) == sorted(
+        f"p{index}" for index in range(10)
+    )
+    assert len(written) < 1_000_000, "the reader hung up long before the writer was done"
+
+
+@pytest.mark.parametrize(
+    ("suffix", "text", "message"),
+    [
+        (".jsonl", '{"text": "a"}\n\n{"text": "b"}\n{"text" oops}\n', r"line 4 is not valid JSON"),
+        (".jsonl", '{"text": "a"}\n["text", "b"]\n', r"line 2 is a JSON list, not an object"),
+        (".json", '{"text": "a"}\n{"text": \n', r"line 2 is not valid JSON"),
+        (".json", '[{"text": "a"},\n "b"]', r"item 1 is not a JSON object"),
+        (".csv", 'text,extra\na,1\n"b, c",2\nd,3,4\n', r"line 4 has 3 fields but the header has 2"),
+        (".csv", 'text\na\n"never closed\n', r"line 3 is not valid CSV"),
+    ],
+)
+def test_malformed_rows_are_named_by_line(tmp_path: Path, suffix: str, text: str, message: str) -> None:
+    path = tmp_path / f"data{suffix}"
+    path.write_text(text)
+    with pytest.raises(UserError, match=message):
+        load_splits(DataArgs(path=str(path)))
+    assert load_splits(DataArgs(path=str(path), max_samples=1)).train  # the rows before it are fine
+
+
+def test_text_that_is_not_utf8_names_its_line(tmp_path: Path) -> None:
+    path = tmp_path / "data.jsonl"
+    path.write_bytes(b'{"text": "a"}\n{"text": "caf\xe9"}\n')
+    with pytest.raises(UserError, match=r"line 2 is not UTF-8 text"):
+        load_splits(DataArgs(path=str(path)))
+
+
+def test_parquet_is_read_in_batches_up_to_max_samples(tmp_path: Path) -> None:
+    path = tmp_path / "data.parquet"
+    rows = [{"prompt": f"p{index}", "completion": "c"} for index in range(5000)]
+    pq.write_table(pa.Table.from_pylist(rows), path, row_group_size=1000)
+    splits = load_splits(DataArgs(path=str(path), max_samples=2500))
+    taken = sorted(int(row["prompt"][1:]) for row in splits.train + splits.validation)
+    assert taken == list(range(2500))

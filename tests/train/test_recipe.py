@@ -48,7 +48,11 @@ def test_resolved_recipe_round_trips(tmp_path: Path) -> None:
         (BASE, ["training.max_steps=many"], r"training.max_steps: expected int, got 'many'"),
         (BASE, ["method.rank=4"], r"method.rank: not a lora parameter"),
         (BASE, ["method.r=four"], r"method.r: expected int"),
-        ("method: {type: loha}\ndata: {path: x}\n", [], r"unknown method.type 'loha': choose one of"),
+        (
+            "method: {type: loha}\ndata: {path: x}\n",
+            [],
+            r"unknown method.type 'loha' \(did you mean 'lora'\?\); choose one of",
+        ),
         ("data: {path: x}\n", [], r"missing key 'method.type'"),
         ("method: {type: ia3}\n", [], r"missing key 'data.path'"),
         (BASE + "modle: {}\n", [], r"unknown section 'modle'"),

@@ -60,6 +60,8 @@ def test_bench_train_reports_the_seed_columns(tmp_path: Path) -> None:
             "--random",
             "--set",
             "model.name=builtin:tiny-mt5",
+            "--set",
+            "training.compile=false",  # the seed recipes compile for a GPU; the columns are the same eager
             *SHORT_BENCH,
             "--baseline",
             "--json",
@@ -89,3 +91,47 @@ def test_bench_train_on_local_data_reports_accuracy() -> None:
     (row,) = json.loads(result.stdout)["results"]
     assert isinstance(row["accuracy"], float) and 0.0 <= row["accuracy"] <= 1.0
     assert row["trainable_params"] == 32768
+
+
+@pytest.mark.slow
+def test_bench_train_full_scores_the_finished_adapter_on_a_test_file_next_to_the_base(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from adapterhub.bench import bench_train
+
+    rows = [
+        json.loads(line) for line in (REPO / "recipes" / "data" / "quickstart.jsonl").read_text().splitlines()
+    ]
+    test = tmp_path / "test.jsonl"
+    test.write_text("".join(json.dumps(row) + "\n" for row in rows[:24]))
+    out = tmp_path / "lora"
+    args = ["recipes/quickstart.yaml", "--full", "--test", str(test), "--zero-shot", "--json"]
+    overrides = ["training.max_steps=100", "training.eval_max_samples=8", f"output.dir={out}"]
+    result = CliRunner().invoke(bench_train, args + [f"--set={item}" for item in overrides])
+    assert result.exit_code == 0, result.output[-2000:]
+    report = json.loads(result.stdout[result.stdout.index("{") :])
+    base, lora = report["results"]
+    assert base["method"] == "zero-shot base" and base["trainable_params"] == 0
+    assert base["total_params"] == lora["total_params"] - lora["trainable_params"]
+    assert lora["steps"] == 100 and (out / "adapter_config.json").is_file()
+    assert isinstance(lora["accuracy"], float) and lora["accuracy"] > base["accuracy"]
+    assert report["test"] == str(test) and report["steps"] == "each recipe's own"
+
+
+def test_real_recipes_keep_the_seed_method_settings() -> None:
+    """recipes/real/ is the seed table on SmolLM2 + rt-polarity: the same method settings, Llama module
+    names for LoRA's targets and a task-specific init text for prompt tuning."""
+    real = {path.stem: load_recipe(path) for path in (REPO / "recipes" / "real").glob("*.yaml")}
+    assert sorted(real) == sorted(path.stem for path in SEED_RECIPES)
+    task_specific = {"target_modules", "prompt_tuning_init_text", "tokenizer_name_or_path"}
+    for path in SEED_RECIPES:
+        seed, ours = load_recipe(path).method, real[path.stem].method
+        assert ours.type == seed.type
+        assert {k: v for k, v in ours.params.items() if k not in task_specific} == {
+            k: v for k, v in seed.params.items() if k not in task_specific
+        }, path.stem
+    assert real["lora"].method.params["target_modules"] == ["q_proj", "v_proj"]
+    data = REPO / "data" / "real"  # the recipes name it relative to themselves: they run from anywhere
+    for recipe in real.values():
+        assert Path(recipe.model.name).resolve() == data / "SmolLM2-135M-Instruct.Q4_1.gguf"
+        assert Path(recipe.data.path).resolve() == data / "train.jsonl" and recipe.training.max_steps <= 150

@@ -1,17 +1,19 @@
 """Every method trains on the tiny Llama (fp32 and nf4) and the tiny MT5, and reloads in plain PEFT."""
 
+import io
 import json
 from pathlib import Path
 
 import pytest
 import torch
 from peft import PeftModel
-from safetensors.torch import load_file
+from rich.console import Console
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, Trainer, TrainingArguments
 
 from adapterhub.errors import UserError
 from adapterhub.models import ModelSpec, load_model
-from adapterhub.train.trainer import AdapterTrainer
+from adapterhub.train.trainer import AdapterTrainer, train
 from tests.train.helpers import quiet_train, recipe
 
 METHODS = {
@@ -131,22 +133,34 @@ def test_resume_continues_from_the_last_checkpoint(tmp_path: Path, monkeypatch: 
         with pytest.raises(KeyboardInterrupt):
             quiet_train(recipe(tmp_path, METHODS["lora"], training={"max_steps": 2, "save_steps": 2}))
     assert not (tmp_path / "out").exists(), "an interrupted run leaves no output dir"
-    assert (tmp_path / ".out.partial" / "checkpoints" / "checkpoint-2").is_dir()
+    checkpoint = tmp_path / ".out.partial" / "checkpoints" / "checkpoint-2"
+    assert (checkpoint / "COMPLETE").is_file()
 
-    found: list[str | None] = []
-    real_lookup = trainer_module.get_last_checkpoint
-    monkeypatch.setattr(
-        trainer_module, "get_last_checkpoint", lambda d: found.append(real_lookup(d)) or found[-1]
-    )
-    result = quiet_train(
-        recipe(tmp_path, METHODS["lora"], training={"max_steps": 4, "save_steps": 2, "resume": True})
-    )
-    assert found and found[0].endswith("checkpoint-2")
+    # The adapter contract guards this door too: a checkpoint whose weights went NaN is refused.
+    weights_file = checkpoint / "adapter_model.safetensors"
+    good = weights_file.read_bytes()
+    weights = load_file(weights_file)
+    first = next(iter(weights))
+    weights[first] = torch.full_like(weights[first], float("nan"))
+    save_file(weights, weights_file)
+    with pytest.raises(UserError, match=r"checkpoint-2 cannot be resumed from .*NaN or inf"):
+        quiet_train(
+            recipe(tmp_path, METHODS["lora"], training={"max_steps": 4, "save_steps": 2, "resume": True})
+        )
+    weights_file.write_bytes(good)
+
+    shown = io.StringIO()
+    resumed = recipe(tmp_path, METHODS["lora"], training={"max_steps": 4, "save_steps": 2, "resume": True})
+    result = train(resumed, console=Console(file=shown, width=200))
+    assert "resuming from checkpoint-2 (step 2)" in shown.getvalue()
     assert result.metrics["steps"] == 4
     assert result.model.peft_config["default"].r == 8
     assert not trainer_module.work_dir_for(result.output_dir).exists()
     with pytest.raises(UserError, match="nothing to resume"):
         quiet_train(recipe(tmp_path, METHODS["lora"], training={"resume": True}))
+    fresh = recipe(tmp_path, METHODS["ia3"], training={"resume": True}, output={"dir": str(tmp_path / "new")})
+    with pytest.raises(UserError, match=r"resume=true but .*\.new\.partial holds no complete checkpoint"):
+        quiet_train(fresh)
 
 
 def test_store_name_adds_the_trained_adapter_to_the_store(tmp_path: Path) -> None:

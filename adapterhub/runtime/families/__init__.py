@@ -78,6 +78,10 @@ def supported() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def serves(config: PretrainedConfig) -> bool:
+    return config.model_type in _REGISTRY and not getattr(config, "is_encoder_decoder", False)
+
+
 def family_for(config: PretrainedConfig, base_name: str) -> Family:
     family = _REGISTRY.get(config.model_type)
     if family is None or getattr(config, "is_encoder_decoder", False):

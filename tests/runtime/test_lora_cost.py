@@ -1,0 +1,90 @@
+"""LoRA work follows the rows, not the slots: a decode step's FLOPs do not change with the number of
+resident adapters, and rows without a LoRA add none (counted by ``torch.utils.flop_counter``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from adapterhub.runtime.engine import Engine
+from adapterhub.runtime.model import Batch
+
+from .references import make_engine
+
+
+def _decode_flops(engine: Engine, slots: list[int]) -> int:
+    """FLOPs of one decode forward over rows serving ``slots`` (0: base), at cache position 4."""
+    decoder = engine.decoder
+    rows = len(slots)
+    batch = Batch(
+        rows=slice(0, rows),
+        row_index=torch.arange(rows).unsqueeze(1),
+        cache_pos=torch.full((rows, 1), 4),
+        rope_pos=torch.full((rows, 1), 4),
+        kv_len=5,
+        slots=torch.tensor(slots),
+        adapters=decoder.adapter_rows(slots),
+    )
+    tokens = torch.full((rows, 1), 7)
+    with FlopCounterMode(display=False) as counter:
+        decoder.forward(decoder.embed(tokens, batch, None), batch, torch.zeros(rows, dtype=torch.long))
+    return counter.get_total_flops()
+
+
+@pytest.fixture(scope="module")
+def engines(adapter_dirs: dict[str, Path]) -> tuple[Engine, Engine]:
+    """The same two LoRAs resident in an engine with 2 slots and in one with 64."""
+    loras = {name: adapter_dirs[name] for name in ("lora", "lora_rs")}
+    few, many = make_engine(loras, max_adapters=2), make_engine(loras, max_adapters=64)
+    for engine in (few, many):
+        for name in loras:
+            engine.make_resident(name)
+    return few, many
+
+
+def test_a_step_costs_the_same_with_2_or_64_resident_slots(engines: tuple[Engine, Engine]) -> None:
+    few, many = engines
+    slots = [few._lookup("lora").slot, few._lookup("lora_rs").slot, 0, 0]
+    assert _decode_flops(few, slots) == _decode_flops(
+        many, [many._lookup(n).slot for n in ("lora", "lora_rs")] + [0, 0]
+    )
+
+
+def test_base_rows_add_no_lora_work(engines: tuple[Engine, Engine]) -> None:
+    few, _ = engines
+    lora = few._lookup("lora").slot
+    base_only = _decode_flops(few, [0, 0])
+    with_lora = _decode_flops(few, [lora, 0])
+    # Adding base rows to a batch with one LoRA row costs what a base row costs, no LoRA GEMM for it.
+    assert _decode_flops(few, [lora, 0, 0, 0]) - with_lora == 2 * (base_only // 2)
+
+
+def test_ranks_1_8_and_64_in_one_batch_equal_peft(tmp_path: Path) -> None:
+    from adapterhub.models import ModelSpec, load_model
+    from adapterhub.runtime.random_adapters import peft_config, write_random_adapter
+
+    from .references import BASE, PROMPTS, greedy, peft_reference
+
+    base = load_model(ModelSpec(BASE, device="cpu"))
+    folders = {
+        f"r{rank}": write_random_adapter(
+            base, peft_config("lora", rank=rank), tmp_path / f"r{rank}", seed=rank
+        )
+        for rank in (1, 8, 64)
+    }
+    engine = make_engine(folders, max_lora_rank=64)
+    rows = [(name, prompt) for name in [None, *folders] for prompt in PROMPTS[:2]]
+    logits = engine.score([greedy(prompt, name) for name, prompt in rows])
+    results = [engine.submit(greedy(prompt, name)) for name, prompt in rows]
+    engine.start()
+    try:
+        tokens = [handle.result(timeout=120).token_ids for handle in results]
+    finally:
+        engine.stop()
+    for (name, prompt), got, row_logits in zip(rows, tokens, logits, strict=True):
+        want, want_logits = peft_reference(None if name is None else str(folders[name]), prompt)
+        assert got == want, name
+        assert (row_logits - want_logits).abs().max() <= 1e-4, name
