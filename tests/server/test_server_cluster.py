@@ -84,6 +84,8 @@ def cluster(folders: dict[str, Path]) -> Iterator[str]:
     specs = ",".join(f"{name}={folders[name]}" for name in FAMILIES)
     command = [sys.executable, "-m", "adapterhub", "serve", "--replicas", "2", "--base", BASE]
     command += ["--adapters", specs, "--port", str(port), "--grace", "5"]
+    # Clients may load folders under the adapters' root: the loads and unloads below go to every replica.
+    command += ["--allow-runtime-loading", "--adapter-root", str(folders["extra"].parent)]
     server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
