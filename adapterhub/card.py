@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from adapterhub import yamlio
 from adapterhub.errors import UserError
 
+LM_EVAL = ("lm-evaluation-harness", "https://github.com/EleutherAI/lm-evaluation-harness")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 FRONT_MATTER = re.compile(r"\A---\n(.*?)\n---\n?", re.S)
 
@@ -28,15 +29,18 @@ def adapter_card(
     curve_png: str | None = None,
     extra_tags: Sequence[str] = (),
     repo_id: str | None = None,
+    evaluations: Sequence[dict] = (),
 ) -> str:
     """The README.md of an adapter repo: metadata for the Hub, then how to use it, its metrics and recipe.
 
     ``curve_png`` is the file name of a loss curve stored beside the card; ``repo_id``, when known, adds
     how to pull the adapter. A base model that is not a Hub id (a ``builtin:`` tiny model) is named in
-    the text but left out of the metadata, which the Hub would reject.
+    the text but left out of the metadata, which the Hub would reject. ``evaluations`` (the records of
+    ``adapterhub eval``) become the Hub's ``model-index`` and a table.
     """
+    index = model_index(repo_id or title, evaluations)
     sections = [
-        _front_matter(_hub_metadata({}, base_model, method, extra_tags)),
+        _front_matter(_hub_metadata({}, base_model, method, extra_tags, index)),
         f"# {title}",
         f"A **{method}** adapter for `{base_model}`, trained and shared with "
         "[adapterhub](https://github.com/adapterhub/adapterhub).",
@@ -49,6 +53,8 @@ def adapter_card(
     if metrics:
         rows = "\n".join(f"| {key} | {_format_metric(value)} |" for key, value in metrics.items())
         sections.append(f"## Metrics\n\n| metric | value |\n|---|---|\n{rows}")
+    if evaluations:
+        sections.append(_evaluation_table(evaluations))
     if curve_png:
         sections.append(f"## Training loss\n\n![training loss]({curve_png})")
     if recipe_yaml:
@@ -56,8 +62,11 @@ def adapter_card(
     return "\n\n".join(sections) + "\n"
 
 
-def with_hub_metadata(card: str, *, base_model: str, method: str) -> str:
-    """``card`` with the metadata the Hub needs for an adapter (base model, library, method tag) put right.
+def with_hub_metadata(
+    card: str, *, base_model: str, method: str, model_name: str = "", evaluations: Sequence[dict] = ()
+) -> str:
+    """``card`` with the metadata the Hub needs for an adapter (base model, library, method tag) put right,
+    and ``evaluations`` as its ``model-index`` (named ``model_name``) when there are any.
 
     The text is returned unchanged when nothing is missing; PEFT's own card, for one, records the local
     path the adapter was trained from as ``base_model``.
@@ -68,14 +77,61 @@ def with_hub_metadata(card: str, *, base_model: str, method: str) -> str:
     ) or {}
     if not isinstance(metadata, dict):
         raise UserError("README.md metadata (between the --- lines) must be a YAML mapping of key: value")
-    fixed = _hub_metadata(metadata, base_model, method, ())
+    fixed = _hub_metadata(metadata, base_model, method, (), model_index(model_name, evaluations))
     if fixed == metadata:
         return card
     body = card[match.end() :] if match else card
     return f"{_front_matter(fixed)}\n{body.lstrip(chr(10))}"
 
 
-def _hub_metadata(metadata: dict, base_model: str, method: str, extra_tags: Sequence[str]) -> dict:
+def model_index(name: str, evaluations: Sequence[dict]) -> list[dict]:
+    """The Hub's ``model-index`` for ``adapterhub eval`` records (``eval/<task>.json``): one result per
+    task, its lm-eval metrics as the values; empty without records."""
+    from huggingface_hub import EvalResult
+    from huggingface_hub.repocard_data import eval_results_to_model_index
+
+    results = []
+    for record in evaluations:
+        dataset = record.get("dataset") or {}
+        shots = record.get("num_fewshot")
+        for metric, score in record["metrics"].items():
+            results.append(
+                EvalResult(
+                    task_type="text-generation",
+                    task_name=record["task"],
+                    dataset_type=dataset.get("path") or record["task"],
+                    dataset_name=record["task"],
+                    dataset_config=dataset.get("name"),
+                    dataset_split=dataset.get("split"),
+                    dataset_args=None if shots is None else {"num_few_shot": shots},
+                    metric_type=metric.split(",")[0],
+                    metric_name=metric,
+                    metric_value=score["value"],
+                    source_name=LM_EVAL[0],
+                    source_url=LM_EVAL[1],
+                )
+            )
+    return eval_results_to_model_index(name, results) if results else []
+
+
+def _evaluation_table(evaluations: Sequence[dict]) -> str:
+    rows = []
+    for record in evaluations:
+        shots = record.get("num_fewshot")
+        for metric, score in record["metrics"].items():
+            stderr = score.get("stderr")
+            value = _format_metric(score["value"]) + (f" ± {stderr:.4g}" if stderr is not None else "")
+            rows.append(f"| {record['task']} | {shots if shots is not None else '-'} | {metric} | {value} |")
+    header = "| task | shots | metric | value |\n|---|---|---|---|"
+    return (
+        "## Evaluation\n\n[lm-evaluation-harness](https://github.com/EleutherAI/lm-evaluation-harness) "
+        f"through `adapterhub eval`:\n\n{header}\n" + "\n".join(rows)
+    )
+
+
+def _hub_metadata(
+    metadata: dict, base_model: str, method: str, extra_tags: Sequence[str], index: list[dict]
+) -> dict:
     fixed = {key: value for key, value in metadata.items() if key != "base_model"}
     if is_hub_id(base_model):
         fixed = {"base_model": base_model, **fixed}
@@ -87,6 +143,8 @@ def _hub_metadata(metadata: dict, base_model: str, method: str, extra_tags: Sequ
     ]
     fixed["library_name"] = "peft"
     fixed["tags"] = list(dict.fromkeys([*tags, method, "adapterhub", "peft", *extra_tags]))
+    if index:  # results of this adapter's evaluations replace any older index; none keep it
+        fixed["model-index"] = index
     return fixed
 
 

@@ -30,6 +30,7 @@ COMMANDS: dict[str, str] = {
     "merge": "adapterhub.merge_command:merge_command",
     "bench": "adapterhub.bench:bench",
     "tiny": "adapterhub.commands:tiny",
+    "eval": "adapterhub.eval.commands:eval_command",
 }
 # Libraries whose log records stay off the terminal unless --verbose.
 LIBRARY_LOGGERS = (

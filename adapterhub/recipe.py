@@ -114,12 +114,25 @@ class OutputArgs:
 
 
 @dataclass
+class EvalArgs:
+    """lm-eval tasks (names or task YAML files) that ``adapterhub eval`` runs on the finished adapter,
+    and on the base too when ``compare_base``; none: no evaluation."""
+
+    tasks: list[str] = field(default_factory=list)
+    limit: OptionalCount = None
+    num_fewshot: Annotated[int | None, at_least(0)] = None
+    apply_chat_template: bool = False
+    compare_base: bool = True
+
+
+@dataclass
 class Recipe:
     model: ModelArgs = field(default_factory=ModelArgs)
     method: MethodArgs = field(default_factory=MethodArgs)
     data: DataArgs = field(default_factory=DataArgs)
     training: TrainingArgs = field(default_factory=TrainingArgs)
     output: OutputArgs = field(default_factory=OutputArgs)
+    eval: EvalArgs = field(default_factory=EvalArgs)
     source: str = "<recipe>"
     notes: list[str] = field(default_factory=list)  # what loading changed, for the user to see
 
@@ -146,6 +159,7 @@ SECTIONS: dict[str, type] = {
     "data": DataArgs,
     "training": TrainingArgs,
     "output": OutputArgs,
+    "eval": EvalArgs,
 }
 
 
@@ -262,6 +276,8 @@ def recipe_from_dict(raw: dict[str, Any], source: str = "<recipe>") -> Recipe:
     method = methods.get(method_type, source)
     sections["method"] = MethodArgs(type=method_type, params=method.check_params(values, source))
     recipe = Recipe(**sections, source=source)
+    if not all(task.strip() for task in recipe.eval.tasks):
+        raise UserError(f"{source}: eval.tasks: an empty task name")
     if not recipe.data.path and not recipe.data.dataset:
         raise UserError(
             f"{source}: missing key 'data.path' (a local file) or 'data.dataset' (a Hub dataset id)"

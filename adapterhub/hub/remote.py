@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 
 from adapterhub.card import adapter_card, is_hub_id, with_hub_metadata
 from adapterhub.errors import UserError
+from adapterhub.eval.results import EVAL_DIR, read_evaluations
 from adapterhub.hub import store
 from adapterhub.hub.adapter import (
     ADAPTER_FILES,
@@ -55,7 +56,7 @@ from adapterhub.hub.transfer import (
 from adapterhub.paths import atomic_dir
 
 # Remote files a push replaces, per kind: an adapter push leaves other files in the repo alone.
-REPLACED_FILES = {"adapter": list(ADAPTER_FILES), "model": ["*"]}
+REPLACED_FILES = {"adapter": [*ADAPTER_FILES, f"{EVAL_DIR}/*.json"], "model": ["*"]}
 
 
 def _transport_errors() -> tuple[type[Exception], ...]:
@@ -225,6 +226,9 @@ def _stage_adapter(folder: Path, stage: Path, repo_id: str, base_model: str | No
     for name in ADAPTER_FILES:
         if (folder / name).is_file():
             shutil.copy2(folder / name, stage / name)
+    evaluations = read_evaluations(folder)  # adapterhub eval's results, shown on the card
+    if evaluations:
+        shutil.copytree(folder / EVAL_DIR, stage / EVAL_DIR, ignore=shutil.ignore_patterns(".*"))
     hub_base = _hub_base_model(folder, summary.base_model, base_model)
     if hub_base != summary.base_model:
         config = json.loads((stage / CONFIG_FILE).read_text())
@@ -233,7 +237,9 @@ def _stage_adapter(folder: Path, stage: Path, repo_id: str, base_model: str | No
     card = stage / "README.md"
     if card.exists():
         text = card.read_text()
-        fixed = with_hub_metadata(text, base_model=hub_base, method=summary.method)
+        fixed = with_hub_metadata(
+            text, base_model=hub_base, method=summary.method, model_name=repo_id, evaluations=evaluations
+        )
         if fixed != text:
             card.write_text(fixed)
     else:
@@ -246,6 +252,7 @@ def _stage_adapter(folder: Path, stage: Path, repo_id: str, base_model: str | No
                 recipe_yaml=_read_text(stage / "recipe.yaml"),
                 curve_png="loss_curve.png" if (stage / "loss_curve.png").exists() else None,
                 repo_id=repo_id,
+                evaluations=evaluations,
             )
         )
     return stage

@@ -18,6 +18,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from adapterhub.errors import UserError, did_you_mean
+from adapterhub.eval.results import EVAL_DIR
 from adapterhub.hub.adapter import ADAPTER_FILES, AdapterSummary, inspect_adapter
 from adapterhub.paths import atomic_dir, exclusive_lock, home, restore_orphaned
 
@@ -172,6 +173,8 @@ def add_folder(folder: Path, name: str, *, replace: bool = False) -> Manifest:
             for file_name in ADAPTER_FILES:
                 if (folder / file_name).is_file():
                     shutil.copy2(folder / file_name, tmp / file_name)
+            if (folder / EVAL_DIR).is_dir():  # adapterhub eval's results travel with the adapter
+                shutil.copytree(folder / EVAL_DIR, tmp / EVAL_DIR, ignore=shutil.ignore_patterns(".*"))
             manifest = write_manifest(
                 tmp, summary, name=name, source=str(folder), revision=None, origin="local"
             )

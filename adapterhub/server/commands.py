@@ -136,9 +136,25 @@ from adapterhub.server.loading_policy import ENV_VAR
     type=click.FloatRange(min=0, min_open=True),
     help="Seconds a client gets to send a request's headers, and again its body.",
 )
-def serve(adapters: str, allowed_hosts: str, **options) -> None:
+@click.option(
+    "--replicas",
+    type=click.IntRange(min=1),
+    help="Serve on Ray Serve with this many engine replicas, routed by adapter (pip install '.[cluster]').",
+)
+@click.option("--ray-address", help="With --replicas: the Ray cluster to join (default: a local one).")
+def serve(
+    adapters: str, allowed_hosts: str, replicas: int | None, ray_address: str | None, **options
+) -> None:
     """Serve a base model and many adapters of any PEFT family over the OpenAI API."""
     from adapterhub.server.launch import ServeOptions, parse_adapter_specs, serve
 
     hosts = tuple(host.strip() for host in allowed_hosts.split(",") if host.strip())
-    serve(ServeOptions(adapters=parse_adapter_specs(adapters), allowed_hosts=hosts, **options))
+    serve_options = ServeOptions(adapters=parse_adapter_specs(adapters), allowed_hosts=hosts, **options)
+    if replicas is None:
+        if ray_address is not None:
+            raise click.BadParameter("only with --replicas N", param_hint="--ray-address")
+        serve(serve_options)
+        return
+    from adapterhub.server.cluster import serve_cluster
+
+    serve_cluster(serve_options, replicas, ray_address)

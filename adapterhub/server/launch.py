@@ -22,13 +22,16 @@ from adapterhub.server.app import (
     DEFAULT_MAX_QUEUE,
     DEFAULT_MAX_TOKENS_CAP,
     DEFAULT_READ_TIMEOUT_S,
+    create_app,
 )
 
 if TYPE_CHECKING:
+    from fastapi import FastAPI
     from rich.console import Console
     from rich.table import Table
 
     from adapterhub.runtime.serving import ServingEngine
+    from adapterhub.server.loading_policy import LoadingPolicy
 
 ALIAS_PATTERN = re.compile(r"^[^=\s,]+$")
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
@@ -150,37 +153,47 @@ def build_engine(options: ServeOptions, console: Console | None = None) -> Servi
     return engine
 
 
-def serve(options: ServeOptions) -> None:
-    """Load the base and adapters, then serve until SIGINT/SIGTERM; in-flight requests get ``grace_s``."""
-    import uvicorn
-    from rich.console import Console
-
-    from adapterhub.server.app import create_app
-    from adapterhub.server.http_server import AdapterServer, header_timeout_protocol
+def loading_policy(options: ServeOptions) -> LoadingPolicy:
+    """Who may load and unload adapters while serving, and from where (off unless asked for)."""
     from adapterhub.server.loading_policy import LoadingPolicy
-    from adapterhub.tables import print_table
 
-    console = Console(stderr=True)
-    loading = LoadingPolicy.from_options(
+    return LoadingPolicy.from_options(
         options.allow_runtime_loading, options.adapter_roots, options.allow_hub_pulls, options.admin_api_key
     )
-    sock = listen_socket(options.host, options.port)
-    try:
-        engine = build_engine(options, console)
-    except BaseException:
-        sock.close()
-        raise
-    app = create_app(
+
+
+def app_for(engine: ServingEngine, options: ServeOptions, loading: LoadingPolicy | None = None) -> FastAPI:
+    """The OpenAI app over ``engine`` with every limit ``options`` set: one server's, or one replica's."""
+    return create_app(
         engine,
         api_key=options.api_key,
         max_queue=options.max_queue,
         max_tokens_cap=options.max_tokens_cap,
         max_body_bytes=options.max_body_bytes,
         served_model_name=options.served_model_name,
-        loading=loading,
+        loading=loading if loading is not None else loading_policy(options),
         allowed_hosts=options.allowed_hosts,
         read_timeout_s=options.read_timeout_s,
     )
+
+
+def serve(options: ServeOptions) -> None:
+    """Load the base and adapters, then serve until SIGINT/SIGTERM; in-flight requests get ``grace_s``."""
+    import uvicorn
+    from rich.console import Console
+
+    from adapterhub.server.http_server import AdapterServer, header_timeout_protocol
+    from adapterhub.tables import print_table
+
+    console = Console(stderr=True)
+    loading = loading_policy(options)  # before the model loads: a bad --adapter-root fails at once
+    sock = listen_socket(options.host, options.port)
+    try:
+        engine = build_engine(options, console)
+    except BaseException:
+        sock.close()
+        raise
+    app = app_for(engine, options, loading)
     config = uvicorn.Config(
         app,
         host=options.host,

@@ -264,6 +264,10 @@ def train(recipe: Recipe, console: Console | None = None) -> TrainResult:
 def _train(recipe: Recipe, console: Console, state: PartialState) -> TrainResult:
     output_dir = check_output_dir(recipe)
     check_store_name(recipe)
+    if recipe.eval.tasks:
+        from adapterhub.eval.run import check_before_training
+
+        check_before_training(recipe)
     work_dir = work_dir_for(output_dir)
     if state.is_main_process:
         for note in recipe.notes:
@@ -326,12 +330,28 @@ def _train(recipe: Recipe, console: Console, state: PartialState) -> TrainResult
     }
     write_output(model, recipe, metrics, trainer.state.log_history, output_dir)
     shutil.rmtree(work_dir, ignore_errors=True)
+    evaluation, eval_error = None, None
+    if recipe.eval.tasks:  # after the adapter is safe on disk: a failed evaluation must not lose it
+        from adapterhub.eval.run import evaluate_trained
+
+        try:
+            evaluation = evaluate_trained(output_dir, recipe)
+            metrics["eval"] = evaluation.to_json()["results"]
+        except UserError as err:
+            eval_error = err
     if recipe.output.store_name:
         add_folder(output_dir, recipe.output.store_name, replace=recipe.training.overwrite)
         metrics["store_name"] = recipe.output.store_name
+    shown = {key: value for key, value in metrics.items() if key != "eval"}  # eval: a table of its own
     print_table(
-        summary_table(f"trained {recipe.method.type}", {"output_dir": str(output_dir), **metrics}), console
+        summary_table(f"trained {recipe.method.type}", {"output_dir": str(output_dir), **shown}), console
     )
+    if evaluation is not None:
+        from adapterhub.eval.report import scores_table
+
+        print_table(scores_table(evaluation), console)
+    if eval_error is not None:
+        raise UserError(f"the adapter is saved in {output_dir}, but its evaluation failed: {eval_error}")
     state.wait_for_everyone()
     return TrainResult(output_dir, metrics, model)
 

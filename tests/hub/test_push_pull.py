@@ -242,3 +242,45 @@ def test_push_replaces_stale_adapter_files_and_keeps_the_rest_of_the_repo(hub: F
     assert "adapter_model.bin" not in files and files["notes/extra.txt"] == b"keep me"
     assert files["adapter_model.safetensors"] == (source / "adapter_model.safetensors").read_bytes()
     assert push_folder(source, "alice/mixed", tag="v1").no_op
+
+
+def test_push_uploads_eval_results_and_the_card_shows_them_as_model_index(hub: FakeHub, adapter_copy) -> None:
+    from huggingface_hub import ModelCard
+
+    from adapterhub.eval.results import Score, TaskScores, save_scores
+
+    scores = TaskScores(
+        "arc_easy",
+        {"acc": Score(0.5, 0.01, True), "acc_norm": Score(0.625, 0.02, True)},
+        num_fewshot=5,
+        samples=100,
+        version=1.0,
+        dataset={"path": "allenai/ai2_arc", "name": "ARC-Easy", "split": "test"},
+    )
+    for with_card in (True, False):  # PEFT's own README gets the index; a generated card, a table too
+        source = adapter_copy("lora-builtin")
+        if not with_card:
+            (source / "README.md").unlink()
+        saved = save_scores(source, scores, run={"adapter": "x"})
+        repo = f"alice/evaluated-{with_card}"
+        pushed = push_folder(source, repo)
+        files = hub.repos[repo].commits[pushed.commit].files
+        assert files["eval/arc_easy.json"] == saved.read_bytes()
+        card = ModelCard(files["README.md"].decode())  # huggingface_hub's own parser of model-index
+        results = {(r.task_name, r.dataset_type, r.metric_type): r for r in card.data.eval_results}
+        assert {key: r.metric_value for key, r in results.items()} == {
+            ("arc_easy", "allenai/ai2_arc", "acc"): 0.5,
+            ("arc_easy", "allenai/ai2_arc", "acc_norm"): 0.625,
+        }
+        result = results[("arc_easy", "allenai/ai2_arc", "acc")]
+        assert (result.dataset_config, result.dataset_split, result.dataset_args) == (
+            "ARC-Easy",
+            "test",
+            {"num_few_shot": 5},
+        )
+        assert card.data.model_name == repo
+        assert ("| arc_easy | 5 | acc_norm | 0.625 ± 0.02 |" in card.text) is not with_card
+
+    (source / "eval" / "arc_easy.json").unlink()  # a result deleted here goes from the repo too
+    pushed = push_folder(source, repo)
+    assert "eval/arc_easy.json" not in hub.repos[repo].commits[pushed.commit].files
