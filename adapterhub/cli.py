@@ -27,10 +27,10 @@ COMMANDS: dict[str, str] = {
     "rm": "adapterhub.hub.commands:rm",
     "serve": "adapterhub.server.commands:serve",
     "chat": "adapterhub.chat.cli:chat",
+    "eval": "adapterhub.eval.commands:eval_command",
     "merge": "adapterhub.merge_command:merge_command",
     "bench": "adapterhub.bench:bench",
     "tiny": "adapterhub.commands:tiny",
-    "eval": "adapterhub.eval.commands:eval_command",
 }
 # Libraries whose log records stay off the terminal unless --verbose.
 LIBRARY_LOGGERS = (

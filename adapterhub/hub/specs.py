@@ -6,9 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from adapterhub.contract.files import read_config
 from adapterhub.errors import UserError
-from adapterhub.hub.resolve import resolve
 
 
 @dataclass(frozen=True)
@@ -27,6 +25,10 @@ def default_name(spec: str) -> str:
 
 def infer_base(adapters: list[AdapterSpec], base: str | None) -> str:
     """``base`` if given, else the one ``base_model_name_or_path`` all adapters share."""
+    # Imported here: reading adapters needs torch, and `serve` binds its port before anything that slow.
+    from adapterhub.contract.files import read_config
+    from adapterhub.hub.resolve import resolve
+
     if base:
         return base
     if not adapters:

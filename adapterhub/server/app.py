@@ -26,6 +26,12 @@ from adapterhub.errors import UserError
 from adapterhub.hub.transfer import PullCancelled
 from adapterhub.runtime.api import AdapterInfo, RequestError, SamplingParams
 from adapterhub.server.bridge import Generations
+from adapterhub.server.defaults import (
+    DEFAULT_MAX_BODY_BYTES,
+    DEFAULT_MAX_QUEUE,
+    DEFAULT_MAX_TOKENS_CAP,
+    DEFAULT_READ_TIMEOUT_S,
+)
 from adapterhub.server.errors import ERROR_RESPONSES, ApiError, add_error_handlers
 from adapterhub.server.http_server import SHUTDOWN_MESSAGE, Drain
 from adapterhub.server.loading_policy import LoadingPolicy
@@ -57,10 +63,6 @@ from adapterhub.server.tools import ToolPlan, plan_tools, render
 if TYPE_CHECKING:
     from adapterhub.runtime.engine import Engine
 
-DEFAULT_MAX_QUEUE = 256
-DEFAULT_MAX_TOKENS_CAP = 2048
-DEFAULT_MAX_BODY_BYTES = 1 << 20
-DEFAULT_READ_TIMEOUT_S = 30.0  # for a request's headers, and again for its body
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 
 

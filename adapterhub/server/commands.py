@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import click
 
-from adapterhub.server.app import (
+from adapterhub.server.defaults import (
     DEFAULT_MAX_BODY_BYTES,
     DEFAULT_MAX_QUEUE,
     DEFAULT_MAX_TOKENS_CAP,
     DEFAULT_READ_TIMEOUT_S,
+    ENV_VAR,
 )
-from adapterhub.server.loading_policy import ENV_VAR
 
 
 @click.command()

@@ -17,12 +17,11 @@ from typing import TYPE_CHECKING
 
 from adapterhub.errors import UserError
 from adapterhub.hub.specs import AdapterSpec, default_name, infer_base
-from adapterhub.server.app import (
+from adapterhub.server.defaults import (
     DEFAULT_MAX_BODY_BYTES,
     DEFAULT_MAX_QUEUE,
     DEFAULT_MAX_TOKENS_CAP,
     DEFAULT_READ_TIMEOUT_S,
-    create_app,
 )
 
 if TYPE_CHECKING:
@@ -164,6 +163,8 @@ def loading_policy(options: ServeOptions) -> LoadingPolicy:
 
 def app_for(engine: ServingEngine, options: ServeOptions, loading: LoadingPolicy | None = None) -> FastAPI:
     """The OpenAI app over ``engine`` with every limit ``options`` set: one server's, or one replica's."""
+    from adapterhub.server.app import create_app
+
     return create_app(
         engine,
         api_key=options.api_key,

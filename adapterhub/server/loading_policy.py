@@ -19,9 +19,8 @@ from adapterhub.errors import UserError
 from adapterhub.hub import store
 from adapterhub.hub.adapter import CONFIG_FILE, WEIGHT_FILES
 from adapterhub.hub.transfer import DEFAULT_LIMITS, PullLimits
+from adapterhub.server.defaults import ENV_VAR
 from adapterhub.server.errors import ApiError
-
-ENV_VAR = "ADAPTERHUB_ALLOW_RUNTIME_LOADING"
 
 
 @dataclass(frozen=True)

@@ -88,7 +88,20 @@ def test_missing_recipe_and_help() -> None:
     shown = run_cli(["--help"])
     assert shown.returncode == 0
     commands = [line.split()[0] for line in shown.stdout.split("Commands:")[1].splitlines() if line.strip()]
-    workflow = ["train", "params", "push", "pull", "list", "show", "rm", "serve", "chat", "merge", "bench"]
+    workflow = [
+        "train",
+        "params",
+        "push",
+        "pull",
+        "list",
+        "show",
+        "rm",
+        "serve",
+        "chat",
+        "eval",
+        "merge",
+        "bench",
+    ]
     assert commands == [*workflow, "tiny"]
 
 
