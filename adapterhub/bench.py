@@ -175,6 +175,13 @@ def bench_train(recipes: tuple[str, ...], overrides: tuple[str, ...], as_json: b
     show_default=True,
     help="with --distinct: the LoRAs' target modules",
 )
+@click.option(
+    "--repeats",
+    default=1,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="rounds in which the phases take turns; medians are reported (use 3+ on a shared machine)",
+)
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
 def bench_serve(as_json: bool, **options: Any) -> None:
     """Base vs one adapter vs all five families mixed in one batch, against plain PEFT; with
@@ -207,7 +214,7 @@ def _bench_many(many: dict[str, Any], options: dict[str, Any], as_json: bool) ->
         )
     from adapterhub.runtime.bench_many import run_many_bench
 
-    engine_keys = ("device", "base", "quantize", "batch", "prompt_len", "new_tokens", "rank")
+    engine_keys = ("device", "base", "quantize", "batch", "prompt_len", "new_tokens", "rank", "repeats")
     with phases("bench serve (many adapters)") as progress:
         result = run_many_bench(
             **{key: options[key] for key in engine_keys},

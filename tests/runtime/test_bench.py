@@ -15,6 +15,7 @@ KEYS = (
     "one_adapter_tok_s",
     "mixed_tok_s",
     "mixed_over_base",
+    "one_adapter_over_base",
     "peft_tok_s",
     "speedup_vs_peft",
     "adapter_load_ms",
@@ -23,11 +24,17 @@ KEYS = (
 )
 
 
+def phases_with_detail(stderr: str) -> list[str]:
+    """Each phase line less the seconds it started at: ``name (detail) (3 s)`` -> ``name (detail)``."""
+    return [line.rsplit(" (", 1)[0] for line in stderr.splitlines() if line.endswith(" s)")]
+
+
 # nf4 matters: PEFT cannot unload IA3 from a 4-bit base, which the benchmark must work around.
 @pytest.mark.parametrize("quantization", ["none", "nf4"])
 def test_bench_serve_prints_json_with_all_metrics(tiny_llama, quantization: str) -> None:
     args = (
-        f"--device cpu --adapters 6 --batch 3 --prompt-len 16 --new-tokens 4 --quantize {quantization} --json"
+        f"--device cpu --adapters 6 --batch 3 --prompt-len 16 --new-tokens 4 --quantize {quantization} "
+        "--repeats 2 --json"
     )
     outcome = CliRunner().invoke(bench_serve, [*args.split(), "--json"])
     assert outcome.exit_code == 0, outcome.output
@@ -35,10 +42,27 @@ def test_bench_serve_prints_json_with_all_metrics(tiny_llama, quantization: str)
     assert all(result[key] > 0 for key in KEYS)
     assert set(result["families"].values()) == set(FAMILIES)
     assert (result["batch"], result["new_tokens"], result["quantization"]) == (3, 4, quantization)
+    assert result["repeats"] == 2
     # Not a terminal here: each phase is a line on stderr as it starts, stdout stays pure JSON.
     phases = [line.split(" (")[0] for line in outcome.stderr.splitlines()]
     assert phases[0] == "bench serve: loading builtin:tiny-llama"
     assert "bench serve: engine: mixed" in phases and "bench serve: adapter load and swap" in phases
+    assert "bench serve: engine: mixed (round 2 of 2)" in phases_with_detail(outcome.stderr)
+
+
+def test_bench_serve_many_adapters_pairs_each_batch_with_a_base_batch(tiny_llama) -> None:
+    args = (
+        "--device cpu --distinct 3 --registered 7 --slots 4 --rounds 2 --repeats 2 --batch 3 --new-tokens 2"
+    )
+    outcome = CliRunner().invoke(bench_serve, [*args.split(), "--rank", "4", "--json"])
+    assert outcome.exit_code == 0, outcome.output
+    result = json.loads(outcome.stdout)
+    assert result["base_tok_s"] > 0 and result["many_tok_s"] > 0 and result["many_over_base"] > 0
+    assert (result["registered"], result["slots"], result["rounds"], result["repeats"]) == (7, 4, 2, 2)
+    assert result["adapter_loads"] >= 0 and result["cpu_tier_mib"] > 0
+    assert "bench serve (many adapters): engine: round 2 of 2 (pass 2 of 2)" in phases_with_detail(
+        outcome.stderr
+    )
 
 
 def test_bench_serve_refuses_too_few_adapters_for_five_families() -> None:
