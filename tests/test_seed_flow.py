@@ -18,7 +18,8 @@ from scripted_engine import wait_until
 from adapterhub.models import ModelSpec, load_model, load_tokenizer
 from adapterhub.recipe import load_recipe
 from tests.chat.harness import chat_terminal
-from tests.chat.test_serve import answers_health, free_port
+from tests.chat.test_serve import answers_health
+from tests.ports import free_port
 from tests.train.helpers import REPO, quiet_train, write_seed_style_data
 
 pytestmark = pytest.mark.slow

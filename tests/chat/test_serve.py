@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -13,16 +12,12 @@ import httpx
 import pytest
 from scripted_engine import wait_until
 
+from tests.ports import free_port
+
 from .harness import chat_terminal, read_jsonl
 from .reference import peft_greedy
 
 KEY = "serve-key"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def answers_health(url: str) -> bool:

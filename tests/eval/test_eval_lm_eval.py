@@ -19,6 +19,7 @@ import httpx
 import pytest
 
 from tests.cli_runner import run_cli
+from tests.ports import free_port
 
 TASKS = Path(__file__).resolve().parents[1] / "server" / "lm_eval_tasks"
 TASK_NAMES = ["adapterhub_mc", "adapterhub_gen", "adapterhub_rolling"]
@@ -86,11 +87,7 @@ def _ours(report: dict, adapter: str) -> dict[str, dict[str, float]]:
 
 @pytest.fixture(scope="module")
 def served(adapters: dict[str, Path]) -> Iterator[str]:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     specs = ",".join(f"{name}={folder}" for name, folder in adapters.items())
     command = [sys.executable, "-m", "adapterhub", "serve", "--base", "builtin:tiny-llama"]
     command += ["--adapters", specs, "--served-model-name", "base", "--port", str(port)]

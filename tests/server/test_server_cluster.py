@@ -23,6 +23,7 @@ import pytest
 pytest.importorskip("ray.serve", reason="Ray Serve is the cluster extra: pip install -e '.[cluster]'")
 
 from adapterhub.models import load_tokenizer
+from tests.ports import free_port
 from tests.runtime.references import BASE, NEW_TOKENS, peft_reference
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
@@ -76,11 +77,7 @@ def _descendants(pid: int) -> list[tuple[int, int | None]]:
 
 @pytest.fixture(scope="module")
 def cluster(folders: dict[str, Path]) -> Iterator[str]:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     specs = ",".join(f"{name}={folders[name]}" for name in FAMILIES)
     command = [sys.executable, "-m", "adapterhub", "serve", "--replicas", "2", "--base", BASE]
     command += ["--adapters", specs, "--port", str(port), "--grace", "5"]

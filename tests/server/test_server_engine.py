@@ -6,7 +6,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -28,6 +27,7 @@ from adapterhub.server.app import create_app
 from adapterhub.server.background import serve_in_background
 from adapterhub.server.loading_policy import LoadingPolicy
 from tests.hub.fake_hub import marker_pickle
+from tests.ports import free_port
 
 FAMILIES = ("lora", "ia3", "prompt_tuning", "prefix_tuning")
 PROMPTS = ("the food was", "Review: the room was very clean\nSentiment:")
@@ -294,12 +294,6 @@ def test_inputs_that_once_crashed_the_server_are_refused_on_a_live_connection(
     assert connection.send("POST", "/v1/completions", top_seed)[0] == 200
     connection.close()
     assert not marker.exists()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def refuses_connections(url: str, within_s: float = 10.0) -> bool:

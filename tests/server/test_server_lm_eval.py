@@ -18,17 +18,10 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from adapterhub.runtime.random_adapters import peft_config, write_random_adapter
+from tests.ports import free_port
 
 TASKS = Path(__file__).parent / "lm_eval_tasks"
 ADAPTERS = {"lora": ("lora", 3), "prefix": ("prefix_tuning", 4)}
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +31,7 @@ def served(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory):
     for name, (family, seed) in ADAPTERS.items():
         model = AutoModelForCausalLM.from_pretrained(tiny_llama)
         folders[name] = write_random_adapter(model, peft_config(family), root / name, seed=seed)
-    port = _free_port()
+    port = free_port()
     specs = ",".join(f"{name}={folder}" for name, folder in folders.items())
     command = [
         sys.executable,

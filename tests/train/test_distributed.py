@@ -2,7 +2,6 @@
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -10,13 +9,8 @@ from pathlib import Path
 import pytest
 from peft import PeftConfig
 
+from tests.ports import free_port
 from tests.train.helpers import QUICKSTART_DATA, REPO
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.mark.slow
