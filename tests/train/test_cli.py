@@ -15,6 +15,7 @@ import pytest
 
 from adapterhub.paths import current_umask
 from adapterhub.recipe import load_recipe
+from adapterhub.train.checkpoints import COMPLETE
 from tests.cli_runner import run_cli
 from tests.table_text import column_texts, squeezed
 from tests.train.helpers import QUICKSTART_DATA, REPO, write_chat_data
@@ -165,7 +166,8 @@ def test_ctrl_c_during_train_prints_the_resume_command(tmp_path: Path) -> None:
     checkpoints = tmp_path / ".out.partial" / "checkpoints"
     try:
         deadline = time.monotonic() + 300
-        while not list(checkpoints.glob("checkpoint-*")):
+        # A whole checkpoint, not one still being written: the message names only complete ones.
+        while not list(checkpoints.glob(f"checkpoint-*/{COMPLETE}")):
             assert child.poll() is None and time.monotonic() < deadline, "no checkpoint was written"
             time.sleep(0.1)
         child.send_signal(signal.SIGINT)
