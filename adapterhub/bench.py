@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+from click.core import ParameterSource
 from rich.console import Console
 from rich.table import Table
 
@@ -44,6 +45,18 @@ def phases(name: str) -> Iterator[Callable[[str], None]]:
         )
 
     yield report
+
+
+def refuse_unused(names: tuple[str, ...], why: str) -> None:
+    """An option given that this run would not use is an error naming it, never silently ignored."""
+    context = click.get_current_context()
+    for parameter in context.command.params:
+        given = context.get_parameter_source(parameter.name) in (
+            ParameterSource.COMMANDLINE,
+            ParameterSource.ENVIRONMENT,
+        )
+        if parameter.name in names and given:
+            raise click.UsageError(f"{parameter.opts[0]} {why}")
 
 
 def print_result(result: dict[str, Any], title: str, as_json: bool) -> None:
@@ -186,10 +199,13 @@ def bench_train(recipes: tuple[str, ...], overrides: tuple[str, ...], as_json: b
 def bench_serve(as_json: bool, **options: Any) -> None:
     """Base vs one adapter vs all five families mixed in one batch, against plain PEFT; with
     --distinct, many LoRA adapters (distinct per batch, registered, slots, skew) against the base."""
-    many = {key: options.pop(key) for key in ("distinct", "registered", "slots", "skew", "rounds", "targets")}
+    many_keys = ("registered", "slots", "skew", "rounds", "targets")
+    many = {key: options.pop(key) for key in ("distinct", *many_keys)}
     if many["distinct"] is not None:
+        refuse_unused(("adapters",), "sizes the families bench: with --distinct, --registered does")
         _bench_many(many, options, as_json)
         return
+    refuse_unused(many_keys, "is for the many-adapter bench: give --distinct N too")
     if options["adapters"] < FAMILY_COUNT:
         raise UserError(f"--adapters {options['adapters']} cannot cover all five families: use 5 or more")
     from adapterhub.runtime.bench import run_bench
@@ -214,7 +230,17 @@ def _bench_many(many: dict[str, Any], options: dict[str, Any], as_json: bool) ->
         )
     from adapterhub.runtime.bench_many import run_many_bench
 
-    engine_keys = ("device", "base", "quantize", "batch", "prompt_len", "new_tokens", "rank", "repeats")
+    engine_keys = (
+        "device",
+        "base",
+        "quantize",
+        "batch",
+        "prompt_len",
+        "new_tokens",
+        "rank",
+        "static_decode",
+        "repeats",
+    )
     with phases("bench serve (many adapters)") as progress:
         result = run_many_bench(
             **{key: options[key] for key in engine_keys},
@@ -267,6 +293,10 @@ def bench_http(as_json: bool, **options: Any) -> None:
     with --url, the same load against any OpenAI-compatible server."""
     if options["models"] and not options["url"]:
         raise click.UsageError("--models names the models of a --url server: give --url too")
+    if options["url"]:
+        refuse_unused(
+            ("device", "quantize", "adapters"), "sets up a local engine: with --url the server is given"
+        )
     if options["json_schema"] is not None:
         try:
             json.loads(options["json_schema"].read_text())

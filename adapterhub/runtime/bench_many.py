@@ -89,6 +89,7 @@ def run_many_bench(
     rounds: int,
     targets: str,
     progress: Callable[[str], None],
+    static_decode: str = "auto",
     repeats: int = 1,
 ) -> dict:
     progress(f"loading {base}")
@@ -101,6 +102,7 @@ def run_many_bench(
         prompt_len=prompt_len,
         new_tokens=new_tokens,
         rank=rank,
+        static_decode=static_decode,
     )
     prompts = random_prompts(engine, batch, prompt_len)
     with tempfile.TemporaryDirectory(prefix="adapterhub-bench-many-") as tmp:
@@ -164,5 +166,6 @@ def run_many_bench(
         "device": engine.device,
         "dtype": str(engine.dtype).removeprefix("torch."),
         "quantization": engine.quantization,
+        "static_decode": getattr(engine, "static_decode", False),
         "cpu_tier_mib": round(engine.cpu_tier_bytes() / 2**20, 1),
     }

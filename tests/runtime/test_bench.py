@@ -69,3 +69,23 @@ def test_bench_serve_refuses_too_few_adapters_for_five_families() -> None:
     outcome = CliRunner().invoke(bench_serve, ["--adapters", "3", "--json"])
     assert outcome.exit_code != 0
     assert "all five families" in str(outcome.exception)
+
+
+@pytest.mark.parametrize(
+    ("args", "named"),
+    [
+        (["--registered", "100"], "--registered is for the many-adapter bench"),
+        (["--skew", "zipf"], "--skew is for the many-adapter bench"),
+        (["--distinct", "4", "--adapters", "8"], "--adapters sizes the families bench"),
+    ],
+)
+def test_bench_serve_refuses_an_option_its_mode_would_not_use(args: list[str], named: str) -> None:
+    outcome = CliRunner().invoke(bench_serve, [*args, "--json"])
+    assert outcome.exit_code == 2 and named in outcome.output, outcome.output
+
+
+def test_bench_http_against_a_url_refuses_the_local_engine_options() -> None:
+    from adapterhub.bench import bench_http
+
+    outcome = CliRunner().invoke(bench_http, ["--url", "http://127.0.0.1:9", "--quantize", "nf4"])
+    assert outcome.exit_code == 2 and "--quantize sets up a local engine" in outcome.output, outcome.output
