@@ -1,12 +1,12 @@
 """The fast engine: many producer threads submit requests; one stepping thread batches them continuously.
 
 Follow one token: ``submit`` (``serving.py``) tokenizes the prompt and queues it; ``_step`` admits
-queued requests into free batch rows (loading their adapters into device slots), prefills them in
-one forward, and then runs one decode forward over every running row; ``Sampler.sample``
-(``sampling.py``) processes each row's logits with its own parameters and grammar mask, and picks
-its next token; ``RequestHandle.accept`` streams it, checks EOS, stop strings and limits; finished
-rows leave the batch before the next step. The forward itself is ``SlottedDecoder.forward`` in
-``model.py``.
+queued requests into free batch rows (loading their adapters into device slots) and prefills them
+in one forward beside the running rows' next tokens (``runtime/batch.py`` packs them), or else runs
+one decode forward over every running row; ``Sampler.sample`` (``sampling.py``) processes each row's
+logits with its own parameters and grammar mask, and picks its next token; ``RequestHandle.accept``
+streams it, checks EOS, stop strings and limits; finished rows leave the batch before the next step.
+The forward itself is ``SlottedDecoder.forward`` in ``model.py``.
 """
 
 from __future__ import annotations
@@ -22,8 +22,9 @@ from adapterhub.errors import UserError
 from adapterhub.models import ModelSpec, load_config, load_model, load_tokenizer
 from adapterhub.runtime.adapters import Capacity, NativeAdapter, load_native
 from adapterhub.runtime.api import GenerationRequest, RequestError
+from adapterhub.runtime.batch import AttentionGroup, Batch, RowInput
 from adapterhub.runtime.families import family_for
-from adapterhub.runtime.model import Batch, SlottedDecoder
+from adapterhub.runtime.model import SlottedDecoder
 from adapterhub.runtime.sampling import prompt_logprobs
 from adapterhub.runtime.serving import DEFAULT_MAX_CONTEXT, EngineConfig, RequestHandle, ServingEngine
 from adapterhub.runtime.slots import RegisteredAdapter, SlotPool
@@ -73,7 +74,6 @@ class Engine(ServingEngine):
         self._graph_pool = torch.cuda.graph_pool_handle() if self.cuda_graphs else None
         self._static_inputs = torch.zeros(4, config.max_batch_size, dtype=torch.long, device=self.device)
         self._row_ids = torch.arange(config.max_batch_size, device=self.device)
-        self._zeros = torch.zeros(config.max_batch_size, dtype=torch.long, device=self.device)
 
     # -- adapters --------------------------------------------------------------------------------
 
@@ -192,7 +192,7 @@ class Engine(ServingEngine):
             try:
                 if admitted:
                     self._prefill(admitted)
-                if any(r is not None for r in self._rows):
+                elif any(r is not None for r in self._rows):
                     self._decode()
             except Exception as err:  # a failed forward fails its requests, not the engine
                 for request in [r for r in self._rows if r is not None]:
@@ -247,77 +247,54 @@ class Engine(ServingEngine):
             self.pool.release_if_removed(request.adapter)
 
     def _prefill(self, requests: list[RequestHandle]) -> None:
+        """One forward over the new rows' prompts and, packed beside them, every running row's next
+        token (as vLLM's chunked prefill does), so an arrival costs no forward of its own."""
+        decoding = [r for r in self._rows if r is not None and r not in requests]
         for request in requests:
             self.sampler.seat(
                 request.row, request.params, request.prompt_ids, request.matcher is not None, self.eos_ids
             )
-        logits = self._prefill_logits(requests)
-        self._last_batch_size = len(requests)
-        generating = []
-        for index, request in enumerate(requests):
+        logits = self._prefill_logits(requests, decoding)
+        self._last_batch_size = len(decoding) + len(requests)
+        generating = list(range(len(decoding)))
+        for index, request in enumerate(requests, start=len(decoding)):
             if request.params.max_tokens == 0:  # scored, nothing to generate
                 self._leave(request)
                 request.finish("length")
             else:
                 generating.append(index)
         if generating:
-            self._advance([requests[i] for i in generating], logits[generating])
+            rows = [*decoding, *requests]
+            self._advance([rows[i] for i in generating], logits[generating])
 
-    def _prefill_logits(self, requests: list[RequestHandle]) -> torch.Tensor:
-        """One forward over the new rows' prompts: virtual tokens first, prefix K/V copied ahead of them.
+    def _prefill_logits(
+        self, requests: list[RequestHandle], decoding: list[RequestHandle] | None = None
+    ) -> torch.Tensor:
+        """One forward over the new rows' prompts (virtual tokens first, prefix K/V copied ahead of
+        them) and the ``decoding`` rows' next tokens.
 
-        Returns each row's last-position logits; rows that asked for prompt logprobs also get them
-        (``request.prompt_logprobs``), from the logits at every prompt position.
+        Returns the last-position logits of each decoding row, then of each new row; new rows that
+        asked for prompt logprobs also get them (``request.prompt_logprobs``), from the logits at
+        every prompt position.
         """
-        length = max(len(r.prompt_ids) + self._virtual_count(r) for r in requests)
-        token_ids, cache_pos, rope_pos, last = [], [], [], []
-        pick_rows: list[int] = []
-        pick_positions: list[int] = []
-        virtual: list[list[int]] = [[], [], [], []]
-        prefix: list[list[int]] = [[], [], [], []]
-        for index, request in enumerate(requests):
+        decoding = decoding or []
+        inputs = [self._next_token(request) for request in decoding]
+        for request in requests:
             native = request.adapter.native if request.slot else None
             count = self._virtual_count(request)
             offset = native.prefix_kv.shape[3] if native is not None and native.prefix_kv is not None else 0
             ids = [0] * count + request.prompt_ids
-            token_ids.append(ids + [0] * (length - len(ids)))
-            # Pad positions write past the row's tokens, which later decode steps overwrite before reading.
-            cache_pos.append([min(offset + t, self.max_context - 1) for t in range(length)])
-            # PEFT: prefix rows continue positions after the prefix; virtual tokens take positions 0..n-1.
-            rope_pos.append([offset + t for t in range(length)])
-            last.append(len(ids) - 1)
             # Echo rows: every prompt position (each predicts the next prompt token, the last one
             # the first generated token); other rows: the last position only.
-            scored = range(count, len(ids)) if request.params.prompt_logprobs is not None else [len(ids) - 1]
-            pick_rows += [index] * len(scored)
-            pick_positions += scored
-            for t in range(count):
-                for column, value in zip(virtual, (index, t, request.slot, t), strict=True):
-                    column.append(value)
-            for t in range(offset):
-                for column, value in zip(prefix, (request.row, t, request.slot, t), strict=True):
-                    column.append(value)
-            request.cache_len = request.prompt_end = offset + len(ids)
-            request.rope_next = offset + len(ids)
-        device = self.device
-        rows = torch.tensor([r.row for r in requests], device=device)
-        batch = Batch(
-            rows=rows,
-            row_index=rows.unsqueeze(1),
-            cache_pos=torch.tensor(cache_pos, device=device),
-            rope_pos=torch.tensor(rope_pos, device=device),
-            kv_len=min(max(c[-1] for c in cache_pos) + 1, self.max_context),
-            slots=torch.tensor([r.slot for r in requests], device=device),
-            adapters=self.decoder.adapter_rows([r.slot for r in requests]),
-            prefix_write=tuple(torch.tensor(c, device=device) for c in prefix) if prefix[0] else None,
-        )
-        virtual_index = tuple(torch.tensor(c, device=device) for c in virtual) if virtual[0] else None
-        embeds = self.decoder.embed(torch.tensor(token_ids, device=device), batch, virtual_index)
+            echo = request.params.prompt_logprobs is not None
+            picks = tuple(range(count, len(ids))) if echo else (len(ids) - 1,)
+            # PEFT: prefix rows continue positions after the prefix; virtual tokens take positions 0..n-1.
+            inputs.append(RowInput(request.row, request.slot, ids, offset, offset, picks, count, offset))
+            request.cache_len = request.prompt_end = request.rope_next = offset + len(ids)
+        logits = self.decoder.forward(self.decoder.pack(inputs))
         if all(request.params.prompt_logprobs is None for request in requests):
-            return self.decoder.forward(embeds, batch, torch.tensor(last, device=device))
-        picks = (torch.tensor(pick_rows, device=device), torch.tensor(pick_positions, device=device))
-        logits = self.decoder.forward(embeds, batch, picks)
-        ends, start = [], 0
+            return logits
+        ends, start = list(range(len(decoding))), len(decoding)
         for request in requests:
             end = start + (len(request.prompt_ids) if request.params.prompt_logprobs is not None else 1)
             if request.params.prompt_logprobs is not None:
@@ -327,9 +304,31 @@ class Engine(ServingEngine):
             start = end
         return logits[ends]
 
+    def _next_token(self, request: RequestHandle) -> RowInput:
+        """A running row's part of a forward: its last token, at its next cache position."""
+        row = RowInput(
+            request.row, request.slot, [request.token_ids[-1]], request.cache_len, request.rope_next, (0,)
+        )
+        request.cache_len += 1
+        request.rope_next += 1
+        return row
+
     def _decode(self) -> None:
-        """One decode forward over rows 0..highest running row; idle rows in between attend to themselves."""
+        """One decode forward over every running row."""
         running = [r for r in self._rows if r is not None]
+        self._last_batch_size = len(running)
+        if self.static_decode:
+            logits = self._static_step(running)
+            self._advance(running, logits[[r.row for r in running]])
+            return
+        logits = self.decoder.forward(self.decoder.pack([self._next_token(r) for r in running]))
+        self._advance(running, logits.clone())  # the sampler edits logits in place, outside inference mode
+
+    def _static_step(self, running: list[RequestHandle]) -> torch.Tensor:
+        """One decode step over rows 0..highest running row with bucketed shapes: rows and KV length
+        rounded up to powers of two; idle rows attend to themselves. On CUDA each shape (and LoRA
+        width / IA3 use) is captured once as a CUDA graph and replayed; a capture that fails or
+        disagrees with eager execution turns graphs off. Returns logits of every replayed row."""
         span = max(r.row for r in running) + 1
         # Rows of (token, cache position, rotary position, slot): one host-to-device copy per step.
         columns = [[0] * span for _ in range(4)]
@@ -339,30 +338,6 @@ class Engine(ServingEngine):
                 column[request.row] = value
             request.cache_len += 1
             request.rope_next += 1
-        if self.static_decode:
-            logits = self._static_step(columns, span, running)
-            self._last_batch_size = len(running)
-            self._advance(running, logits[[r.row for r in running]])
-            return
-        tokens, cache_pos, rope_pos, slots = torch.tensor(columns, device=self.device).unbind(0)
-        batch = Batch(
-            rows=slice(0, span),
-            row_index=self._row_ids[:span].unsqueeze(1),
-            cache_pos=cache_pos.unsqueeze(1),
-            rope_pos=rope_pos.unsqueeze(1),
-            kv_len=max(columns[1]) + 1,
-            slots=slots,
-            adapters=self.decoder.adapter_rows(columns[3]),
-        )
-        embeds = self.decoder.embed(tokens.unsqueeze(1), batch, None)
-        logits = self.decoder.forward(embeds, batch, self._zeros[:span])
-        self._last_batch_size = len(running)
-        self._advance(running, logits[[r.row for r in running]])
-
-    def _static_step(self, columns: list[list[int]], span: int, running: list[RequestHandle]) -> torch.Tensor:
-        """One decode step with bucketed shapes: rows and KV length rounded up to powers of two. On
-        CUDA each shape (and LoRA width / IA3 use) is captured once as a CUDA graph and replayed; a
-        capture that fails or disagrees with eager execution turns graphs off."""
         rows = _bucket(span, 8, self.config.max_batch_size)
         kv_len = _bucket(max(columns[1]) + 1, 64, self.max_context)
         for column in columns:
@@ -371,19 +346,20 @@ class Engine(ServingEngine):
         inputs = self._static_inputs[:, :rows]
         adapters = self.decoder.adapter_rows(columns[3], static_slots=inputs[3])
         key = (rows, kv_len, adapters.key, self.decoder.layout_version)
+        group = AttentionGroup(slice(0, rows), rows, 1, None, None, inputs[1].unsqueeze(1), kv_len)
         batch = Batch(
-            rows=slice(0, rows),
-            row_index=self._row_ids[:rows].unsqueeze(1),
-            cache_pos=inputs[1].unsqueeze(1),
-            rope_pos=inputs[2].unsqueeze(1),
-            kv_len=kv_len,
-            slots=inputs[3],
+            token_ids=inputs[0],
+            token_rows=self._row_ids[:rows],
+            cache_pos=inputs[1],
+            rope_pos=inputs[2].unsqueeze(0),
+            groups=(group,),
             adapters=adapters,
+            picks=None,
+            pick_adapters=adapters,
         )
 
         def step() -> torch.Tensor:
-            embeds = self.decoder.embed(inputs[0].unsqueeze(1), batch, None)
-            return self.decoder.forward(embeds, batch, self._zeros[:rows])
+            return self.decoder.forward(batch)
 
         if not self.cuda_graphs:
             return step()

@@ -1,10 +1,12 @@
-"""LoRA for a batch whose rows name different adapters: each row uses only its own adapter's A and B.
+"""LoRA for a forward whose tokens belong to rows naming different adapters: each token uses only
+its own adapter's A and B.
 
-Every slot's A and B live in preallocated tables. For one forward, the rows that have a LoRA gather
-their own adapter's rows of the tables (up to the widest rank among them) and multiply in one batched
-GEMM per table — the BGMV idea in plain PyTorch. The work is ``Σ rows × rank``: it does not grow with
-the number of resident slots, and rows without a LoRA cost nothing. When every LoRA row names one
-adapter, its table rows are used in place, with no gather at all.
+Every slot's A and B live in preallocated tables. For one forward, the tokens that have a LoRA are
+multiplied by their own slot's tables only, so the work is ``Σ tokens × rank``: it does not grow with
+the number of resident slots, and tokens without a LoRA cost nothing. How (``LoraRows.multiply``):
+when every LoRA token names one adapter, its tables are used in place; stretches of equal length
+(decoding rows, prompts of one length) gather one table per stretch into a batched GEMM — the BGMV
+idea in plain PyTorch; prompts of several lengths multiply stretch by stretch, in place.
 
 Projections that read the same input (q/k/v, gate/up) share one A table, so one shrink GEMM serves
 the whole group; each member has its own B.
@@ -15,21 +17,40 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 
 @dataclass(frozen=True)
 class LoraRows:
-    """Which rows of a forward have a LoRA, and how to reach their table rows.
+    """Which tokens of a forward have a LoRA, and how their products are computed.
 
-    ``slots``: the slot of each LoRA row; ``rows``: their batch rows, or None when every row has one;
-    ``single``: the one slot every LoRA row names, when they all name the same one (no gather needed).
+    ``tokens``: the flat indices of the LoRA tokens, or None when every token has one;
+    ``token_slots``: the slot of each LoRA token; ``runs``: (slot, start, stop) stretches of one
+    slot over the LoRA tokens; ``single``: the one slot every LoRA token names, if they all do;
+    ``pieces``: the slot of each equal-length piece for one batched GEMM, when there is one.
     """
 
-    rank: int  # the widest rank among the rows' adapters
-    slots: torch.Tensor
-    rows: torch.Tensor | None
+    rank: int  # the widest rank among the tokens' adapters
+    tokens: torch.Tensor | None
+    token_slots: torch.Tensor
     single: int | None
+    pieces: torch.Tensor | None
+    runs: tuple[tuple[int, int, int], ...] | None
+
+    def multiply(self, x: torch.Tensor, tables: torch.Tensor, transposed: bool = False) -> torch.Tensor:
+        """Each LoRA token's row of ``x`` (tokens, k) times its own slot's (k, n) of ``tables``, or
+        of ``tables`` transposed when it holds (n, k) per slot (gathered first, then transposed)."""
+
+        def table(slot: int) -> torch.Tensor:
+            return tables[slot].t() if transposed else tables[slot]
+
+        if self.single is not None:
+            return x @ table(self.single)
+        if self.pieces is not None:
+            gathered = tables[self.pieces]
+            pieces = x.reshape(self.pieces.shape[0], -1, x.shape[-1])
+            product = torch.bmm(pieces, gathered.transpose(1, 2) if transposed else gathered)
+            return product.view(x.shape[0], -1)
+        return torch.cat([x[start:stop] @ table(slot) for slot, start, stop in self.runs])
 
 
 class LoraGroup:
@@ -75,29 +96,18 @@ class LoraGroup:
         return self.a[slot, :, member], self.b[member][slot]
 
     def shrink(self, x: torch.Tensor, lora: LoraRows | None) -> torch.Tensor | None:
-        """``x Aᵀ`` of each LoRA row: (LoRA rows, tokens, rank × members), columns rank-major."""
+        """``x Aᵀ`` of each LoRA token of ``x`` (tokens, in): (LoRA tokens, rank × members), rank-major."""
         if lora is None or self.a is None:
             return None
-        rank, width = lora.rank, lora.rank * self.members
         if x.dtype != self.a.dtype:
             x = x.to(self.a.dtype)
-        if lora.rows is not None:
-            x = x.index_select(0, lora.rows)
-        if lora.single is not None:
-            return F.linear(x, self.a[lora.single, :rank].reshape(width, self.in_features))
-        a = self.a[:, :rank][lora.slots].reshape(-1, width, self.in_features)
-        return torch.bmm(x.reshape(a.shape[0], -1, self.in_features), a.transpose(1, 2))
+        if lora.tokens is not None:
+            x = x.index_select(0, lora.tokens)
+        return lora.multiply(x, self.a[:, : lora.rank].flatten(1, 2), transposed=True)
 
     def expand(self, member: int, shrunk: torch.Tensor, lora: LoraRows, out: torch.Tensor) -> torch.Tensor:
-        """``out`` plus each LoRA row's ``(x Aᵀ) B`` for one member."""
-        rows, rank = shrunk.shape[0], lora.rank
-        mine = shrunk.view(rows, -1, rank, self.members)[..., member]
-        table = self.b[member]
-        if lora.single is not None:
-            delta = mine @ table[lora.single, :rank]
-        else:
-            delta = torch.bmm(mine, table[:, :rank][lora.slots])
-        delta = delta.to(out.dtype)
-        if lora.rows is None:
-            return out + delta.view(out.shape)
-        return out.index_add(0, lora.rows, delta.view(rows, *out.shape[1:]))
+        """Add each LoRA token's ``(x Aᵀ) B`` for one member to ``out`` (tokens, out), in place: it is
+        the caller's own temporary, the base projection's output."""
+        mine = shrunk.view(shrunk.shape[0], lora.rank, self.members)[..., member]
+        delta = lora.multiply(mine, self.b[member][:, : lora.rank]).to(out.dtype)
+        return out.add_(delta) if lora.tokens is None else out.index_add_(0, lora.tokens, delta)

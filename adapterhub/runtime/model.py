@@ -8,15 +8,18 @@ norms, sliding windows) is a ``Family`` description from ``runtime/families/``; 
 Every adapter that is resident on the device lives in a numbered *slot* (slot 0 is the base and
 stays identity). The modules adapters change carry every slot's tables (``runtime/targets.py``):
 
-- LoRA: each row multiplies by its own slot's A and B only (``runtime/lora.py``), on the projections,
-  the output head and the input embedding.
-- IA3, DoRA and bias vectors: one ``(slots × Σ widths)`` table per kind; a forward gathers each row's
-  slice once and each projection multiplies (or adds) its columns.
+- LoRA: each token multiplies by its own row's slot's A and B only (``runtime/lora.py``), on the
+  projections, the output head and the input embedding.
+- IA3, DoRA and bias vectors: one ``(slots × Σ widths)`` table per kind; each projection gathers its
+  columns for the forward's tokens and multiplies (or adds) them.
 - Trainable tokens: per-slot replacement rows of the embedding (and of a tied output head).
 
 Prompt families live in model-wide tables: ``virtual_tokens`` (slots × n × hidden) replace the
 embeddings at a row's first positions, and ``prefix_kv`` (layers × 2 × slots × kv heads × n × head dim)
 is copied into the row's KV cache ahead of its prompt.
+
+A forward runs over packed tokens, decoding rows and new prompts together (``runtime/batch.py``):
+the projections see only real tokens; attention lays each group of rows into a small grid.
 
 The KV cache is preallocated at full length: one region of ``max_context`` positions per batch row.
 A row's tokens sit at cache positions 0.. of its region; queries see keys at positions <= their own
@@ -25,79 +28,25 @@ A row's tokens sit at cache positions 0.. of its region; queries see keys at pos
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from adapterhub.runtime.adapters import BaseShape, NativeAdapter
+from adapterhub.runtime.batch import (
+    AdapterRows,
+    AttentionGroup,
+    Batch,
+    RowInput,
+    SlotFeatures,
+    adapter_rows,
+    pack,
+)
 from adapterhub.runtime.families import Family, head_dim
 from adapterhub.runtime.lora import LoraGroup, LoraRows
 from adapterhub.runtime.targets import RowVectors, SlotEmbedding, SlotLinear, VectorTable, is_quantized
 
 ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "qkv_proj", "o_proj")
-
-
-@dataclass(frozen=True)
-class AdapterRows:
-    """Which adapter features one forward needs, derived from the slots of its rows."""
-
-    lora: LoraRows | None = None  # rows with a LoRA on a projection or the output head
-    embedding_lora: LoraRows | None = None
-    ia3: bool = False
-    dora: bool = False
-    bias: bool = False
-    tokens: bool = False  # some row's adapter replaces embedding rows
-    tied_tokens: bool = False  # ... and the rows of a tied output head
-
-    @property
-    def key(self) -> tuple:
-        """What a captured decode graph depends on besides shapes."""
-        return (
-            self.lora.rank if self.lora else 0,
-            self.embedding_lora.rank if self.embedding_lora else 0,
-            self.ia3,
-            self.dora,
-            self.bias,
-            self.tokens,
-            self.tied_tokens,
-        )
-
-
-@dataclass
-class Batch:
-    """Everything one forward needs besides the token ids; built by the engine per step.
-
-    ``rows`` picks the batch rows of the KV cache (a slice for decode, an index tensor for prefill);
-    ``cache_pos``/``rope_pos`` are (batch, tokens); ``slots`` (batch,) names each row's adapter slot.
-    """
-
-    rows: slice | torch.Tensor
-    row_index: torch.Tensor  # (batch, 1) cache row of each input row, for writes
-    cache_pos: torch.Tensor
-    rope_pos: torch.Tensor
-    kv_len: int
-    slots: torch.Tensor
-    adapters: AdapterRows
-    prefix_write: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
-
-
-@dataclass
-class SlotFeatures:
-    """What a slot's occupant wrote, to plan batches and to reset on the next load."""
-
-    lora: dict[str, int] = field(default_factory=dict)  # module -> rank
-    embedding_lora: int = 0  # rank
-    ia3: dict[str, bool] = field(default_factory=dict)  # module -> on its input
-    dora: tuple[str, ...] = ()
-    bias: tuple[str, ...] = ()
-    token_ids: tuple[int, ...] = ()
-    tied_tokens: bool = False
-
-    @property
-    def lora_rank(self) -> int:
-        return max(self.lora.values(), default=0)
 
 
 class SlottedDecoder:
@@ -306,41 +255,13 @@ class SlottedDecoder:
             self.embedding.token_index[slot, ids] = -1
             self.embedding.token_ids[slot] = -1
 
+    def pack(self, inputs: list[RowInput]) -> Batch:
+        """One forward's batch over ``inputs`` (see ``runtime/batch.py``)."""
+        return pack(inputs, self.slots, self.device)
+
     def adapter_rows(self, slots: list[int], static_slots: torch.Tensor | None = None) -> AdapterRows:
-        """The features a forward over rows serving ``slots`` (0: base or idle) needs.
-
-        With ``static_slots`` (a captured decode graph replays every row) LoRA gathers over all rows,
-        base and idle rows reading slot 0's zero tables; otherwise only the LoRA rows are computed.
-        """
-        features = [self.slots[slot] for slot in slots]
-        lora = self._lora_rows(slots, [f.lora_rank for f in features], static_slots)
-        embedding = self._lora_rows(slots, [f.embedding_lora for f in features], static_slots)
-        return AdapterRows(
-            lora=lora,
-            embedding_lora=embedding,
-            ia3=any(f.ia3 for f in features),
-            dora=any(f.dora for f in features),
-            bias=any(f.bias for f in features),
-            tokens=any(f.token_ids for f in features),
-            tied_tokens=any(f.tied_tokens for f in features),
-        )
-
-    def _lora_rows(
-        self, slots: list[int], ranks: list[int], static_slots: torch.Tensor | None
-    ) -> LoraRows | None:
-        rows = [row for row, rank in enumerate(ranks) if rank]
-        if not rows:
-            return None
-        rank = max(ranks)
-        if static_slots is not None:
-            return LoraRows(rank, static_slots, None, None)
-        lora_slots = [slots[row] for row in rows]
-        return LoraRows(
-            rank=rank,
-            slots=torch.tensor(lora_slots, device=self.device),
-            rows=None if len(rows) == len(slots) else torch.tensor(rows, device=self.device),
-            single=lora_slots[0] if len(set(lora_slots)) == 1 else None,
-        )
+        """The adapter features of one token per row serving ``slots`` (a decode step)."""
+        return adapter_rows(slots, self.slots, self.device, static_slots)
 
     # -- merge -----------------------------------------------------------------------------------
 
@@ -394,64 +315,36 @@ class SlottedDecoder:
     # -- forward ---------------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def embed(
-        self, token_ids: torch.Tensor, batch: Batch, virtual: tuple[torch.Tensor, ...] | None
-    ) -> torch.Tensor:
-        """Token embeddings, with a prompt row's first positions replaced by its virtual tokens.
-
-        ``virtual`` is flat (batch row, position, slot, virtual index) for every virtual position.
-        """
-        adapters = batch.adapters
-        embeds = self.embedding(token_ids, batch.slots, adapters.embedding_lora, adapters.tokens)
-        if virtual is not None:
-            rows, positions, slots, indices = virtual
-            embeds[rows, positions] = self.virtual_tokens[slots, indices].to(embeds.dtype)
-        return embeds
-
-    @torch.inference_mode()
-    def forward(
-        self, embeds: torch.Tensor, batch: Batch, last: torch.Tensor | tuple[torch.Tensor, torch.Tensor]
-    ) -> torch.Tensor:
-        """Run the decoder over ``embeds`` (batch, tokens, hidden); float logits at position ``last``
-        of each row, or at each (input row, position) pair when ``last`` is a pair of flat tensors
-        (prompt logprobs need every position of some rows)."""
+    def forward(self, batch: Batch) -> torch.Tensor:
+        """Run the decoder over ``batch``'s packed tokens; float logits (picked, vocab) of its picks."""
         if batch.prefix_write is not None:
             rows, positions, slots, indices = batch.prefix_write
             self.kv[:, :, rows, :, positions] = self.prefix_kv[:, :, slots, :, indices]
         adapters, family = batch.adapters, self.family
         lora = adapters.lora
-        vectors = RowVectors(
-            ia3=self.vectors["ia3"].rows(batch.slots) if adapters.ia3 else None,
-            dora=self.vectors["dora"].rows(batch.slots) if adapters.dora else None,
-            bias=self.vectors["bias"].rows(batch.slots) if adapters.bias else None,
-        )
-        masks = self._masks(batch)
-        rotary = self._rotary(embeds, batch.rope_pos)
-        hidden = embeds
+        hidden = self.embedding(batch.token_ids, adapters.slots, adapters.embedding_lora, adapters.tokens)
+        if batch.virtual is not None:
+            tokens, slots, indices = batch.virtual
+            hidden[tokens] = self.virtual_tokens[slots, indices].to(hidden.dtype)
+        vectors = self._vectors(adapters)
+        masks = [self._masks(group) for group in batch.groups]
+        rotary = self._rotary(hidden, batch.rope_pos)
+        count = hidden.shape[0]
         for index, (layer, proj) in enumerate(zip(self.decoder.layers, self.layers, strict=True)):
             attn = layer.self_attn
             x = layer.input_layernorm(hidden)
-            size, length, _ = x.shape
             q, k, v = self._qkv(proj, x, vectors, lora)
-            q = q.view(size, length, -1, self.head_dim)
-            k = k.view(size, length, -1, self.head_dim)
-            v = v.view(size, length, -1, self.head_dim)
+            q = q.view(count, -1, self.head_dim)
+            k = k.view(count, -1, self.head_dim)
+            v = v.view(count, -1, self.head_dim)
             if family.qk_norm:
                 q, k = attn.q_norm(q), attn.k_norm(k)
-            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
             cos, sin = rotary[index]
             q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
             key_cache, value_cache = self.kv[index, 0], self.kv[index, 1]
-            key_cache[batch.row_index, :, batch.cache_pos] = k.transpose(1, 2).to(self.dtype)
-            value_cache[batch.row_index, :, batch.cache_pos] = v.transpose(1, 2).to(self.dtype)
-            keys = key_cache[batch.rows, :, : batch.kv_len]
-            values = value_cache[batch.rows, :, : batch.kv_len]
-            out = self._attention(q, keys, values, masks[self.windows[index]])
-            out = (
-                out.view(size, self.num_heads, length, self.head_dim)
-                .transpose(1, 2)
-                .reshape(size, length, -1)
-            )
+            key_cache[batch.token_rows, :, batch.cache_pos] = k.to(self.dtype)
+            value_cache[batch.token_rows, :, batch.cache_pos] = v.to(self.dtype)
+            out = self._attend(batch.groups, masks, self.windows[index], q, key_cache, value_cache)
             o_proj = proj["o_proj"]
             out = o_proj(out, vectors, o_proj.group.shrink(out, lora), lora)
             if family.sandwich_norms:
@@ -465,22 +358,48 @@ class SlottedDecoder:
             down = proj["down_proj"]
             out = down(gated, vectors, down.group.shrink(gated, lora), lora)
             hidden = hidden + (layer.post_feedforward_layernorm(out) if family.sandwich_norms else out)
-        if isinstance(last, tuple):
-            return self._logits(self.decoder.norm(hidden), batch, vectors)[last]
-        picked = hidden[torch.arange(hidden.shape[0], device=self.device), last]
-        return self._logits(self.decoder.norm(picked).unsqueeze(1), batch, vectors)[:, 0]
+        picked = hidden if batch.picks is None else hidden.index_select(0, batch.picks)
+        return self._logits(self.decoder.norm(picked), batch.pick_adapters)
 
-    def _logits(self, normed: torch.Tensor, batch: Batch, vectors: RowVectors) -> torch.Tensor:
-        """Float logits of ``normed`` (batch, tokens, hidden), every row through its own adapter."""
-        lora = batch.adapters.lora
+    def _vectors(self, adapters: AdapterRows) -> RowVectors:
+        return RowVectors(
+            slots=adapters.slots,
+            ia3=self.vectors["ia3"].tensor if adapters.ia3 else None,
+            dora=self.vectors["dora"].tensor if adapters.dora else None,
+            bias=self.vectors["bias"].tensor if adapters.bias else None,
+        )
+
+    def _attend(
+        self,
+        groups: tuple[AttentionGroup, ...],
+        masks: list[dict[int | None, torch.Tensor]],
+        window: int | None,
+        q: torch.Tensor,
+        key_cache: torch.Tensor,
+        value_cache: torch.Tensor,
+    ) -> torch.Tensor:
+        """Attention of every token's queries (tokens, heads, head dim), group by group; returns
+        (tokens, heads · head dim) in token order."""
+        outputs = []
+        for group, mask in zip(groups, masks, strict=True):
+            keys = key_cache[group.rows, :, : group.kv_len]
+            values = value_cache[group.rows, :, : group.kv_len]
+            out = self._attention(group.queries(q), keys, values, mask[window])
+            outputs.append(group.outputs(out.view(group.size, self.num_heads, group.length, self.head_dim)))
+        if len(groups) == 1 and groups[0].tokens is None:
+            return outputs[0]
+        merged = q.new_empty(q.shape[0], self.num_heads * self.head_dim)
+        for group, out in zip(groups, outputs, strict=True):
+            merged.index_copy_(0, group.tokens, out)
+        return merged
+
+    def _logits(self, normed: torch.Tensor, adapters: AdapterRows) -> torch.Tensor:
+        """Float logits of ``normed`` (tokens, hidden), every token through its own row's adapter."""
+        lora = adapters.lora
+        vectors = self._vectors(adapters)
         logits = self.lm_head(normed, vectors, self.lm_head.group.shrink(normed, lora), lora)
-        if batch.adapters.tied_tokens:
-            size, length, vocab = logits.shape
-            slots = batch.slots.repeat_interleave(length)
-            flat = self.embedding.tied_logits(
-                normed.reshape(size * length, -1), slots, logits.reshape(-1, vocab)
-            )
-            logits = flat.view(size, length, vocab)
+        if adapters.tied_tokens:
+            logits = self.embedding.tied_logits(normed, adapters.slots, logits)
         if self.final_softcap is not None:
             logits = torch.tanh(logits / self.final_softcap) * self.final_softcap
         return logits.float()
@@ -507,14 +426,14 @@ class SlottedDecoder:
         gate, up = proj[names[0]](x, vectors, shrunk, lora).chunk(2, dim=-1)
         return gate, up
 
-    def _masks(self, batch: Batch) -> dict[int | None, torch.Tensor]:
-        """One (batch, 1, group·tokens, keys) mask per distinct window among the layers.
+    def _masks(self, group: AttentionGroup) -> dict[int | None, torch.Tensor]:
+        """One (rows, 1, group·length, keys) mask per distinct window among the layers.
 
         Grouped-query attention runs as plain attention: each KV head's query heads become extra query
         rows, so no backend needs GQA support and the KV cache is never repeated.
         """
-        keys = torch.arange(batch.kv_len, device=self.device).view(1, 1, -1)
-        queries = batch.cache_pos.unsqueeze(-1)
+        keys = torch.arange(group.kv_len, device=self.device).view(1, 1, -1)
+        queries = group.query_pos.unsqueeze(-1)
         causal = keys <= queries
         size, length = causal.shape[:2]
         masks = {}
@@ -522,7 +441,7 @@ class SlottedDecoder:
             # transformers' sliding window: a query sees the keys of the last ``window`` positions.
             visible = causal if window is None else causal & (keys > queries - window)
             masks[window] = (
-                visible.unsqueeze(1).expand(size, self.group, length, -1).reshape(size, 1, -1, batch.kv_len)
+                visible.unsqueeze(1).expand(size, self.group, length, -1).reshape(size, 1, -1, group.kv_len)
             )
         return masks
 
@@ -542,16 +461,16 @@ class SlottedDecoder:
     def _rotary(
         self, embeds: torch.Tensor, positions: torch.Tensor
     ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Each layer's (cos, sin), shaped to broadcast over heads."""
+        """Each layer's (cos, sin) of every token, (tokens, 1, rotary dim) to broadcast over heads."""
         rotary = self.decoder.rotary_emb
         if not self.family.rotary_per_layer_type:
             cos, sin = rotary(embeds, positions)
-            return [(cos.unsqueeze(1), sin.unsqueeze(1))] * len(self.layers)
+            return [(cos[0].unsqueeze(1), sin[0].unsqueeze(1))] * len(self.layers)
         types = self.config.layer_types
         by_type = {}
         for kind in set(types):
             cos, sin = rotary(embeds, positions, kind)
-            by_type[kind] = (cos.unsqueeze(1), sin.unsqueeze(1))
+            by_type[kind] = (cos[0].unsqueeze(1), sin[0].unsqueeze(1))
         return [by_type[kind] for kind in types]
 
 

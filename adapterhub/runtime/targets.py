@@ -6,9 +6,9 @@
 - ``SlotEmbedding``: the input embedding with per-slot LoRA (``B A[ids]``) and PEFT's trainable
   tokens (rows of the embedding, and of a tied output head, that an adapter replaces).
 
-Per-slot vectors of every projection share one ``(slots × Σ widths)`` table per kind, so a forward
-gathers each row's slice once (``RowVectors``) and each projection reads its columns. Tables that
-few adapters need (DoRA, biases, embedding LoRA, trainable tokens) are allocated on first use.
+Per-slot vectors of every projection share one ``(slots × Σ widths)`` table per kind; each projection
+gathers its own columns for the forward's tokens (``RowVectors``). Tables that few adapters need
+(DoRA, biases, embedding LoRA, trainable tokens) are allocated on first use.
 """
 
 from __future__ import annotations
@@ -39,18 +39,20 @@ class VectorTable:
         if self.tensor is None:
             self.tensor = torch.full((num_slots, self.width), self.fill, dtype=dtype, device=device)
 
-    def rows(self, slots: torch.Tensor) -> torch.Tensor | None:
-        """Each batch row's slice, shaped (batch, 1, width) to broadcast over tokens."""
-        return None if self.tensor is None else self.tensor[slots].unsqueeze(1)
-
 
 @dataclass(frozen=True)
 class RowVectors:
-    """One forward's gathered per-slot vectors; None where no row of the batch uses that kind."""
+    """The per-slot vector tables one forward reads, for tokens of rows serving ``slots``; a table is
+    None where no token of the forward uses that kind."""
 
+    slots: torch.Tensor  # (tokens,)
     ia3: torch.Tensor | None = None
     dora: torch.Tensor | None = None
     bias: torch.Tensor | None = None
+
+    def take(self, table: torch.Tensor, columns: slice) -> torch.Tensor:
+        """Each token's slot's ``columns`` of ``table``: (tokens, width)."""
+        return table[:, columns][self.slots]
 
 
 class SlotLinear:
@@ -78,25 +80,25 @@ class SlotLinear:
     def __call__(
         self, x: torch.Tensor, vectors: RowVectors, shrunk: torch.Tensor | None, lora: LoraRows | None
     ) -> torch.Tensor:
-        """``shrunk``: the group's ``x Aᵀ`` for the LoRA rows, None without LoRA rows."""
+        """``x``: (tokens, in); ``shrunk``: the group's ``x Aᵀ`` for the LoRA tokens, None without any."""
         if vectors.ia3 is not None and "ia3_in" in self.uses:
-            x = x * vectors.ia3[..., self.ia3_in]
+            x = x * vectors.take(vectors.ia3, self.ia3_in)
         if self.merged is not None:
             weight, bias = self.merged
             out = F.linear(x.to(weight.dtype), weight, bias)
         else:
             out = self.base(x)
         if vectors.ia3 is not None and "ia3_out" in self.uses:
-            out = out * vectors.ia3[..., self.ia3_out]
+            out = out * vectors.take(vectors.ia3, self.ia3_out)
         if shrunk is not None and lora is not None:
             out = self.group.expand(self.member, shrunk, lora, out)
         if vectors.dora is not None and "dora" in self.uses:
             # DoRA: m/‖W + sBA‖ scales the weight's output and the LoRA's, never the base bias.
-            scale = vectors.dora[..., self.dora]
+            scale = vectors.take(vectors.dora, self.dora)
             bias = self.base_bias if self.merged is None else self.merged[1]
             out = out * scale if bias is None else (out - bias) * scale + bias
         if vectors.bias is not None and "bias" in self.uses:
-            out = out + vectors.bias[..., self.bias]
+            out = out + vectors.take(vectors.bias, self.bias)
         return out
 
     def slot_views(self, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -145,22 +147,22 @@ class SlotEmbedding:
     def __call__(
         self, ids: torch.Tensor, slots: torch.Tensor, lora: LoraRows | None, tokens: bool
     ) -> torch.Tensor:
-        """Embeddings of ``ids`` (batch, tokens) for rows serving ``slots`` (batch,)."""
+        """Embeddings of ``ids`` (tokens,) of rows serving ``slots`` (tokens,)."""
         embeds = self.base(ids)
         if tokens and self.token_index is not None:
-            index = self.token_index[slots.unsqueeze(1), ids]
-            replaced = self.token_rows[slots.unsqueeze(1), index.clamp(min=0)]
+            index = self.token_index[slots, ids]
+            replaced = self.token_rows[slots, index.clamp(min=0)]
             if self.scale is not None:
                 replaced = replaced * self.scale
             embeds = torch.where((index >= 0).unsqueeze(-1), replaced.to(embeds.dtype), embeds)
         if lora is not None and self.lora_a is not None:
-            rows_ids = ids if lora.rows is None else ids.index_select(0, lora.rows)
-            after_a = self.lora_a[:, :, : lora.rank][lora.slots.unsqueeze(1), rows_ids]
-            delta = torch.bmm(after_a, self.lora_b[:, : lora.rank][lora.slots])
+            lora_ids = ids if lora.tokens is None else ids.index_select(0, lora.tokens)
+            after_a = self.lora_a[lora.token_slots, lora_ids, : lora.rank]
+            delta = lora.multiply(after_a, self.lora_b[:, : lora.rank])
             if self.scale is not None:
                 delta = delta * self.scale
             delta = delta.to(embeds.dtype)
-            embeds = embeds + delta if lora.rows is None else embeds.index_add(0, lora.rows, delta)
+            embeds = embeds.add_(delta) if lora.tokens is None else embeds.index_add_(0, lora.tokens, delta)
         return embeds
 
     def tied_logits(self, hidden: torch.Tensor, slots: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:

@@ -6,11 +6,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from adapterhub.runtime.batch import RowInput
 from adapterhub.runtime.engine import Engine
-from adapterhub.runtime.model import Batch
 
 from .references import make_engine
 
@@ -18,19 +17,9 @@ from .references import make_engine
 def _decode_flops(engine: Engine, slots: list[int]) -> int:
     """FLOPs of one decode forward over rows serving ``slots`` (0: base), at cache position 4."""
     decoder = engine.decoder
-    rows = len(slots)
-    batch = Batch(
-        rows=slice(0, rows),
-        row_index=torch.arange(rows).unsqueeze(1),
-        cache_pos=torch.full((rows, 1), 4),
-        rope_pos=torch.full((rows, 1), 4),
-        kv_len=5,
-        slots=torch.tensor(slots),
-        adapters=decoder.adapter_rows(slots),
-    )
-    tokens = torch.full((rows, 1), 7)
+    batch = decoder.pack([RowInput(row, slot, [7], 4, 4, (0,)) for row, slot in enumerate(slots)])
     with FlopCounterMode(display=False) as counter:
-        decoder.forward(decoder.embed(tokens, batch, None), batch, torch.zeros(rows, dtype=torch.long))
+        decoder.forward(batch)
     return counter.get_total_flops()
 
 

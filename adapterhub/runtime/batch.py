@@ -1,0 +1,275 @@
+"""What one forward computes: the packed tokens of many rows, and the adapter features they need.
+
+A forward runs over one flat list of tokens: a decoding row brings its last token, a new row its
+whole prompt (virtual tokens first), and both kinds share one forward. No position is padding in the
+projections and MLPs, where the work is. Attention needs each row's queries side by side, so its
+tokens are laid into a (rows × longest) grid per *attention group*: rows with one token form one
+group and prefilling rows another, so a long prompt never pads a decoding row to its length. The
+padding lives only in that grid and is masked away.
+
+Everything here is planned on the host from Python lists and sent to the device once per forward.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from adapterhub.runtime.lora import LoraRows
+
+
+@dataclass
+class SlotFeatures:
+    """What a slot's occupant wrote, to plan batches and to reset on the next load."""
+
+    lora: dict[str, int] = field(default_factory=dict)  # module -> rank
+    embedding_lora: int = 0  # rank
+    ia3: dict[str, bool] = field(default_factory=dict)  # module -> on its input
+    dora: tuple[str, ...] = ()
+    bias: tuple[str, ...] = ()
+    token_ids: tuple[int, ...] = ()
+    tied_tokens: bool = False
+
+    @property
+    def lora_rank(self) -> int:
+        return max(self.lora.values(), default=0)
+
+
+@dataclass(frozen=True)
+class AdapterRows:
+    """Which adapter features a set of tokens needs, derived from the slots of their rows."""
+
+    slots: torch.Tensor  # (tokens,) the slot each token's row serves (0: base)
+    lora: LoraRows | None = None  # tokens with a LoRA on a projection or the output head
+    embedding_lora: LoraRows | None = None
+    ia3: bool = False
+    dora: bool = False
+    bias: bool = False
+    tokens: bool = False  # some row's adapter replaces embedding rows
+    tied_tokens: bool = False  # ... and the rows of a tied output head
+
+    @property
+    def key(self) -> tuple:
+        """What a captured decode graph depends on besides shapes."""
+        return (
+            self.lora.rank if self.lora else 0,
+            self.embedding_lora.rank if self.embedding_lora else 0,
+            self.ia3,
+            self.dora,
+            self.bias,
+            self.tokens,
+            self.tied_tokens,
+        )
+
+
+def adapter_rows(
+    token_slots: list[int],
+    features: list[SlotFeatures],
+    device: str,
+    static_slots: torch.Tensor | None = None,
+) -> AdapterRows:
+    """The features a forward over tokens of rows serving ``token_slots`` needs.
+
+    With ``static_slots`` (a captured decode graph replays every row) LoRA runs over all tokens, base
+    and idle rows reading slot 0's zero tables; otherwise only the LoRA tokens are computed.
+    """
+    used = [features[slot] for slot in set(token_slots)]
+    lora_rank = {slot: features[slot].lora_rank for slot in set(token_slots)}
+    embedding_rank = {slot: features[slot].embedding_lora for slot in set(token_slots)}
+    slots = static_slots if static_slots is not None else torch.tensor(token_slots, device=device)
+    return AdapterRows(
+        slots=slots,
+        lora=_lora_rows(token_slots, lora_rank, device, static_slots),
+        embedding_lora=_lora_rows(token_slots, embedding_rank, device, static_slots),
+        ia3=any(f.ia3 for f in used),
+        dora=any(f.dora for f in used),
+        bias=any(f.bias for f in used),
+        tokens=any(f.token_ids for f in used),
+        tied_tokens=any(f.tied_tokens for f in used),
+    )
+
+
+def _lora_rows(
+    token_slots: list[int], rank_of: dict[int, int], device: str, static_slots: torch.Tensor | None
+) -> LoraRows | None:
+    # The LoRA tokens in slot order, so that the tokens of one adapter form one stretch and its
+    # tables are read once however its rows are spread over the batch.
+    tokens = sorted(
+        (index for index, slot in enumerate(token_slots) if rank_of[slot]), key=token_slots.__getitem__
+    )
+    if not tokens:
+        return None
+    rank = max(rank_of.values())
+    if static_slots is not None:
+        return LoraRows(rank, None, static_slots, None, static_slots, None)
+    slots = [token_slots[index] for index in tokens]
+    runs: list[list[int]] = []  # [slot, start, stop] over the LoRA tokens, one per adapter
+    for position, slot in enumerate(slots):
+        if runs and runs[-1][0] == slot:
+            runs[-1][2] = position + 1
+        else:
+            runs.append([slot, position, position + 1])
+    lengths = {stop - start for _, start, stop in runs}
+    pieces: list[int] | None = None
+    if len(lengths) == 1:  # equal stretches: one batched GEMM over them, a table gathered per stretch
+        pieces = [slot for slot, _, _ in runs]
+    elif len(slots) <= 2 * len(runs):  # short stretches (decoding rows): gather a table per token
+        pieces = slots
+    # Otherwise (long stretches of several lengths) each stretch multiplies by its table in place.
+    return LoraRows(
+        rank=rank,
+        tokens=None if tokens == list(range(len(token_slots))) else torch.tensor(tokens, device=device),
+        token_slots=torch.tensor(slots, device=device),
+        single=slots[0] if len(runs) == 1 else None,
+        pieces=None if pieces is None or len(runs) == 1 else torch.tensor(pieces, device=device),
+        runs=tuple((slot, start, stop) for slot, start, stop in runs),
+    )
+
+
+@dataclass(frozen=True)
+class RowInput:
+    """One row's part of a forward: ``token_ids`` written at cache positions ``cache_start``...
+
+    ``virtual``: how many of the first tokens are the slot's virtual tokens (their ids are ignored);
+    ``prefix``: how many prefix K/V entries are copied into the row's cache ahead of its tokens;
+    ``picks``: which of its tokens (indices into ``token_ids``) the forward returns logits for.
+    """
+
+    row: int
+    slot: int
+    token_ids: list[int]
+    cache_start: int
+    rope_start: int
+    picks: tuple[int, ...]
+    virtual: int = 0
+    prefix: int = 0
+
+
+@dataclass(frozen=True)
+class AttentionGroup:
+    """Some rows' queries laid side by side: a (size × length) grid of cache rows ``rows``.
+
+    ``tokens``: the flat indices of the group's tokens (None: every token of the forward, in grid
+    order); ``grid``: each of those tokens' place in the flattened grid (None: the grid is exactly
+    those tokens, with no padding). ``query_pos``: (size, length) cache position of every grid query,
+    0 for padding, which then sees one key and is dropped.
+    """
+
+    rows: slice | torch.Tensor
+    size: int
+    length: int
+    tokens: torch.Tensor | None
+    grid: torch.Tensor | None
+    query_pos: torch.Tensor
+    kv_len: int
+
+    def queries(self, q: torch.Tensor) -> torch.Tensor:
+        """(tokens, heads, head dim) of the forward -> (size, heads, length, head dim) of the grid."""
+        mine = q if self.tokens is None else q.index_select(0, self.tokens)
+        if self.grid is not None:
+            laid = mine.new_zeros(self.size * self.length, *mine.shape[1:])
+            mine = laid.index_copy_(0, self.grid, mine)
+        return mine.view(self.size, self.length, *q.shape[1:]).transpose(1, 2)
+
+    def outputs(self, out: torch.Tensor) -> torch.Tensor:
+        """(size, heads, length, head dim) of the grid -> (the group's tokens, heads · head dim)."""
+        flat = out.transpose(1, 2).reshape(self.size * self.length, -1)
+        return flat if self.grid is None else flat.index_select(0, self.grid)
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Everything one forward needs: flat per-token inputs, attention groups, logits picks."""
+
+    token_ids: torch.Tensor  # (tokens,)
+    token_rows: torch.Tensor  # (tokens,) cache row of each token, for K/V writes
+    cache_pos: torch.Tensor  # (tokens,)
+    rope_pos: torch.Tensor  # (1, tokens)
+    groups: tuple[AttentionGroup, ...]
+    adapters: AdapterRows  # of every token
+    picks: torch.Tensor | None  # (picked,) flat indices of the tokens whose logits are returned; None: all
+    pick_adapters: AdapterRows  # of the picked tokens (the output head's adapters)
+    virtual: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # token, slot, index
+    prefix_write: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+
+def pack(inputs: list[RowInput], features: list[SlotFeatures], device: str) -> Batch:
+    """One forward over ``inputs`` (rows in any order, each with at least one token)."""
+    token_ids: list[int] = []
+    token_rows: list[int] = []
+    cache_pos: list[int] = []
+    rope_pos: list[int] = []
+    token_slots: list[int] = []
+    picks: list[int] = []
+    virtual: list[list[int]] = [[], [], []]
+    prefix: list[list[int]] = [[], [], [], []]
+    starts = []
+    for row in inputs:
+        start = len(token_ids)
+        starts.append(start)
+        count = len(row.token_ids)
+        token_ids += row.token_ids
+        token_rows += [row.row] * count
+        cache_pos += range(row.cache_start, row.cache_start + count)
+        rope_pos += range(row.rope_start, row.rope_start + count)
+        token_slots += [row.slot] * count
+        picks += [start + pick for pick in row.picks]
+        for t in range(row.virtual):
+            for column, value in zip(virtual, (start + t, row.slot, t), strict=True):
+                column.append(value)
+        for t in range(row.prefix):
+            for column, value in zip(prefix, (row.row, t, row.slot, t), strict=True):
+                column.append(value)
+
+    def tensor(values: list[int]) -> torch.Tensor:
+        return torch.tensor(values, device=device)
+
+    decoding = [index for index, row in enumerate(inputs) if len(row.token_ids) == 1]
+    prefilling = [index for index, row in enumerate(inputs) if len(row.token_ids) > 1]
+    groups = tuple(
+        _group([inputs[i] for i in members], [starts[i] for i in members], len(token_ids), device)
+        for members in (decoding, prefilling)
+        if members
+    )
+    return Batch(
+        token_ids=tensor(token_ids),
+        token_rows=tensor(token_rows),
+        cache_pos=tensor(cache_pos),
+        rope_pos=tensor(rope_pos).unsqueeze(0),
+        groups=groups,
+        adapters=adapter_rows(token_slots, features, device),
+        picks=tensor(picks),
+        pick_adapters=adapter_rows([token_slots[p] for p in picks], features, device),
+        virtual=tuple(tensor(c) for c in virtual) if virtual[0] else None,
+        prefix_write=tuple(tensor(c) for c in prefix) if prefix[0] else None,
+    )
+
+
+def _group(inputs: list[RowInput], starts: list[int], total: int, device: str) -> AttentionGroup:
+    """The grid of some rows. It spans cache rows 0..highest (a view of the cache) unless that is
+    over twice as many rows as it holds: then only its own rows are copied out of the cache, since
+    a copy reads and writes each row once more than attention over an empty row reads it."""
+    length = max(len(row.token_ids) for row in inputs)
+    highest = max(row.row for row in inputs)
+    spans = highest + 1 <= 2 * len(inputs)
+    grid_rows = list(range(highest + 1)) if spans else sorted(row.row for row in inputs)
+    place = {row: index for index, row in enumerate(grid_rows)}
+    query_pos = [[0] * length for _ in grid_rows]
+    tokens, grid = [], []
+    for row, start in zip(inputs, starts, strict=True):
+        for t in range(len(row.token_ids)):
+            tokens.append(start + t)
+            grid.append(place[row.row] * length + t)
+            query_pos[place[row.row]][t] = row.cache_start + t
+    kv_len = max(row.cache_start + len(row.token_ids) for row in inputs)
+    contiguous = tokens == list(range(total))
+    return AttentionGroup(
+        rows=slice(0, highest + 1) if spans else torch.tensor(grid_rows, device=device),
+        size=len(grid_rows),
+        length=length,
+        tokens=None if contiguous else torch.tensor(tokens, device=device),
+        grid=None if grid == list(range(len(grid_rows) * length)) else torch.tensor(grid, device=device),
+        query_pos=torch.tensor(query_pos, device=device),
+        kv_len=kv_len,
+    )

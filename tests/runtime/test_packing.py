@@ -1,0 +1,61 @@
+"""Packed forwards: a new request is prefilled in the same forward as the running rows' next tokens,
+and prompts of different lengths cost their own tokens only, with no pad position in any GEMM."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from torch.utils.flop_counter import FlopCounterMode
+
+from adapterhub.runtime.batch import RowInput
+from adapterhub.runtime.engine import Engine
+
+from .references import NEW_TOKENS, PROMPTS, greedy, make_engine, peft_reference
+
+GEMMS = ("mm", "addmm", "bmm")
+
+
+def _gemm_flops(engine: Engine, inputs: list[RowInput]) -> int:
+    decoder = engine.decoder
+    with FlopCounterMode(display=False) as counter:
+        decoder.forward(decoder.pack(inputs))
+    counts = counter.get_flop_counts()["Global"]
+    return sum(flops for op, flops in counts.items() if str(op).split(".")[-1] in GEMMS)
+
+
+def test_prompts_of_different_lengths_multiply_no_pad_position(adapter_dirs: dict[str, Path]) -> None:
+    engine = make_engine({"lora": adapter_dirs["lora"]})
+    lora = engine.make_resident("lora")
+    short = RowInput(0, 0, [5] * 3, 0, 0, (2,))
+    long = RowInput(1, lora, [7] * 9, 0, 0, (8,))
+    apart = _gemm_flops(engine, [short]) + _gemm_flops(engine, [RowInput(0, lora, [7] * 9, 0, 0, (8,))])
+    assert _gemm_flops(engine, [short, long]) == apart
+
+
+def test_an_arrival_is_prefilled_in_the_forward_of_the_running_rows(adapter_dirs: dict[str, Path]) -> None:
+    engine = make_engine(adapter_dirs)
+    forwards = []
+    forward = engine.decoder.forward
+
+    def counted(batch):
+        forwards.append(batch.token_ids.shape[0])
+        return forward(batch)
+
+    engine.decoder.forward = counted
+    engine._running = True  # stepped by hand, so the arrival falls between two known steps
+    first = engine.submit(greedy(PROMPTS[2], "lora"))
+    engine._step()
+    engine._step()
+    late = {name: engine.submit(greedy(PROMPTS[i], name)) for i, name in enumerate(("prompt", "prefix"))}
+    before = len(forwards)
+    engine._step()
+    assert len(forwards) == before + 1, "the arrivals' prefill and the running row's decode share one forward"
+    tokenizer = engine.tokenizer
+    prompt_tokens = 4 + len(tokenizer(PROMPTS[0])["input_ids"]) + len(tokenizer(PROMPTS[1])["input_ids"])
+    assert forwards[-1] == 1 + prompt_tokens  # 4 virtual tokens; prefix K/V are copied, not computed
+    while not all(handle.done for handle in (first, *late.values())):
+        engine._step()
+    assert first.result().token_ids == peft_reference(str(adapter_dirs["lora"]), PROMPTS[2])[0]
+    for index, (name, handle) in enumerate(late.items()):
+        assert handle.result().token_ids == peft_reference(str(adapter_dirs[name]), PROMPTS[index])[0]
+    assert len(first.result().token_ids) == NEW_TOKENS
