@@ -25,6 +25,9 @@ def open_backend(
         if base is not None:
             raise UserError("--base is for local mode: a server at --url serves its own base model")
         return RemoteBackend(url, api_key)
+    from adapterhub.runtime.threads import leave_compute_to_the_engine
+
+    leave_compute_to_the_engine()  # the engine's stepping thread computes (runtime/threads.py)
     with console.status(f"loading {base or adapter} …"):
         return LocalBackend.open(base, adapter)
 

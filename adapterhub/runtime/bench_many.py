@@ -27,6 +27,7 @@ from adapterhub.runtime.api import GenerationRequest, SamplingParams
 from adapterhub.runtime.bench import Workload, bench_engine, engine_run, random_prompts
 from adapterhub.runtime.random_adapters import peft_config, write_random_adapter
 from adapterhub.runtime.serving import ServingEngine
+from adapterhub.runtime.threads import engine_computes, in_compute_thread
 
 ZIPF_EXPONENT = 1.1
 
@@ -92,58 +93,32 @@ def run_many_bench(
     static_decode: str = "auto",
     repeats: int = 1,
 ) -> dict:
-    progress(f"loading {base}")
-    engine = bench_engine(
-        base=base,
-        quantize=quantize,
-        device=device,
-        adapters=slots,
-        batch=batch,
-        prompt_len=prompt_len,
-        new_tokens=new_tokens,
-        rank=rank,
-        static_decode=static_decode,
-    )
-    prompts = random_prompts(engine, batch, prompt_len)
-    with tempfile.TemporaryDirectory(prefix="adapterhub-bench-many-") as tmp:
-        progress(f"writing {registered} LoRA adapters (rank {rank} on {targets})")
-        template = write_random_adapter(
-            engine.model,
-            peft_config("lora", rank=rank, target_modules=targets.split(",")),
-            Path(tmp) / "t",
-            seed=0,
+    with engine_computes():  # the engine thread computes; set-up runs on short-lived threads
+        progress(f"loading {base}")
+        engine = in_compute_thread(
+            lambda: bench_engine(
+                base=base,
+                quantize=quantize,
+                device=device,
+                adapters=slots,
+                batch=batch,
+                prompt_len=prompt_len,
+                new_tokens=new_tokens,
+                rank=rank,
+                static_decode=static_decode,
+            )
         )
-        folders = write_copies(template, Path(tmp) / "many", registered)
-        shutil.rmtree(template)
-        progress(f"registering {registered} adapters")
-        start = time.perf_counter()
-        names = [engine.register(folder.name, str(folder)).name for folder in folders]
-        register_s = time.perf_counter() - start
-        plan = draw_rounds(names, distinct, rounds, skew)
-        loads, evictions = engine.pool.loads, engine.pool.evictions
-        works = [
-            Workload(prompts, [chosen[i % len(chosen)] for i in range(batch)], new_tokens) for chosen in plan
-        ]
-        base_work = Workload(prompts, [None] * batch, new_tokens)
-        progress("engine: warm-up, untimed")
-        engine_run(engine, base_work)
-        engine_run(engine, works[0])
-        loads, evictions = engine.pool.loads, engine.pool.evictions
-        # Each many-adapter batch is paired with a base batch run just before it, so a slow spell of
-        # a shared machine falls on both; the ratio is the median of the pairs' ratios.
-        timed: dict[str, list[float]] = {"base": [], "many": []}  # tok/s per batch
-        engine.start()
-        try:
-            for turn in range(repeats):
-                for index, work in enumerate(works):
-                    progress(f"engine: round {index + 1} of {rounds} (pass {turn + 1} of {repeats})")
-                    for phase, batch_work in (("base", base_work), ("many", work)):
-                        start = time.perf_counter()
-                        tokens = _one_round(engine, batch_work)
-                        timed[phase].append(tokens / (time.perf_counter() - start))
-        finally:
-            engine.stop()
-        ratio = statistics.median(m / b for b, m in zip(timed["base"], timed["many"], strict=True))
+        with tempfile.TemporaryDirectory(prefix="adapterhub-bench-many-") as tmp:
+            progress(f"writing {registered} LoRA adapters (rank {rank} on {targets})")
+            folders = in_compute_thread(lambda: _write_adapters(engine, Path(tmp), registered, rank, targets))
+            progress(f"registering {registered} adapters")
+            start = time.perf_counter()
+            names = in_compute_thread(lambda: [engine.register(f.name, str(f)).name for f in folders])
+            register_s = time.perf_counter() - start
+            timed, loads, evictions = _timed_rounds(
+                engine, names, distinct, rounds, skew, batch, prompt_len, new_tokens, repeats, progress
+            )
+    ratio = statistics.median(m / b for b, m in zip(timed["base"], timed["many"], strict=True))
     return {
         "base_tok_s": round(statistics.median(timed["base"]), 2),
         "many_tok_s": round(statistics.median(timed["many"]), 2),
@@ -169,3 +144,53 @@ def run_many_bench(
         "static_decode": getattr(engine, "static_decode", False),
         "cpu_tier_mib": round(engine.cpu_tier_bytes() / 2**20, 1),
     }
+
+
+def _write_adapters(engine: ServingEngine, root: Path, count: int, rank: int, targets: str) -> list[Path]:
+    """``count`` LoRAs from one PEFT-written template, each with its own random weights."""
+    template = write_random_adapter(
+        engine.model, peft_config("lora", rank=rank, target_modules=targets.split(",")), root / "t", seed=0
+    )
+    folders = write_copies(template, root / "many", count)
+    shutil.rmtree(template)
+    return folders
+
+
+def _timed_rounds(
+    engine: ServingEngine,
+    names: list[str],
+    distinct: int,
+    rounds: int,
+    skew: str,
+    batch: int,
+    prompt_len: int,
+    new_tokens: int,
+    repeats: int,
+    progress: Callable[[str], None],
+) -> tuple[dict[str, list[float]], int, int]:
+    """tok/s of every base and many-adapter batch, and the loads and evictions before the timed ones."""
+    prompts = random_prompts(engine, batch, prompt_len)
+    plan = draw_rounds(names, distinct, rounds, skew)
+    works = [
+        Workload(prompts, [chosen[i % len(chosen)] for i in range(batch)], new_tokens) for chosen in plan
+    ]
+    base_work = Workload(prompts, [None] * batch, new_tokens)
+    progress("engine: warm-up, untimed")
+    engine_run(engine, base_work)
+    engine_run(engine, works[0])
+    loads, evictions = engine.pool.loads, engine.pool.evictions
+    # Each many-adapter batch is paired with a base batch run just before it, so a slow spell of
+    # a shared machine falls on both; the ratio is the median of the pairs' ratios.
+    timed: dict[str, list[float]] = {"base": [], "many": []}  # tok/s per batch
+    engine.start()
+    try:
+        for turn in range(repeats):
+            for index, work in enumerate(works):
+                progress(f"engine: round {index + 1} of {rounds} (pass {turn + 1} of {repeats})")
+                for phase, batch_work in (("base", base_work), ("many", work)):
+                    start = time.perf_counter()
+                    tokens = _one_round(engine, batch_work)
+                    timed[phase].append(tokens / (time.perf_counter() - start))
+    finally:
+        engine.stop()
+    return timed, loads, evictions

@@ -32,6 +32,7 @@ from adapterhub.runtime.api import (
 from adapterhub.runtime.grammar import Grammars
 from adapterhub.runtime.sampling import Sampler, check_params
 from adapterhub.runtime.slots import RegisteredAdapter
+from adapterhub.runtime.threads import take_compute_threads
 from adapterhub.runtime.vocabulary import Vocabulary
 
 DEFAULT_MAX_CONTEXT = 4096
@@ -427,6 +428,7 @@ class ServingEngine:
             return bool(self._waiting) or bool(self._active())
 
     def _loop(self) -> None:
+        take_compute_threads()  # see runtime/threads.py: this thread does the engine's computing
         while True:
             with self._lock:
                 while self._running and not self._waiting and not self._active():

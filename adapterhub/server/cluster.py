@@ -56,8 +56,10 @@ class EngineReplica:
         from ray import serve
 
         from adapterhub.runtime.api import RequestError
+        from adapterhub.runtime.threads import leave_compute_to_the_engine
         from adapterhub.server.launch import app_for, build_engine
 
+        leave_compute_to_the_engine()  # the engine's stepping thread computes (runtime/threads.py)
         self.engine = build_engine(options)
         self.app = app_for(self.engine, options)
         self.grace_s = options.grace_s

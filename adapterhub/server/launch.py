@@ -189,6 +189,9 @@ def serve(options: ServeOptions) -> None:
     console = Console(stderr=True)
     loading = loading_policy(options)  # before the model loads: a bad --adapter-root fails at once
     sock = listen_socket(options.host, options.port)
+    from adapterhub.runtime.threads import leave_compute_to_the_engine
+
+    leave_compute_to_the_engine()  # the engine's stepping thread computes (runtime/threads.py)
     try:
         engine = build_engine(options, console)
     except BaseException:
