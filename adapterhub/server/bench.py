@@ -29,6 +29,7 @@ import torch
 from adapterhub.runtime.api import GenerationRequest, SamplingParams
 from adapterhub.runtime.bench import bench_engine, random_prompts, register_random_adapters
 from adapterhub.runtime.serving import ServingEngine
+from adapterhub.runtime.threads import engine_computes, in_compute_thread
 from adapterhub.server.app import create_app
 from adapterhub.server.background import serve_in_background
 
@@ -229,45 +230,50 @@ def run_http_bench(
             progress=progress,
         )
         return {**measured, "url": url, "models": names, **shape}
-    progress(f"loading {base}")
-    engine = bench_engine(
-        base=base,
-        quantize=quantize,
-        device=device,
-        adapters=adapters,
-        batch=concurrency,
-        prompt_len=prompt_len,
-        new_tokens=new_tokens,
-        rank=ADAPTER_RANK,
-    )
-    prompts = random_prompts(engine, requests, prompt_len)
-    params = SamplingParams(max_tokens=new_tokens)
-    with tempfile.TemporaryDirectory(prefix="adapterhub-bench-http-") as tmp:
-        progress(f"writing {adapters} random adapters with PEFT")
-        _, families = register_random_adapters(engine, adapters, Path(tmp), rank=ADAPTER_RANK)
-        names = [None, *families]
-        jobs = [(prompts[i], names[i % len(names)]) for i in range(requests)]
-        engine.start()
-        try:
-            progress("warming up")
-            engine_phase(engine, jobs[: len(names)], params, concurrency)
-            progress(f"engine: {requests} requests from {concurrency} threads")
-            engine_s, engine_tokens = engine_phase(engine, jobs, params, concurrency)
-            app = create_app(engine, max_queue=requests)
-            with serve_in_background(app) as local:
-                http_jobs = [(prompt, name or engine.base_name) for prompt, name in jobs]
-                measured = http_phases(
-                    local,
-                    http_jobs,
-                    new_tokens=new_tokens,
-                    stream=stream,
-                    concurrency=concurrency,
-                    variants=variants,
-                    repeats=repeats,
-                    progress=progress,
-                )
-        finally:
-            engine.stop()
+    with engine_computes():  # the engine thread computes; set-up runs on short-lived threads
+        progress(f"loading {base}")
+        engine = in_compute_thread(
+            lambda: bench_engine(
+                base=base,
+                quantize=quantize,
+                device=device,
+                adapters=adapters,
+                batch=concurrency,
+                prompt_len=prompt_len,
+                new_tokens=new_tokens,
+                rank=ADAPTER_RANK,
+            )
+        )
+        prompts = random_prompts(engine, requests, prompt_len)
+        params = SamplingParams(max_tokens=new_tokens)
+        with tempfile.TemporaryDirectory(prefix="adapterhub-bench-http-") as tmp:
+            progress(f"writing {adapters} random adapters with PEFT")
+            _, families = in_compute_thread(
+                lambda: register_random_adapters(engine, adapters, Path(tmp), rank=ADAPTER_RANK)
+            )
+            names = [None, *families]
+            jobs = [(prompts[i], names[i % len(names)]) for i in range(requests)]
+            engine.start()
+            try:
+                progress("warming up")
+                engine_phase(engine, jobs[: len(names)], params, concurrency)
+                progress(f"engine: {requests} requests from {concurrency} threads")
+                engine_s, engine_tokens = engine_phase(engine, jobs, params, concurrency)
+                app = create_app(engine, max_queue=requests)
+                with serve_in_background(app) as local:
+                    http_jobs = [(prompt, name or engine.base_name) for prompt, name in jobs]
+                    measured = http_phases(
+                        local,
+                        http_jobs,
+                        new_tokens=new_tokens,
+                        stream=stream,
+                        concurrency=concurrency,
+                        variants=variants,
+                        repeats=repeats,
+                        progress=progress,
+                    )
+            finally:
+                engine.stop()
     return {
         "engine_tok_s": round(engine_tokens / engine_s, 2),
         "http_over_engine": round(measured["http_tok_s"] / (engine_tokens / engine_s), 3),
