@@ -175,20 +175,20 @@ def bench_engine(
     static_decode: str = "auto",
 ) -> ServingEngine:
     """An engine sized for a benchmark: a slot per adapter, context for the prompts plus virtual
-    tokens plus the generation, and EOS ignored so every request generates exactly ``new_tokens``."""
-    engine = open_engine(
-        EngineConfig(
-            base=base,
-            quantization=quantize,
-            device=device,
-            max_adapters=adapters,
-            max_lora_rank=rank,
-            max_batch_size=batch,
-            max_context=prompt_len + VIRTUAL_TOKENS + new_tokens + 1,
-            max_virtual_tokens=VIRTUAL_TOKENS,
-            static_decode=static_decode,
-        )
+    tokens plus the generation, and EOS ignored so every request generates exactly ``new_tokens``.
+    Loaded on a short-lived compute thread (``runtime/threads.py``)."""
+    config = EngineConfig(
+        base=base,
+        quantization=quantize,
+        device=device,
+        max_adapters=adapters,
+        max_lora_rank=rank,
+        max_batch_size=batch,
+        max_context=prompt_len + VIRTUAL_TOKENS + new_tokens + 1,
+        max_virtual_tokens=VIRTUAL_TOKENS,
+        static_decode=static_decode,
     )
+    engine = in_compute_thread(lambda: open_engine(config))
     engine.eos_ids = set()
     return engine
 
@@ -203,7 +203,13 @@ def register_random_adapters(
     engine: ServingEngine, count: int, folder: Path, rank: int = 16
 ) -> tuple[dict[str, Path], dict[str, str]]:
     """Write ``count`` random adapters (families round-robin over all five) with PEFT under ``folder``
-    and register them; returns name -> folder and name -> family."""
+    and register them, on a short-lived compute thread; returns name -> folder and name -> family."""
+    return in_compute_thread(lambda: _write_and_register(engine, count, folder, rank))
+
+
+def _write_and_register(
+    engine: ServingEngine, count: int, folder: Path, rank: int
+) -> tuple[dict[str, Path], dict[str, str]]:
     families = {f"{FAMILIES[i % len(FAMILIES)]}-{i}": FAMILIES[i % len(FAMILIES)] for i in range(count)}
     folders = {}
     fast = isinstance(engine, Engine)  # the fallback's bases take PEFT's per-architecture targets
@@ -217,6 +223,7 @@ def register_random_adapters(
     return folders, families
 
 
+@engine_computes()  # the engine thread computes; heavy set-up runs on short-lived threads
 def run_bench(
     *,
     device: str,
@@ -231,56 +238,22 @@ def run_bench(
     progress: Callable[[str], None],
     repeats: int = 1,
 ) -> dict:
-    with engine_computes():  # the engine thread computes; heavy set-up runs on short-lived threads
-        return _run_bench(
-            device=device,
-            base=base,
-            adapters=adapters,
-            batch=batch,
-            prompt_len=prompt_len,
-            new_tokens=new_tokens,
-            quantize=quantize,
-            rank=rank,
-            static_decode=static_decode,
-            progress=progress,
-            repeats=repeats,
-        )
-
-
-def _run_bench(
-    *,
-    device: str,
-    base: str,
-    adapters: int,
-    batch: int,
-    prompt_len: int,
-    new_tokens: int,
-    quantize: str,
-    rank: int,
-    static_decode: str,
-    progress: Callable[[str], None],
-    repeats: int,
-) -> dict:
     progress(f"loading {base}")
-    engine = in_compute_thread(
-        lambda: bench_engine(
-            base=base,
-            quantize=quantize,
-            device=device,
-            adapters=adapters,
-            batch=batch,
-            prompt_len=prompt_len,
-            new_tokens=new_tokens,
-            rank=rank,
-            static_decode=static_decode,
-        )
+    engine = bench_engine(
+        base=base,
+        quantize=quantize,
+        device=device,
+        adapters=adapters,
+        batch=batch,
+        prompt_len=prompt_len,
+        new_tokens=new_tokens,
+        rank=rank,
+        static_decode=static_decode,
     )
     prompts = random_prompts(engine, batch, prompt_len)
     with tempfile.TemporaryDirectory(prefix="adapterhub-bench-") as tmp:
         progress(f"writing {adapters} random adapters with PEFT")
-        folders, families = in_compute_thread(
-            lambda: register_random_adapters(engine, adapters, Path(tmp), rank=rank)
-        )
+        folders, families = register_random_adapters(engine, adapters, Path(tmp), rank=rank)
         names = list(families)
         first_lora = next(name for name, family in families.items() if family == "lora")
         phases = {

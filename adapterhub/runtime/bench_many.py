@@ -95,18 +95,16 @@ def run_many_bench(
 ) -> dict:
     with engine_computes():  # the engine thread computes; set-up runs on short-lived threads
         progress(f"loading {base}")
-        engine = in_compute_thread(
-            lambda: bench_engine(
-                base=base,
-                quantize=quantize,
-                device=device,
-                adapters=slots,
-                batch=batch,
-                prompt_len=prompt_len,
-                new_tokens=new_tokens,
-                rank=rank,
-                static_decode=static_decode,
-            )
+        engine = bench_engine(
+            base=base,
+            quantize=quantize,
+            device=device,
+            adapters=slots,
+            batch=batch,
+            prompt_len=prompt_len,
+            new_tokens=new_tokens,
+            rank=rank,
+            static_decode=static_decode,
         )
         with tempfile.TemporaryDirectory(prefix="adapterhub-bench-many-") as tmp:
             progress(f"writing {registered} LoRA adapters (rank {rank} on {targets})")

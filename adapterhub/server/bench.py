@@ -29,7 +29,7 @@ import torch
 from adapterhub.runtime.api import GenerationRequest, SamplingParams
 from adapterhub.runtime.bench import bench_engine, random_prompts, register_random_adapters
 from adapterhub.runtime.serving import ServingEngine
-from adapterhub.runtime.threads import engine_computes, in_compute_thread
+from adapterhub.runtime.threads import engine_computes
 from adapterhub.server.app import create_app
 from adapterhub.server.background import serve_in_background
 
@@ -232,25 +232,21 @@ def run_http_bench(
         return {**measured, "url": url, "models": names, **shape}
     with engine_computes():  # the engine thread computes; set-up runs on short-lived threads
         progress(f"loading {base}")
-        engine = in_compute_thread(
-            lambda: bench_engine(
-                base=base,
-                quantize=quantize,
-                device=device,
-                adapters=adapters,
-                batch=concurrency,
-                prompt_len=prompt_len,
-                new_tokens=new_tokens,
-                rank=ADAPTER_RANK,
-            )
+        engine = bench_engine(
+            base=base,
+            quantize=quantize,
+            device=device,
+            adapters=adapters,
+            batch=concurrency,
+            prompt_len=prompt_len,
+            new_tokens=new_tokens,
+            rank=ADAPTER_RANK,
         )
         prompts = random_prompts(engine, requests, prompt_len)
         params = SamplingParams(max_tokens=new_tokens)
         with tempfile.TemporaryDirectory(prefix="adapterhub-bench-http-") as tmp:
             progress(f"writing {adapters} random adapters with PEFT")
-            _, families = in_compute_thread(
-                lambda: register_random_adapters(engine, adapters, Path(tmp), rank=ADAPTER_RANK)
-            )
+            _, families = register_random_adapters(engine, adapters, Path(tmp), rank=ADAPTER_RANK)
             names = [None, *families]
             jobs = [(prompts[i], names[i % len(names)]) for i in range(requests)]
             engine.start()
