@@ -301,6 +301,7 @@ class SlottedDecoder:
             target.base.weight.data.copy_(weight.to(target.base.weight.dtype))
             if bias is not None:
                 target.base.bias.data.copy_(cast_bias)
+            target.pack()
         return saved
 
     def unmerge(self, saved: dict[SlotLinear, tuple[torch.Tensor, torch.Tensor | None]]) -> None:
@@ -311,6 +312,7 @@ class SlottedDecoder:
             target.base.weight.data.copy_(weight)
             if bias is not None:
                 target.base.bias.data.copy_(bias)
+            target.pack()
 
     # -- forward ---------------------------------------------------------------------------------
 
