@@ -232,15 +232,17 @@ def pack(inputs: list[RowInput], features: list[SlotFeatures], device: str) -> B
         for members in (decoding, prefilling)
         if members
     )
+    adapters = adapter_rows(token_slots, features, device)
+    every = picks == list(range(len(token_ids)))  # a decode step: each row's one token
     return Batch(
         token_ids=tensor(token_ids),
         token_rows=tensor(token_rows),
         cache_pos=tensor(cache_pos),
         rope_pos=tensor(rope_pos).unsqueeze(0),
         groups=groups,
-        adapters=adapter_rows(token_slots, features, device),
-        picks=tensor(picks),
-        pick_adapters=adapter_rows([token_slots[p] for p in picks], features, device),
+        adapters=adapters,
+        picks=None if every else tensor(picks),
+        pick_adapters=adapters if every else adapter_rows([token_slots[p] for p in picks], features, device),
         virtual=tuple(tensor(c) for c in virtual) if virtual[0] else None,
         prefix_write=tuple(tensor(c) for c in prefix) if prefix[0] else None,
     )
