@@ -24,6 +24,7 @@ from adapterhub.runtime.adapters import Capacity, NativeAdapter, load_native
 from adapterhub.runtime.api import GenerationRequest, RequestError
 from adapterhub.runtime.batch import AttentionGroup, Batch, RowInput
 from adapterhub.runtime.families import family_for
+from adapterhub.runtime.host_memory import keep_freed_memory
 from adapterhub.runtime.model import SlottedDecoder
 from adapterhub.runtime.sampling import prompt_logprobs
 from adapterhub.runtime.serving import DEFAULT_MAX_CONTEXT, EngineConfig, RequestHandle, ServingEngine
@@ -40,6 +41,8 @@ class Engine(ServingEngine):
 
     def __init__(self, config: EngineConfig) -> None:
         super().__init__(config)
+        if self.device == "cpu":
+            keep_freed_memory()
         family = family_for(load_config(config.base), config.base)
         self.model = load_model(ModelSpec(config.base, self.quantization, config.dtype, device=self.device))
         self.model.eval()

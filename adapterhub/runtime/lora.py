@@ -36,30 +36,45 @@ class LoraRows:
     pieces: torch.Tensor | None
     runs: tuple[tuple[int, int, int], ...] | None
 
-    def multiply(self, x: torch.Tensor, tables: torch.Tensor, transposed: bool = False) -> torch.Tensor:
-        """Each LoRA token's row of ``x`` (tokens, k) times its own slot's (k, n) of ``tables``, or
-        of ``tables`` transposed when it holds (n, k) per slot (gathered first, then transposed)."""
-
-        def table(slot: int) -> torch.Tensor:
-            return tables[slot].t() if transposed else tables[slot]
-
+    def multiply(self, x: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
+        """Each LoRA token's row of ``x`` (LoRA tokens, k) times its own slot's (k, n) of ``tables``."""
         if self.single is not None:
-            return x @ table(self.single)
+            return x @ tables[self.single]
         if self.pieces is not None:
-            gathered = tables[self.pieces]
-            pieces = x.reshape(self.pieces.shape[0], -1, x.shape[-1])
-            product = torch.bmm(pieces, gathered.transpose(1, 2) if transposed else gathered)
+            gathered = tables.index_select(0, self.pieces)  # a third of advanced indexing's time
+            product = torch.bmm(x.reshape(self.pieces.shape[0], -1, x.shape[-1]), gathered)
             return product.view(x.shape[0], -1)
-        return torch.cat([x[start:stop] @ table(slot) for slot, start, stop in self.runs])
+        return torch.cat([x[start:stop] @ tables[slot] for slot, start, stop in self.runs])
+
+    def add_product(self, x: torch.Tensor, tables: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """Add ``multiply(x, tables)`` to the LoRA tokens' rows of ``out`` (tokens, n), in place.
+
+        Where every token has a LoRA the GEMMs accumulate into ``out`` themselves (``addmm_``,
+        ``baddbmm_``): one op per product instead of a GEMM, a temporary and an add.
+        """
+        if self.tokens is not None or out.dtype != tables.dtype:
+            delta = self.multiply(x, tables).to(out.dtype)
+            return out.add_(delta) if self.tokens is None else out.index_add_(0, self.tokens, delta)
+        if self.single is not None:
+            return out.addmm_(x, tables[self.single])
+        if self.pieces is not None:
+            count = self.pieces.shape[0]
+            laid = out.view(count, -1, out.shape[-1])
+            laid.baddbmm_(x.view(count, -1, x.shape[-1]), tables.index_select(0, self.pieces))
+            return out
+        for slot, start, stop in self.runs:
+            out[start:stop].addmm_(x[start:stop], tables[slot])
+        return out
 
 
 class LoraGroup:
     """Every slot's LoRA for the projections of one group: a shared A, one B per member.
 
-    ``a``: (slots, max rank, members, in); ``b[m]``: (slots, max rank, out of member m), already
-    multiplied by the adapter's scaling. Rank-major rows make ``[:, :r]`` cover every member up to
-    rank ``r`` in one contiguous block per slot. A group few adapters use (the output head, whose B is
-    vocabulary-wide) is allocated when the first of them loads.
+    ``a``: (slots, in, max rank, members), Aᵀ stored rank-major; ``b[m]``: (slots, max rank, out of
+    member m), already multiplied by the adapter's scaling. Rank-major columns make ``[..., :r·members]``
+    cover every member up to rank ``r``, and holding Aᵀ lets the shrink multiply without a transposed
+    operand (measured: 12.7 µs instead of 16 for 8 tokens at rank 16 on q/k/v). A group few adapters
+    use (the output head, whose B is vocabulary-wide) is allocated when the first of them loads.
     """
 
     def __init__(
@@ -83,7 +98,7 @@ class LoraGroup:
 
     def allocate(self) -> None:
         if self.a is None:
-            shape = (self.num_slots, self.max_rank, self.members, self.in_features)
+            shape = (self.num_slots, self.in_features, self.max_rank, self.members)
             self.a = torch.zeros(shape, dtype=self.dtype, device=self.device)
             self.b = [
                 torch.zeros(self.num_slots, self.max_rank, out, dtype=self.dtype, device=self.device)
@@ -93,7 +108,7 @@ class LoraGroup:
     def slot_views(self, slot: int, member: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Slot ``slot``'s (max rank × in) A rows and (max rank × out) B rows of one member."""
         self.allocate()
-        return self.a[slot, :, member], self.b[member][slot]
+        return self.a[slot, :, :, member].t(), self.b[member][slot]
 
     def shrink(self, x: torch.Tensor, lora: LoraRows | None) -> torch.Tensor | None:
         """``x Aᵀ`` of each LoRA token of ``x`` (tokens, in): (LoRA tokens, rank × members), rank-major."""
@@ -103,11 +118,10 @@ class LoraGroup:
             x = x.to(self.a.dtype)
         if lora.tokens is not None:
             x = x.index_select(0, lora.tokens)
-        return lora.multiply(x, self.a[:, : lora.rank].flatten(1, 2), transposed=True)
+        return lora.multiply(x, self.a.flatten(2)[..., : lora.rank * self.members])
 
     def expand(self, member: int, shrunk: torch.Tensor, lora: LoraRows, out: torch.Tensor) -> torch.Tensor:
         """Add each LoRA token's ``(x Aᵀ) B`` for one member to ``out`` (tokens, out), in place: it is
         the caller's own temporary, the base projection's output."""
         mine = shrunk.view(shrunk.shape[0], lora.rank, self.members)[..., member]
-        delta = lora.multiply(mine, self.b[member][:, : lora.rank]).to(out.dtype)
-        return out.add_(delta) if lora.tokens is None else out.index_add_(0, lora.tokens, delta)
+        return lora.add_product(mine, self.b[member][:, : lora.rank], out)

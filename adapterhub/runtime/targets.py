@@ -53,7 +53,7 @@ class RowVectors:
 
     def take(self, table: torch.Tensor, columns: slice) -> torch.Tensor:
         """Each token's slot's ``columns`` of ``table``: (tokens, width)."""
-        return table[:, columns][self.slots]
+        return table[:, columns].index_select(0, self.slots)
 
 
 class SlotLinear:

@@ -9,6 +9,7 @@ import functools
 from pathlib import Path
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from adapterhub.models import ModelSpec, load_model, load_tokenizer
 from adapterhub.runtime.api import GenerationRequest, SamplingParams
@@ -84,3 +85,16 @@ def greedy(
     prompt: str, adapter: str | None = None, max_tokens: int = NEW_TOKENS, **kwargs
 ) -> GenerationRequest:
     return GenerationRequest(prompt, adapter=adapter, params=SamplingParams(max_tokens=max_tokens), **kwargs)
+
+
+def _accumulating_gemm(_out, x, tables, out_shape=None, **_options) -> int:
+    """FLOPs of ``out += x @ tables``, 2-D or batched (shapes in, as the counter passes them)."""
+    *batch, rows, inner = x
+    return 2 * rows * inner * tables[-1] * (batch[0] if batch else 1)
+
+
+def flop_counter() -> FlopCounterMode:
+    """A FLOP counter that also counts the in-place GEMMs LoRA accumulates with (``addmm_``,
+    ``baddbmm_``), which torch's counter has no formula for and would count as nothing."""
+    in_place = {torch.ops.aten.addmm_: _accumulating_gemm, torch.ops.aten.baddbmm_: _accumulating_gemm}
+    return FlopCounterMode(display=False, custom_mapping=in_place)

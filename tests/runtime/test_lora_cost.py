@@ -6,19 +6,18 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from torch.utils.flop_counter import FlopCounterMode
 
 from adapterhub.runtime.batch import RowInput
 from adapterhub.runtime.engine import Engine
 
-from .references import make_engine
+from .references import flop_counter, make_engine
 
 
 def _decode_flops(engine: Engine, slots: list[int]) -> int:
     """FLOPs of one decode forward over rows serving ``slots`` (0: base), at cache position 4."""
     decoder = engine.decoder
     batch = decoder.pack([RowInput(row, slot, [7], 4, 4, (0,)) for row, slot in enumerate(slots)])
-    with FlopCounterMode(display=False) as counter:
+    with flop_counter() as counter:
         decoder.forward(batch)
     return counter.get_total_flops()
 

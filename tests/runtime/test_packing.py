@@ -5,14 +5,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from torch.utils.flop_counter import FlopCounterMode
-
 from adapterhub.runtime.batch import RowInput
 from adapterhub.runtime.engine import Engine
 
-from .references import NEW_TOKENS, PROMPTS, greedy, make_engine, peft_reference
+from .references import NEW_TOKENS, PROMPTS, flop_counter, greedy, make_engine, peft_reference
 
-GEMMS = ("mm", "addmm", "bmm")
+GEMMS = ("mm", "addmm", "bmm", "addmm_", "baddbmm_")
 
 
 def _gemm_flops(engine: Engine, inputs: list[RowInput]) -> int:
@@ -21,7 +19,7 @@ def _gemm_flops(engine: Engine, inputs: list[RowInput]) -> int:
     decoder = engine.decoder
     for target in decoder.targets.values():
         target.packed = None
-    with FlopCounterMode(display=False) as counter:
+    with flop_counter() as counter:
         decoder.forward(decoder.pack(inputs))
     counts = counter.get_flop_counts()["Global"]
     return sum(flops for op, flops in counts.items() if str(op).split(".")[-1] in GEMMS)
