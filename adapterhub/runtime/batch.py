@@ -191,7 +191,9 @@ class Batch:
     picks: torch.Tensor | None  # (picked,) flat indices of the tokens whose logits are returned; None: all
     pick_adapters: AdapterRows  # of the picked tokens (the output head's adapters)
     virtual: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # token, slot, index
-    prefix_write: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+    # (cache row, slot, count): the slot's first ``count`` prefix K/V entries go to the row's first
+    # ``count`` positions. Copied as slices: advanced indexing took 8.6 ms a prefill on the 360M shape.
+    prefix_write: tuple[tuple[int, int, int], ...] = ()
 
 
 def pack(inputs: list[RowInput], features: list[SlotFeatures], device: str) -> Batch:
@@ -203,7 +205,6 @@ def pack(inputs: list[RowInput], features: list[SlotFeatures], device: str) -> B
     token_slots: list[int] = []
     picks: list[int] = []
     virtual: list[list[int]] = [[], [], []]
-    prefix: list[list[int]] = [[], [], [], []]
     starts = []
     for row in inputs:
         start = len(token_ids)
@@ -217,9 +218,6 @@ def pack(inputs: list[RowInput], features: list[SlotFeatures], device: str) -> B
         picks += [start + pick for pick in row.picks]
         for t in range(row.virtual):
             for column, value in zip(virtual, (start + t, row.slot, t), strict=True):
-                column.append(value)
-        for t in range(row.prefix):
-            for column, value in zip(prefix, (row.row, t, row.slot, t), strict=True):
                 column.append(value)
 
     def tensor(values: list[int]) -> torch.Tensor:
@@ -244,7 +242,7 @@ def pack(inputs: list[RowInput], features: list[SlotFeatures], device: str) -> B
         picks=None if every else tensor(picks),
         pick_adapters=adapters if every else adapter_rows([token_slots[p] for p in picks], features, device),
         virtual=tuple(tensor(c) for c in virtual) if virtual[0] else None,
-        prefix_write=tuple(tensor(c) for c in prefix) if prefix[0] else None,
+        prefix_write=tuple((row.row, row.slot, row.prefix) for row in inputs if row.prefix),
     )
 
 

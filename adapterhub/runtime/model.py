@@ -319,9 +319,8 @@ class SlottedDecoder:
     @torch.inference_mode()
     def forward(self, batch: Batch) -> torch.Tensor:
         """Run the decoder over ``batch``'s packed tokens; float logits (picked, vocab) of its picks."""
-        if batch.prefix_write is not None:
-            rows, positions, slots, indices = batch.prefix_write
-            self.kv[:, :, rows, :, positions] = self.prefix_kv[:, :, slots, :, indices]
+        for row, slot, count in batch.prefix_write:
+            self.kv[:, :, row, :, :count] = self.prefix_kv[:, :, slot, :, :count]
         adapters, family = batch.adapters, self.family
         lora = adapters.lora
         hidden = self.embedding(batch.token_ids, adapters.slots, adapters.embedding_lora, adapters.tokens)
