@@ -74,13 +74,20 @@ def adapter_rows(
     With ``static_slots`` (a captured decode graph replays every row) LoRA runs over all tokens, base
     and idle rows reading slot 0's zero tables; otherwise only the LoRA tokens are computed.
     """
-    used = [features[slot] for slot in set(token_slots)]
-    lora_rank = {slot: features[slot].lora_rank for slot in set(token_slots)}
+    distinct = set(token_slots)
+    used = [features[slot] for slot in distinct]
+    lora_rank = {slot: features[slot].lora_rank for slot in distinct}
     embedding_rank = {slot: features[slot].embedding_lora for slot in set(token_slots)}
     slots = static_slots if static_slots is not None else torch.tensor(token_slots, device=device)
     return AdapterRows(
         slots=slots,
-        lora=_lora_rows(token_slots, lora_rank, device, static_slots),
+        lora=_lora_rows(
+            token_slots,
+            lora_rank,
+            device,
+            static_slots,
+            modules=frozenset().union(*(features[slot].lora for slot in distinct)),
+        ),
         embedding_lora=_lora_rows(token_slots, embedding_rank, device, static_slots),
         ia3=any(f.ia3 for f in used),
         dora=any(f.dora for f in used),
@@ -91,7 +98,11 @@ def adapter_rows(
 
 
 def _lora_rows(
-    token_slots: list[int], rank_of: dict[int, int], device: str, static_slots: torch.Tensor | None
+    token_slots: list[int],
+    rank_of: dict[int, int],
+    device: str,
+    static_slots: torch.Tensor | None,
+    modules: frozenset[str] | None = None,
 ) -> LoraRows | None:
     # The LoRA tokens in slot order, so that the tokens of one adapter form one stretch and its
     # tables are read once however its rows are spread over the batch.
@@ -124,6 +135,7 @@ def _lora_rows(
         single=slots[0] if len(runs) == 1 else None,
         pieces=None if pieces is None or len(runs) == 1 else torch.tensor(pieces, device=device),
         runs=tuple((slot, start, stop) for slot, start, stop in runs),
+        modules=modules,
     )
 
 

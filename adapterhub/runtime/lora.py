@@ -9,7 +9,9 @@ when every LoRA token names one adapter, its tables are used in place; stretches
 idea in plain PyTorch; prompts of several lengths multiply stretch by stretch, in place.
 
 Projections that read the same input (q/k/v, gate/up) share one A table, so one shrink GEMM serves
-the whole group; each member has its own B.
+the whole group; each member has its own B. A projection that no adapter of the forward targets
+(``LoraRows.modules``) is skipped, and so is a group none of whose members is targeted: adapters on
+``q_proj,v_proj`` only pay for q and v.
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ class LoraRows:
     ``tokens``: the flat indices of the LoRA tokens, or None when every token has one;
     ``token_slots``: the slot of each LoRA token; ``runs``: (slot, start, stop) stretches of one
     slot over the LoRA tokens; ``single``: the one slot every LoRA token names, if they all do;
-    ``pieces``: the slot of each equal-length piece for one batched GEMM, when there is one.
+    ``pieces``: the slot of each equal-length piece for one batched GEMM, when there is one;
+    ``modules``: the modules the tokens' adapters target, None for every one (a captured graph).
     """
 
     rank: int  # the widest rank among the tokens' adapters
@@ -35,6 +38,10 @@ class LoraRows:
     single: int | None
     pieces: torch.Tensor | None
     runs: tuple[tuple[int, int, int], ...] | None
+    modules: frozenset[str] | None = None
+
+    def targets(self, module: str) -> bool:
+        return self.modules is None or module in self.modules
 
     def multiply(self, x: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
         """Each LoRA token's row of ``x`` (LoRA tokens, k) times its own slot's (k, n) of ``tables``."""
@@ -70,8 +77,9 @@ class LoraRows:
 class LoraGroup:
     """Every slot's LoRA for the projections of one group: a shared A, one B per member.
 
-    ``a``: (slots, in, max rank, members), Aᵀ stored rank-major; ``b[m]``: (slots, max rank, out of
-    member m), already multiplied by the adapter's scaling. Rank-major columns make ``[..., :r·members]``
+    ``names``: the members' qualified module names; ``a``: (slots, in, max rank, members), Aᵀ stored
+    rank-major; ``b[m]``: (slots, max rank, out of member m), already multiplied by the adapter's
+    scaling. Rank-major columns make ``[..., :r·members]``
     cover every member up to rank ``r``, and holding Aᵀ lets the shrink multiply without a transposed
     operand (measured: 12.7 µs instead of 16 for 8 tokens at rank 16 on q/k/v). A group few adapters
     use (the output head, whose B is vocabulary-wide) is allocated when the first of them loads.
@@ -79,6 +87,7 @@ class LoraGroup:
 
     def __init__(
         self,
+        names: list[str],
         in_features: int,
         out_features: list[int],
         num_slots: int,
@@ -88,6 +97,7 @@ class LoraGroup:
         *,
         allocate: bool = True,
     ) -> None:
+        self.names = names
         self.members = len(out_features)
         self.in_features, self.out_features = in_features, out_features
         self.num_slots, self.max_rank, self.dtype, self.device = num_slots, max_rank, dtype, device
@@ -112,7 +122,7 @@ class LoraGroup:
 
     def shrink(self, x: torch.Tensor, lora: LoraRows | None) -> torch.Tensor | None:
         """``x Aᵀ`` of each LoRA token of ``x`` (tokens, in): (LoRA tokens, rank × members), rank-major."""
-        if lora is None or self.a is None:
+        if lora is None or self.a is None or not any(lora.targets(name) for name in self.names):
             return None
         if x.dtype != self.a.dtype:
             x = x.to(self.a.dtype)
@@ -123,5 +133,7 @@ class LoraGroup:
     def expand(self, member: int, shrunk: torch.Tensor, lora: LoraRows, out: torch.Tensor) -> torch.Tensor:
         """Add each LoRA token's ``(x Aᵀ) B`` for one member to ``out`` (tokens, out), in place: it is
         the caller's own temporary, the base projection's output."""
+        if not lora.targets(self.names[member]):
+            return out
         mine = shrunk.view(shrunk.shape[0], lora.rank, self.members)[..., member]
         return lora.add_product(mine, self.b[member][:, : lora.rank], out)

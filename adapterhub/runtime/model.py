@@ -82,12 +82,15 @@ class SlottedDecoder:
         self.windows = family.windows(config)
         layers = self.decoder.layers
         self.vectors = {"ia3": VectorTable(1.0), "dora": VectorTable(1.0), "bias": VectorTable(0.0)}
+        # Adapters name modules as PEFT does: by their qualified name in the Hugging Face model.
+        module_names = {module: name for name, module in model.named_modules()}
         self.layers: list[dict[str, SlotLinear]] = []
         for layer in layers:
             projections: dict[str, SlotLinear] = {}
             for names in family.lora_groups:
                 modules = [getattr(self._parent(layer, name), name) for name in names]
                 tables = LoraGroup(
+                    [module_names[m] for m in modules],
                     modules[0].in_features,
                     [m.out_features for m in modules],
                     num_slots,
@@ -100,13 +103,18 @@ class SlottedDecoder:
             self.layers.append(projections)
         head = model.lm_head
         head_tables = LoraGroup(
-            head.in_features, [head.out_features], num_slots, max_rank, dtype, device, allocate=False
+            [module_names[head]],
+            head.in_features,
+            [head.out_features],
+            num_slots,
+            max_rank,
+            dtype,
+            device,
+            allocate=False,
         )
         self.lm_head = SlotLinear(head, head_tables, 0, self.vectors)
         self.embedding = SlotEmbedding(self.decoder.embed_tokens, num_slots, max_rank, dtype, device)
         self.vectors["ia3"].allocate(num_slots, dtype, device)
-        module_names = {module: name for name, module in model.named_modules()}
-        # Adapters name modules as PEFT does: by their qualified name in the Hugging Face model.
         self.targets = {
             module_names[target.base]: target for layer in self.layers for target in layer.values()
         }

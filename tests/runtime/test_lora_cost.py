@@ -1,5 +1,6 @@
 """LoRA work follows the rows, not the slots: a decode step's FLOPs do not change with the number of
-resident adapters, and rows without a LoRA add none (counted by ``torch.utils.flop_counter``)."""
+resident adapters, rows without a LoRA add none, and projections no adapter targets add none
+(counted by ``torch.utils.flop_counter``)."""
 
 from __future__ import annotations
 
@@ -48,6 +49,27 @@ def test_base_rows_add_no_lora_work(engines: tuple[Engine, Engine]) -> None:
     with_lora = _decode_flops(few, [lora, 0])
     # Adding base rows to a batch with one LoRA row costs what a base row costs, no LoRA GEMM for it.
     assert _decode_flops(few, [lora, 0, 0, 0]) - with_lora == 2 * (base_only // 2)
+
+
+def test_only_the_targeted_projections_do_lora_work(tmp_path: Path) -> None:
+    from adapterhub.models import ModelSpec, load_model
+    from adapterhub.runtime.random_adapters import peft_config, write_random_adapter
+
+    from .references import BASE
+
+    base = load_model(ModelSpec(BASE, device="cpu"))
+    rank = 8
+    config = peft_config("lora", rank=rank, target_modules=["q_proj", "v_proj"])
+    engine = make_engine({"qv": write_random_adapter(base, config, tmp_path / "qv", seed=3)})
+    engine.make_resident("qv")
+    extra = _decode_flops(engine, [engine._lookup("qv").slot, 0]) - _decode_flops(engine, [0, 0])
+    layers = base.model.layers
+    attention = layers[0].self_attn
+    # One token: q/k/v share one shrink GEMM (k's columns of A are zero), then q's and v's expands;
+    # o, k's expand and the MLP do none.
+    shrink = 2 * attention.q_proj.in_features * rank * 3
+    expands = 2 * rank * (attention.q_proj.out_features + attention.v_proj.out_features)
+    assert extra == len(layers) * (shrink + expands)
 
 
 def test_ranks_1_8_and_64_in_one_batch_equal_peft(tmp_path: Path) -> None:
