@@ -75,6 +75,23 @@ def test_a_choice_is_exact_only_with_peft_tokens(sbs) -> None:
     assert summary["m"]["exact"] is False and summary["m"]["prompts"] == 2
 
 
+def test_a_choice_may_part_from_peft_only_at_a_tie(sbs) -> None:
+    ids, logprobs, pieces = [5, 9, 4], [-0.5, -1.0, -0.7], ["a", "b", "c"]
+    ties = [[], [(7, "x", -1.0004)], []]  # PEFT's logprobs tie "x" to its choice "b" at position 1
+    served = {"text": "axz", "logprobs": {"tokens": ["a", "x", "z"], "token_logprobs": [-0.5, -1.0004, -2.0]}}
+    tie = sbs.compare_choice(served, ids, logprobs, pieces, "abc", ties)
+    assert tie["exact"] and tie["tie_at"] == 1 and not tie["tokens_equal"]
+    assert tie["max_abs_logprob_diff"] == pytest.approx(0.0)  # nothing after the tie is compared
+    assert sbs.compare_choice({**served, "token_ids": [5, 7, 1]}, ids, logprobs, pieces, "abc", ties)["exact"]
+    # Without a tie in PEFT's logprobs there, the same parting is not exact ...
+    assert not sbs.compare_choice(served, ids, logprobs, pieces, "abc", [[], [], []])["exact"]
+    # ... nor is the tied token served with a logprob that is not PEFT's.
+    off = {**served, "logprobs": {"tokens": ["a", "x", "z"], "token_logprobs": [-0.5, -1.5, -2.0]}}
+    assert not sbs.compare_choice(off, ids, logprobs, pieces, "abc", ties)["exact"]
+    summary = sbs.summarize_exactness({"m": [tie]})
+    assert summary["m"]["exact"] is True and summary["m"]["ties_taken"] == 1
+
+
 def test_paired_ratio_is_the_median_of_each_pairs_ratio(sbs) -> None:
     runs = [
         {"pair": 1, "server": "vllm", "http_tok_s": 100.0},
