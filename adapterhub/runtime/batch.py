@@ -77,7 +77,7 @@ def adapter_rows(
     distinct = set(token_slots)
     used = [features[slot] for slot in distinct]
     lora_rank = {slot: features[slot].lora_rank for slot in distinct}
-    embedding_rank = {slot: features[slot].embedding_lora for slot in set(token_slots)}
+    embedding_rank = {slot: features[slot].embedding_lora for slot in distinct}
     slots = static_slots if static_slots is not None else torch.tensor(token_slots, device=device)
     return AdapterRows(
         slots=slots,
@@ -204,7 +204,8 @@ class Batch:
     pick_adapters: AdapterRows  # of the picked tokens (the output head's adapters)
     virtual: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # token, slot, index
     # (cache row, slot, count): the slot's first ``count`` prefix K/V entries go to the row's first
-    # ``count`` positions. Copied as slices: advanced indexing took 8.6 ms a prefill on the 360M shape.
+    # ``count`` positions. Copied as slices: 0.04 ms a row on the 360M shape, against 0.44 by advanced
+    # indexing.
     prefix_write: tuple[tuple[int, int, int], ...] = ()
 
 

@@ -79,10 +79,10 @@ class LoraGroup:
 
     ``names``: the members' qualified module names; ``a``: (slots, in, max rank, members), Aᵀ stored
     rank-major; ``b[m]``: (slots, max rank, out of member m), already multiplied by the adapter's
-    scaling. Rank-major columns make ``[..., :r·members]``
-    cover every member up to rank ``r``, and holding Aᵀ lets the shrink multiply without a transposed
-    operand (measured: 12.7 µs instead of 16 for 8 tokens at rank 16 on q/k/v). A group few adapters
-    use (the output head, whose B is vocabulary-wide) is allocated when the first of them loads.
+    scaling. Rank-major columns make ``[..., :r·members]`` cover every member up to rank ``r``, and
+    holding Aᵀ lets the shrink multiply without a transposed operand (measured: 12.7 µs instead of
+    16 for 8 tokens at rank 16 on q/k/v). A group few adapters use (the output head, whose B is
+    vocabulary-wide) is allocated when the first of them loads.
     """
 
     def __init__(

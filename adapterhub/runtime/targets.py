@@ -101,8 +101,9 @@ class SlotLinear:
             weight, bias = self.merged
             return F.linear(x.to(weight.dtype), weight, bias)
         if self.packed is not None:
-            bias = self.base.bias
-            return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.packed, bias, "none", [], "")
+            return torch.ops.mkldnn._linear_pointwise(
+                x.contiguous(), self.packed, self.base_bias, "none", [], ""
+            )
         return self.base(x)
 
     @property
