@@ -103,6 +103,10 @@ class LoraGroup:
         self.num_slots, self.max_rank, self.dtype, self.device = num_slots, max_rank, dtype, device
         self.a: torch.Tensor | None = None
         self.b: list[torch.Tensor] = []
+        # Views of the tables cut at a forward's rank, made once: a decode step reads them in every
+        # layer, and slicing anew costs more than the small GEMMs themselves.
+        self._a_at: dict[int, torch.Tensor] = {}
+        self._b_at: dict[tuple[int, int], torch.Tensor] = {}
         if allocate:
             self.allocate()
 
@@ -120,20 +124,35 @@ class LoraGroup:
         self.allocate()
         return self.a[slot, :, :, member].t(), self.b[member][slot]
 
-    def shrink(self, x: torch.Tensor, lora: LoraRows | None) -> torch.Tensor | None:
-        """``x Aᵀ`` of each LoRA token of ``x`` (tokens, in): (LoRA tokens, rank × members), rank-major."""
+    def a_at(self, rank: int) -> torch.Tensor:
+        """Every slot's Aᵀ columns up to ``rank`` for all members: (slots, in, rank × members)."""
+        if rank not in self._a_at:
+            self._a_at[rank] = self.a.flatten(2)[..., : rank * self.members]
+        return self._a_at[rank]
+
+    def b_at(self, member: int, rank: int) -> torch.Tensor:
+        """Every slot's B rows up to ``rank`` of one member: (slots, rank, out)."""
+        key = (member, rank)
+        if key not in self._b_at:
+            self._b_at[key] = self.b[member][:, :rank]
+        return self._b_at[key]
+
+    def shrink(self, x: torch.Tensor, lora: LoraRows | None) -> tuple[torch.Tensor, ...] | None:
+        """``x Aᵀ`` of each LoRA token of ``x`` (tokens, in), one (LoRA tokens, rank) view per member."""
         if lora is None or self.a is None or not any(lora.targets(name) for name in self.names):
             return None
         if x.dtype != self.a.dtype:
             x = x.to(self.a.dtype)
         if lora.tokens is not None:
             x = x.index_select(0, lora.tokens)
-        return lora.multiply(x, self.a.flatten(2)[..., : lora.rank * self.members])
+        shrunk = lora.multiply(x, self.a_at(lora.rank))
+        return shrunk.view(shrunk.shape[0], lora.rank, self.members).unbind(-1)
 
-    def expand(self, member: int, shrunk: torch.Tensor, lora: LoraRows, out: torch.Tensor) -> torch.Tensor:
+    def expand(
+        self, member: int, shrunk: tuple[torch.Tensor, ...], lora: LoraRows, out: torch.Tensor
+    ) -> torch.Tensor:
         """Add each LoRA token's ``(x Aᵀ) B`` for one member to ``out`` (tokens, out), in place: it is
         the caller's own temporary, the base projection's output."""
         if not lora.targets(self.names[member]):
             return out
-        mine = shrunk.view(shrunk.shape[0], lora.rank, self.members)[..., member]
-        return lora.add_product(mine, self.b[member][:, : lora.rank], out)
+        return lora.add_product(shrunk[member], self.b_at(member, lora.rank), out)

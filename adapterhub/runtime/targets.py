@@ -111,9 +111,14 @@ class SlotLinear:
         return None if self.base.bias is None else self.base.bias
 
     def __call__(
-        self, x: torch.Tensor, vectors: RowVectors, shrunk: torch.Tensor | None, lora: LoraRows | None
+        self,
+        x: torch.Tensor,
+        vectors: RowVectors,
+        shrunk: tuple[torch.Tensor, ...] | None,
+        lora: LoraRows | None,
     ) -> torch.Tensor:
-        """``x``: (tokens, in); ``shrunk``: the group's ``x Aᵀ`` for the LoRA tokens, None without any."""
+        """``x``: (tokens, in); ``shrunk``: the group's ``x Aᵀ`` of the LoRA tokens per member, None
+        without any."""
         if vectors.ia3 is not None and "ia3_in" in self.uses:
             x = x * vectors.take(vectors.ia3, self.ia3_in)
         out = self._project(x)
