@@ -104,7 +104,7 @@ class LoraGroup:
         self.a: torch.Tensor | None = None
         self.b: list[torch.Tensor] = []
         # Views of the tables cut at a forward's rank, made once: a decode step reads them in every
-        # layer, and slicing anew costs more than the small GEMMs themselves.
+        # layer, and each slice made anew is a dispatch of about 1 µs beside GEMMs of 4 to 10 µs.
         self._a_at: dict[int, torch.Tensor] = {}
         self._b_at: dict[tuple[int, int], torch.Tensor] = {}
         if allocate:
