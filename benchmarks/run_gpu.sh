@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # The GPU benchmarks the issues ask for: JSON and logs land in $OUT.
-#   on the GPU machine:  bash benchmarks/run_gpu.sh [serve] [seed] [cudagraphs] [tricks]   (default: all)
+#   on the GPU machine:  bash benchmarks/run_gpu.sh [serve] [many] [seed] [cudagraphs] [tricks]   (default: all)
 #   dry run on a CPU:    TINY=1 OUT=/tmp/gpu-dry bash benchmarks/run_gpu.sh seed
 set -u
 OUT=${OUT:-benchmarks/results/local}
-SUITES=" ${*:-serve seed cudagraphs tricks} "
+SUITES=" ${*:-serve many seed cudagraphs tricks} "
 mkdir -p "$OUT"
 if [ -d .whl ]; then  # bitsandbytes is not on the GPU image: it travels as a wheel
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -14,10 +14,16 @@ export PYTHONPATH=$PWD:${PYTHONPATH:-} HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKEN
 
 if [ "${TINY:-0}" = 1 ]; then
   DEVICE=cpu; SERVE_BASE=builtin:tiny-llama; SERVE_SHAPE=(--batch 4 --new-tokens 4 --prompt-len 32)
+  DISTINCT_SHAPE=(--distinct 4 --batch 4 --new-tokens 4 --prompt-len 32 --rounds 2)
+  ZIPF_SHAPE=(--distinct 2 --registered 16 --slots 4 --batch 4 --new-tokens 4 --prompt-len 32 --rounds 4)
   SEED_MODEL=(--set model.name=builtin:tiny-mt5); TRICKS_MODEL=(--set model.name=builtin:tiny-llama --set data.max_length=64)
   STEPS=(--steps 2 --warmup 1 --eval-batches 1)
 else
   DEVICE=cuda; SERVE_BASE=random:TinyLlama/TinyLlama-1.1B-Chat-v1.0; SERVE_SHAPE=(--batch 32)
+  # Issue 17's GPU workloads: 64 distinct LoRAs (r=16, all seven projections) in one batch, and
+  # 1,000 registered q/v LoRAs under Zipf traffic through 64 device slots.
+  DISTINCT_SHAPE=(--distinct 64 --batch 64 --rounds 2)
+  ZIPF_SHAPE=(--distinct 8 --registered 1000 --slots 64 --batch 8 --rounds 24)
   SEED_MODEL=(); TRICKS_MODEL=(); STEPS=(--steps 20 --warmup 3 --eval-batches 10)
 fi
 
@@ -37,6 +43,12 @@ run() {  # name, time limit, command...
 if [[ $SUITES == *" serve "* ]]; then
   run bench_serve 240 python3 -m adapterhub bench serve --device "$DEVICE" --base "$SERVE_BASE" --adapters 8 \
     "${SERVE_SHAPE[@]}" --json
+fi
+if [[ $SUITES == *" many "* ]]; then
+  run bench_serve_distinct 240 python3 -m adapterhub bench serve --device "$DEVICE" --base "$SERVE_BASE" \
+    "${DISTINCT_SHAPE[@]}" --json
+  run bench_serve_registered 300 python3 -m adapterhub bench serve --device "$DEVICE" --base "$SERVE_BASE" \
+    "${ZIPF_SHAPE[@]}" --skew zipf --targets q_proj,v_proj --rank 8 --json
 fi
 if [[ $SUITES == *" seed "* || $SUITES == *" cudagraphs "* ]]; then
   # The seed recipes compile mt0-large, which takes minutes per recipe. Compile all five at once first,
