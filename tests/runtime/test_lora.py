@@ -1,0 +1,61 @@
+"""A LoRA group's products against the same arithmetic done by hand, token by token, over forwards
+of different widest ranks in turn (the group keeps its tables' rank-cut views between forwards)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from adapterhub.runtime.batch import SlotFeatures, adapter_rows
+from adapterhub.runtime.lora import LoraGroup
+
+IN_FEATURES, OUT_FEATURES, MAX_RANK = 6, [5, 3], 8
+RANKS = {1: 8, 2: 2}  # slot -> its adapter's rank; slot 0 is the base
+
+
+@pytest.fixture(scope="module")
+def group() -> tuple[LoraGroup, dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]]]:
+    """A group of two members with adapters of ranks 8 and 2 in slots 1 and 2, and each one's A and B."""
+    names = ["model.layers.0.mlp.gate_proj", "model.layers.0.mlp.up_proj"]
+    lora = LoraGroup(names, IN_FEATURES, OUT_FEATURES, 3, MAX_RANK, torch.float32, "cpu")
+    generator = torch.Generator().manual_seed(0)
+    weights = {}
+    for slot, rank in RANKS.items():
+        for member, out in enumerate(OUT_FEATURES):
+            a = torch.randn(rank, IN_FEATURES, generator=generator)
+            b = torch.randn(rank, out, generator=generator)
+            slot_a, slot_b = lora.slot_views(slot, member)
+            slot_a[:rank], slot_b[:rank] = a, b
+            weights[slot, member] = (a, b)
+    return lora, weights
+
+
+@pytest.mark.parametrize(
+    "token_slots",
+    [
+        [2, 2, 2],  # one adapter, rank 2
+        [1, 1, 0],  # one adapter and a base token, rank 8
+        [1, 2, 1, 2],  # two adapters a token each, gathered: rank 8
+        [2, 0, 2],  # rank 2 again, after rank 8
+        [1, 1, 2, 2],  # two adapters in order: accumulated inside the batched GEMM
+        [1, 2, 2],  # short stretches of two lengths: a table gathered per token
+        [1, 1, 2, 2, 2],  # stretches of two lengths, each multiplied in place
+    ],
+)
+def test_each_token_gets_its_own_adapters_product(group, token_slots: list[int]) -> None:
+    lora, weights = group
+    features = [SlotFeatures()] + [
+        SlotFeatures(lora={name: RANKS[slot] for name in lora.names}) for slot in (1, 2)
+    ]
+    rows = adapter_rows(token_slots, features, "cpu").lora
+    x = torch.randn(len(token_slots), IN_FEATURES)
+    shrunk = lora.shrink(x, rows)
+    for member, width in enumerate(OUT_FEATURES):
+        base = torch.randn(len(token_slots), width)
+        expected = base.clone()
+        for token, slot in enumerate(token_slots):
+            if slot:
+                a, b = weights[slot, member]
+                expected[token] += (x[token] @ a.t()) @ b
+        out = lora.expand(member, shrunk, rows, base.clone())
+        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
