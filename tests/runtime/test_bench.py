@@ -43,6 +43,9 @@ def test_bench_serve_prints_json_with_all_metrics(tiny_llama, quantization: str)
     assert set(result["families"].values()) == set(FAMILIES)
     assert (result["batch"], result["new_tokens"], result["quantization"]) == (3, 4, quantization)
     assert result["repeats"] == 2
+    for phase in ("one_adapter", "mixed"):
+        rounds = result[f"{phase}_over_base_rounds"]
+        assert len(rounds) == 2 and result[f"{phase}_over_base"] == pytest.approx(sum(rounds) / 2, abs=1e-3)
     # Not a terminal here: each phase is a line on stderr as it starts, stdout stays pure JSON.
     phases = [line.split(" (")[0] for line in outcome.stderr.splitlines()]
     assert phases[0] == "bench serve: loading builtin:tiny-llama"
