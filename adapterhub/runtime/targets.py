@@ -108,7 +108,7 @@ class SlotLinear:
 
     @property
     def base_bias(self) -> torch.Tensor | None:
-        return None if self.base.bias is None else self.base.bias
+        return self.base.bias
 
     def __call__(
         self,
