@@ -1,7 +1,7 @@
 """What one forward computes: the packed tokens of many rows, and the adapter features they need.
 
 A forward runs over one flat list of tokens: a decoding row brings its last token, a new row its
-whole prompt (virtual tokens first), and both kinds share one forward. No position is padding in the
+whole prompt, and both kinds share one forward. No position is padding in the
 projections and MLPs, where the work is. Attention needs each row's queries side by side, so its
 tokens are laid into a (rows × longest) grid per *attention group*: rows with one token form one
 group and prefilling rows another, so a long prompt never pads a decoding row to its length. The
@@ -143,7 +143,8 @@ def _lora_rows(
 class RowInput:
     """One row's part of a forward: ``token_ids`` written at cache positions ``cache_start``...
 
-    ``virtual``: how many of the first tokens are the slot's virtual tokens (their ids are ignored);
+    ``virtual``: how many of the first tokens are the slot's virtual tokens (their ids are ignored;
+    only the forward that computes a prompt adapter's K/V when it loads has them);
     ``prefix``: how many prefix K/V entries are copied into the row's cache ahead of its tokens;
     ``picks``: which of its tokens (indices into ``token_ids``) the forward returns logits for.
     """

@@ -273,8 +273,8 @@ class Engine(ServingEngine):
     def _prefill_logits(
         self, requests: list[RequestHandle], decoding: list[RequestHandle] | None = None
     ) -> torch.Tensor:
-        """One forward over the new rows' prompts (virtual tokens first, prefix K/V copied ahead of
-        them) and the ``decoding`` rows' next tokens.
+        """One forward over the new rows' prompts (a prompt adapter's K/V copied ahead of them) and
+        the ``decoding`` rows' next tokens.
 
         Returns the last-position logits of each decoding row, then of each new row; new rows that
         asked for prompt logprobs also get them (``request.prompt_logprobs``), from the logits at
@@ -284,15 +284,15 @@ class Engine(ServingEngine):
         inputs = [self._next_token(request) for request in decoding]
         for request in requests:
             native = request.adapter.native if request.slot else None
-            count = self._virtual_count(request)
-            offset = native.prefix_kv.shape[3] if native is not None and native.prefix_kv is not None else 0
-            ids = [0] * count + request.prompt_ids
+            # Virtual tokens (positions 0..n-1 in PEFT) and a prefix (which PEFT's positions continue
+            # after) both sit in the slot's prefix K/V, computed or saved (``SlottedDecoder``).
+            offset = (native.num_virtual_tokens or 0) if native is not None else 0
+            ids = request.prompt_ids
             # Echo rows: every prompt position (each predicts the next prompt token, the last one
             # the first generated token); other rows: the last position only.
             echo = request.params.prompt_logprobs is not None
-            picks = tuple(range(count, len(ids))) if echo else (len(ids) - 1,)
-            # PEFT: prefix rows continue positions after the prefix; virtual tokens take positions 0..n-1.
-            inputs.append(RowInput(request.row, request.slot, ids, offset, offset, picks, count, offset))
+            picks = tuple(range(len(ids))) if echo else (len(ids) - 1,)
+            inputs.append(RowInput(request.row, request.slot, ids, offset, offset, picks, prefix=offset))
             request.cache_len = request.prompt_end = request.rope_next = offset + len(ids)
         logits = self.decoder.forward(self.decoder.pack(inputs))
         if all(request.params.prompt_logprobs is None for request in requests):
@@ -404,12 +404,6 @@ class Engine(ServingEngine):
             self._graphs.clear()
             return None
         return graph, output
-
-    def _virtual_count(self, request: RequestHandle) -> int:
-        native = request.adapter.native if request.slot else None
-        return (
-            native.virtual_tokens.shape[0] if native is not None and native.virtual_tokens is not None else 0
-        )
 
     def _advance(self, requests: list[RequestHandle], logits: torch.Tensor) -> None:
         tokens, logprobs = self.sampler.sample(logits, requests)

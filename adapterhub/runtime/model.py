@@ -14,9 +14,10 @@ stays identity). The modules adapters change carry every slot's tables (``runtim
   columns for the forward's tokens and multiplies (or adds) them.
 - Trainable tokens: per-slot replacement rows of the embedding (and of a tied output head).
 
-Prompt families live in model-wide tables: ``virtual_tokens`` (slots × n × hidden) replace the
-embeddings at a row's first positions, and ``prefix_kv`` (layers × 2 × slots × kv heads × n × head dim)
-is copied into the row's KV cache ahead of its prompt.
+Prompt families live in model-wide tables. ``prefix_kv`` (layers × 2 × slots × kv heads × n × head
+dim) is copied into a row's KV cache ahead of its prompt. Prefix tuning saves those K/V itself; for
+prompt tuning and P-tuning, ``virtual_tokens`` (slots × n × hidden) are run through the base once when
+the adapter loads, and their K/V fill the same table (``_virtual_states``).
 
 A forward runs over packed tokens, decoding rows and new prompts together (``runtime/batch.py``):
 the projections see only real tokens; attention lays each group of rows into a small grid.
@@ -218,6 +219,19 @@ class SlottedDecoder:
             token_ids=() if adapter.tokens is None else adapter.tokens.ids,
             tied_tokens=adapter.tokens is not None and adapter.tokens.tied,
         )
+        if adapter.virtual_tokens is not None:
+            self._virtual_states(slot, adapter.virtual_tokens.shape[0])
+
+    def _virtual_states(self, slot: int, count: int) -> None:
+        """Run slot ``slot``'s virtual tokens through the base once, their K/V into its prefix rows.
+
+        A prompt- or P-tuning row's virtual tokens come first (positions 0..n-1) and attend only to
+        one another, so their keys and values are the same in every request. Computed here, a row
+        prefills only its prompt after them, as a prefix row does: with 16 virtual tokens and 32-token
+        prompts that is a third less prefill for the row.
+        """
+        row = RowInput(slot, slot, [0] * count, 0, 0, (count - 1,), virtual=count)
+        self._forward(self.pack([row]), self.prefix_kv)
 
     def _vector_view(self, use: str, module: str, slot: int) -> torch.Tensor:
         """Slot ``slot``'s columns of one module's vector, allocating the table on first use."""
@@ -324,11 +338,16 @@ class SlottedDecoder:
 
     # -- forward ---------------------------------------------------------------------------------
 
-    @torch.inference_mode()
     def forward(self, batch: Batch) -> torch.Tensor:
         """Run the decoder over ``batch``'s packed tokens; float logits (picked, vocab) of its picks."""
+        return self._forward(batch, self.kv)
+
+    @torch.inference_mode()
+    def _forward(self, batch: Batch, cache: torch.Tensor) -> torch.Tensor:
+        """``forward``, writing and reading K/V in ``cache`` (layers × 2 × rows × kv heads × positions ×
+        head dim): the KV cache, or the prefix table whose rows are slots."""
         for row, slot, count in batch.prefix_write:
-            self.kv[:, :, row, :, :count] = self.prefix_kv[:, :, slot, :, :count]
+            cache[:, :, row, :, :count] = self.prefix_kv[:, :, slot, :, :count]
         adapters, family = batch.adapters, self.family
         lora = adapters.lora
         hidden = self.embedding(batch.token_ids, adapters.slots, adapters.embedding_lora, adapters.tokens)
@@ -350,7 +369,7 @@ class SlottedDecoder:
                 q, k = attn.q_norm(q), attn.k_norm(k)
             cos, sin = rotary[index]
             q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
-            key_cache, value_cache = self.kv[index, 0], self.kv[index, 1]
+            key_cache, value_cache = cache[index, 0], cache[index, 1]
             key_cache[batch.token_rows, :, batch.cache_pos] = k.to(self.dtype)
             value_cache[batch.token_rows, :, batch.cache_pos] = v.to(self.dtype)
             out = self._attend(batch.groups, masks, self.windows[index], q, key_cache, value_cache)
