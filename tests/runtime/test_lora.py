@@ -62,3 +62,23 @@ def test_each_token_gets_its_own_adapters_product(group, token_slots: list[int])
                 expected[token] += (x[token] @ a.t()) @ b
         out = lora.expand(member, shrunk, rows, base.clone())
         torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_slot_reloaded_with_another_rank_multiplies_at_its_new_rank() -> None:
+    """One adapter on every token takes the slot's cached views; a slot that gets an adapter of
+    another rank must not reuse the views cut at the old one."""
+    names = ["model.layers.0.self_attn.o_proj"]
+    lora = LoraGroup(names, IN_FEATURES, [4], 2, MAX_RANK, torch.float32, "cpu")
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(3, IN_FEATURES, generator=generator)
+    for rank in (2, 8, 2):
+        a = torch.randn(rank, IN_FEATURES, generator=generator)
+        b = torch.randn(rank, 4, generator=generator)
+        slot_a, slot_b = lora.slot_views(1, 0)
+        slot_a.zero_(), slot_b.zero_()
+        slot_a[:rank], slot_b[:rank] = a, b
+        features = [SlotFeatures(), SlotFeatures(lora={names[0]: rank})]
+        rows = adapter_rows([1, 1, 1], features, "cpu").lora
+        base = torch.randn(3, 4, generator=generator)
+        out = lora.expand(0, lora.shrink(x, rows), rows, base.clone())
+        torch.testing.assert_close(out, base + (x @ a.t()) @ b, rtol=1e-5, atol=1e-5)
