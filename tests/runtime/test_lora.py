@@ -10,14 +10,15 @@ from adapterhub.runtime.batch import SlotFeatures, adapter_rows
 from adapterhub.runtime.lora import LoraGroup
 
 IN_FEATURES, OUT_FEATURES, MAX_RANK = 6, [5, 3], 8
-RANKS = {1: 8, 2: 2}  # slot -> its adapter's rank; slot 0 is the base
+RANKS = {slot: (8, 2, 4, 1)[(slot - 1) % 4] for slot in range(1, 12)}  # slot 0 is the base
 
 
 @pytest.fixture(scope="module")
 def group() -> tuple[LoraGroup, dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]]]:
-    """A group of two members with adapters of ranks 8 and 2 in slots 1 and 2, and each one's A and B."""
+    """A group of two members with adapters of ranks 8, 2, 4 and 1 in turn in slots 1 to 11, and each
+    one's A and B."""
     names = ["model.layers.0.mlp.gate_proj", "model.layers.0.mlp.up_proj"]
-    lora = LoraGroup(names, IN_FEATURES, OUT_FEATURES, 3, MAX_RANK, torch.float32, "cpu")
+    lora = LoraGroup(names, IN_FEATURES, OUT_FEATURES, 12, MAX_RANK, torch.float32, "cpu")
     generator = torch.Generator().manual_seed(0)
     weights = {}
     for slot, rank in RANKS.items():
@@ -35,7 +36,7 @@ def group() -> tuple[LoraGroup, dict[tuple[int, int], tuple[torch.Tensor, torch.
     [
         [2, 2, 2],  # one adapter, rank 2
         [1, 1, 0],  # one adapter and a base token, rank 8
-        [1, 2, 1, 2],  # two adapters a token each, gathered: rank 8
+        [1, 2, 1, 2],  # two adapters in consecutive slots, tokens apart: one block, tokens gathered
         [2, 0, 2],  # rank 2 again, after rank 8
         [1, 1, 2, 2],  # two adapters in order: accumulated inside the batched GEMM
         [1, 2, 2],  # short stretches of two lengths: a table gathered per token
@@ -43,12 +44,18 @@ def group() -> tuple[LoraGroup, dict[tuple[int, int], tuple[torch.Tensor, torch.
         [1, 0, 2],  # two adapters beside a base token, a stretch each: read and added in place
         [0, 2, 2, 1, 1, 1],  # stretches in place, in the forward in another order than the slots'
         [1, 2, 0, 1],  # one adapter's tokens apart: gathered, not read in place
+        [1, 2, 3, 4, 6, 7, 8, 9],  # two blocks of four consecutive slots, each over a view of theirs
+        [1, 3, 5, 7, 9],  # five adapters in slots apart: their tables gathered
+        [0, 3, 4, 5, 0, 9],  # a block of three and one of one, read and added in the forward
+        [0, 1, 3, 5, 7, 9],  # five adapters in the forward: their tables gathered
+        [0, 0, 1, 2, 1, 2],  # consecutive slots whose tokens interleave: one block, tokens gathered
+        [4, 4, 4, 3, 3, 3],  # a block whose tokens lie in the forward in the other order
     ],
 )
 def test_each_token_gets_its_own_adapters_product(group, token_slots: list[int]) -> None:
     lora, weights = group
     features = [SlotFeatures()] + [
-        SlotFeatures(lora={name: RANKS[slot] for name in lora.names}) for slot in (1, 2)
+        SlotFeatures(lora={name: RANKS[slot] for name in lora.names}) for slot in RANKS
     ]
     rows = adapter_rows(token_slots, features, "cpu").lora
     x = torch.randn(len(token_slots), IN_FEATURES)
@@ -62,6 +69,30 @@ def test_each_token_gets_its_own_adapters_product(group, token_slots: list[int])
                 expected[token] += (x[token] @ a.t()) @ b
         out = lora.expand(member, shrunk, rows, base.clone())
         torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("token_slots", "blocks", "starts", "pieces"),
+    [
+        ([1, 2, 3, 4, 6, 7, 8, 9], ((1, 4, 0, 4), (6, 4, 4, 8)), None, None),
+        ([1, 3, 5, 7, 9], None, None, [1, 3, 5, 7, 9]),
+        ([0, 3, 4, 5, 0, 9], ((3, 3, 0, 3), (9, 1, 3, 4)), (1, 5), None),
+        ([0, 1, 3, 5, 7, 9], None, None, [1, 3, 5, 7, 9]),
+        ([0, 0, 1, 2, 1, 2], ((1, 2, 0, 4),), None, None),
+        ([4, 4, 4, 3, 3, 3], ((3, 1, 0, 3), (4, 1, 3, 6)), (3, 0), None),
+        ([1, 2, 2], None, None, [1, 2, 2]),  # short stretches of two lengths: a table per token
+        ([1, 1, 2, 2, 2], ((1, 1, 0, 2), (2, 1, 2, 5)), None, None),  # long ones: each in place
+    ],
+)
+def test_tables_are_read_in_place_unless_a_forward_takes_too_many_blocks(
+    token_slots: list[int], blocks: tuple | None, starts: tuple | None, pieces: list[int] | None
+) -> None:
+    """Adapters in consecutive slots with stretches of one length share a block over a view of their
+    tables; only a forward of many blocks for its adapters gathers their tables instead."""
+    features = [SlotFeatures()] + [SlotFeatures(lora={"m": RANKS[slot]}) for slot in RANKS]
+    rows = adapter_rows(token_slots, features, "cpu").lora
+    assert (rows.blocks, rows.starts) == (blocks, starts)
+    assert (None if rows.pieces is None else rows.pieces.tolist()) == pieces
 
 
 def test_a_slot_reloaded_with_another_rank_multiplies_at_its_new_rank() -> None:
