@@ -212,6 +212,7 @@ class Engine(ServingEngine):
     def _admit(self, limit: int | None = None) -> list[RequestHandle]:
         admitted: list[RequestHandle] = []
         with self._lock:
+            decoding = any(r is not None for r in self._rows)
             free = [row for row, r in enumerate(self._rows) if r is None][:limit]
             while self._waiting and free:
                 request = self._waiting[0]
@@ -233,6 +234,8 @@ class Engine(ServingEngine):
                     slot = self.pool.acquire(adapter)
                     if slot is None:
                         break  # every slot serves running requests; wait for one to finish
+                    if decoding and not self.decoder.loads.ready(slot):
+                        break  # its load overlaps the running rows' next step; admitted once landed
                     adapter.users += 1
                 self._waiting.popleft()
                 request.row = free.pop(0)
@@ -294,6 +297,7 @@ class Engine(ServingEngine):
             picks = tuple(range(len(ids))) if echo else (len(ids) - 1,)
             inputs.append(RowInput(request.row, request.slot, ids, offset, offset, picks, prefix=offset))
             request.cache_len = request.prompt_end = request.rope_next = offset + len(ids)
+        self.decoder.loads.wait(request.slot for request in requests)
         logits = self.decoder.forward(self.decoder.pack(inputs))
         if all(request.params.prompt_logprobs is None for request in requests):
             return logits

@@ -45,6 +45,7 @@ from adapterhub.runtime.batch import (
 )
 from adapterhub.runtime.families import Family, head_dim
 from adapterhub.runtime.lora import LoraGroup, LoraRows
+from adapterhub.runtime.slot_loads import SlotLoads
 from adapterhub.runtime.targets import RowVectors, SlotEmbedding, SlotLinear, VectorTable, is_quantized
 
 ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "qkv_proj", "o_proj")
@@ -154,6 +155,7 @@ class SlottedDecoder:
             device=device,
         )
         self.slots = [SlotFeatures() for _ in range(num_slots)]
+        self.loads = SlotLoads(device)
         self.layout_version = 0  # bumped when a module starts using a vector a captured graph skips
 
     def _parent(self, layer: nn.Module, projection: str) -> nn.Module:
@@ -176,8 +178,34 @@ class SlottedDecoder:
         """Copy an adapter into slot ``slot``'s preallocated rows; every other slot is untouched.
 
         What the previous occupant wrote and this adapter does not overwrite is reset to identity
-        first; a LoRA replacing a LoRA of the same shape needs no reset at all.
+        first; a LoRA replacing a LoRA of the same shape needs no reset at all. On CUDA the copies
+        overlap decoding (``slot_loads.py``): ``loads.ready(slot)`` says when they have landed.
         """
+        layout = self._layout()
+        with self.loads.loading(slot):
+            self._copy_into(slot, adapter)
+        if adapter.virtual_tokens is not None or self._layout() != layout:
+            self.loads.settle(slot)
+        self.slots[slot] = SlotFeatures(
+            lora={module: a.shape[0] for module, (a, _) in adapter.lora.items()},
+            embedding_lora=0 if adapter.embedding_lora is None else adapter.embedding_lora[0].shape[1],
+            ia3={module: on_input for module, (_, on_input) in adapter.ia3.items()},
+            dora=tuple(adapter.dora),
+            bias=tuple(adapter.bias),
+            token_ids=() if adapter.tokens is None else adapter.tokens.ids,
+            tied_tokens=adapter.tokens is not None and adapter.tokens.tied,
+        )
+        if adapter.virtual_tokens is not None:
+            self._virtual_states(slot, adapter.virtual_tokens.shape[0])
+
+    def _layout(self) -> tuple:
+        """What a load can change that every slot's rows read: which shared tables exist, and which
+        vectors the projections apply."""
+        tables = [self.lm_head.group.a, self.embedding.lora_a, self.embedding.token_index]
+        tables += [table.tensor for table in self.vectors.values()]
+        return self.layout_version, tuple(table is None for table in tables)
+
+    def _copy_into(self, slot: int, adapter: NativeAdapter) -> None:
         self._reset(slot, adapter)
         adapter = adapter.to(self.device)
         destinations, sources = [], []
@@ -209,18 +237,7 @@ class SlottedDecoder:
             destinations.append(self.prefix_kv[:, :, slot, :, : adapter.prefix_kv.shape[3]])
             sources.append(adapter.prefix_kv)
         if destinations:
-            torch._foreach_copy_(destinations, sources)
-        self.slots[slot] = SlotFeatures(
-            lora={module: a.shape[0] for module, (a, _) in adapter.lora.items()},
-            embedding_lora=0 if adapter.embedding_lora is None else adapter.embedding_lora[0].shape[1],
-            ia3={module: on_input for module, (_, on_input) in adapter.ia3.items()},
-            dora=tuple(adapter.dora),
-            bias=tuple(adapter.bias),
-            token_ids=() if adapter.tokens is None else adapter.tokens.ids,
-            tied_tokens=adapter.tokens is not None and adapter.tokens.tied,
-        )
-        if adapter.virtual_tokens is not None:
-            self._virtual_states(slot, adapter.virtual_tokens.shape[0])
+            torch._foreach_copy_(destinations, sources, non_blocking=True)
 
     def _virtual_states(self, slot: int, count: int) -> None:
         """Run slot ``slot``'s virtual tokens through the base once, their K/V into its prefix rows.

@@ -22,11 +22,18 @@ def _slot_tensors(engine: Engine) -> list:
     return tables
 
 
-@pytest.mark.parametrize("static_decode", ["off", "on"])
+ON_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="loads overlap decoding on CUDA only")
+
+
+@pytest.mark.parametrize(
+    ("static_decode", "device"),
+    [("off", "cpu"), ("on", "cpu"), pytest.param("on", "cuda", marks=ON_CUDA)],
+)
 def test_lru_eviction_to_the_cpu_tier_keeps_every_row_exact(
-    adapter_dirs: dict[str, Path], static_decode: str
+    adapter_dirs: dict[str, Path], static_decode: str, device: str
 ) -> None:
-    engine = make_engine(adapter_dirs, max_adapters=2, static_decode=static_decode)
+    # Two slots for every family: most loads happen while other rows decode (on CUDA, overlapped).
+    engine = make_engine(adapter_dirs, max_adapters=2, static_decode=static_decode, device=device)
     module_types = [type(module) for module in engine.model.modules()]
     pointers = [tensor.data_ptr() for tensor in _slot_tensors(engine)]
     rows = [(name, prompt) for prompt in PROMPTS[:2] for name in ADAPTERS]
@@ -44,6 +51,69 @@ def test_lru_eviction_to_the_cpu_tier_keeps_every_row_exact(
     # Loading copies into preallocated tables: no module surgery, no reallocation.
     assert [type(module) for module in engine.model.modules()] == module_types
     assert [tensor.data_ptr() for tensor in _slot_tensors(engine)] == pointers
+
+
+def test_a_request_whose_adapter_is_still_loading_waits_while_the_running_rows_decode(
+    adapter_dirs: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    engine = make_engine(adapter_dirs, max_adapters=2)
+    loads = engine.decoder.loads
+    events: list[str] = []
+    pending_polls = 3  # as a CUDA side-stream copy that has not landed for three steps
+
+    def ready(slot: int) -> bool:
+        events.append(f"poll {slot}")
+        return events.count(f"poll {slot}") > pending_polls
+
+    monkeypatch.setattr(loads, "ready", ready)
+    monkeypatch.setattr(loads, "wait", lambda slots: events.append(f"wait {sorted(slots)}"))
+    late: list = []
+
+    def on_first(token: int, delta: str) -> None:
+        events.append("first")
+        if not late:  # from the stepping thread, once the first row is decoding
+            request = greedy(PROMPTS[1], "lora_rs", on_token=lambda *_: events.append("late"))
+            late.append(engine.submit(request))
+
+    engine.start()
+    try:
+        first = engine.submit(greedy(PROMPTS[0], "lora", max_tokens=8, on_token=on_first))
+        first_tokens = first.result(timeout=60).token_ids
+        late_tokens = late[0].result(timeout=60).token_ids
+    finally:
+        engine.stop()
+    first_slot, late_slot = engine._adapters["lora"].slot, engine._adapters["lora_rs"].slot
+    # The first row's prefill; one decode step for each poll that found the late row's load pending
+    # (a LoRA load into a free slot changes nothing other slots read, so it did not wait at once);
+    # then the late row's prefill beside the first row's next token, waiting for its slot.
+    assert events[:12] == [
+        f"wait [{first_slot}]",
+        "first",
+        *[f"poll {late_slot}", "first"] * pending_polls,
+        f"poll {late_slot}",
+        f"wait [{late_slot}]",
+        "first",
+        "late",
+    ]
+    assert first_tokens == peft_reference(str(adapter_dirs["lora"]), PROMPTS[0])[0][:8]
+    assert late_tokens == peft_reference(str(adapter_dirs["lora_rs"]), PROMPTS[1])[0]
+
+
+def test_a_load_that_changes_what_every_slot_reads_is_waited_for_at_once(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    decoder = engine.decoder
+    waited: list[int] = []
+    monkeypatch.setattr(decoder.loads, "wait", waited.extend)
+    natives = {info.name: engine._adapters[info.name].native for info in engine.list()}
+    slot = decoder.num_slots - 1
+    decoder.load_slot(slot, natives["lora"])  # its own rows of preallocated tables: overlaps
+    assert waited == []
+    before = decoder.layout_version
+    decoder.load_slot(slot, natives["dora"])  # allocates the DoRA table all slots read
+    assert decoder.layout_version > before and waited == [slot]
+    decoder.load_slot(slot, natives["ptune"])  # its virtual tokens' states: a forward after the copy
+    assert waited == [slot, slot]
 
 
 def test_unregister_while_running_lets_the_running_request_finish(adapter_dirs: dict[str, Path]) -> None:
