@@ -44,6 +44,9 @@ class AdapterRows:
     lora: LoraRows | None = None  # tokens with a LoRA on a projection or the output head
     embedding_lora: LoraRows | None = None
     ia3: bool = False
+    # (slot, start, stop): the stretches of tokens whose rows have IA3, when only they are scaled
+    # (``ia3_stretches``); None: every token is, by its slot's vectors (ones where it has none).
+    ia3_stretches: tuple[tuple[int, int, int], ...] | None = None
     dora: bool = False
     bias: bool = False
     tokens: bool = False  # some row's adapter replaces embedding rows
@@ -79,6 +82,7 @@ def adapter_rows(
     lora_rank = {slot: features[slot].lora_rank for slot in distinct}
     embedding_rank = {slot: features[slot].embedding_lora for slot in distinct}
     slots = static_slots if static_slots is not None else torch.tensor(token_slots, device=device)
+    ia3 = any(f.ia3 for f in used)
     return AdapterRows(
         slots=slots,
         lora=_lora_rows(
@@ -89,12 +93,40 @@ def adapter_rows(
             modules=frozenset().union(*(features[slot].lora for slot in distinct)),
         ),
         embedding_lora=_lora_rows(token_slots, embedding_rank, device, static_slots),
-        ia3=any(f.ia3 for f in used),
+        ia3=ia3,
+        ia3_stretches=ia3_stretches(token_slots, features) if ia3 and static_slots is None else None,
         dora=any(f.dora for f in used),
         bias=any(f.bias for f in used),
         tokens=any(f.token_ids for f in used),
         tied_tokens=any(f.tied_tokens for f in used),
     )
+
+
+# A stretch costs two dispatches per scaled projection (a slice and an in-place multiply), which
+# take about as long as scaling this many tokens' rows of a 2,560-wide activation.
+IA3_STRETCH_TOKENS = 32
+
+
+def ia3_stretches(
+    token_slots: list[int], features: list[SlotFeatures]
+) -> tuple[tuple[int, int, int], ...] | None:
+    """The stretches (slot, start, stop) of consecutive tokens whose rows have IA3, if scaling only
+    them costs less than scaling every token (by ones where a row has none): when the tokens they
+    leave out number at least ``IA3_STRETCH_TOKENS`` per stretch, as a long prompt beside an IA3 row
+    in a prefill does. Measured on the families bench's prefill (two IA3 rows of 32 tokens among
+    256, the 360M shape): 8.6 ms of IA3 scaling instead of 17.4 (medians of 12 forwards)."""
+    stretches: list[list[int]] = []
+    for index, slot in enumerate(token_slots):
+        if not features[slot].ia3:
+            continue
+        if stretches and stretches[-1][0] == slot and stretches[-1][2] == index:
+            stretches[-1][2] = index + 1
+        else:
+            stretches.append([slot, index, index + 1])
+    left_out = len(token_slots) - sum(stop - start for _, start, stop in stretches)
+    if left_out < IA3_STRETCH_TOKENS * len(stretches):
+        return None
+    return tuple((slot, start, stop) for slot, start, stop in stretches)
 
 
 def _lora_rows(

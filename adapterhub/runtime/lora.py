@@ -32,22 +32,38 @@ def _batched(x: torch.Tensor, count: int) -> torch.Tensor:
     return x.contiguous().view(count, -1, x.shape[-1])
 
 
+class SlotTables:
+    """Every slot's (k, n) matrix of one table, ``tensor`` (slots, k, n), with each slot's own view
+    made once: a decode step multiplies by them in every layer, and each view made anew is a dispatch
+    of about 1 µs beside GEMMs of a few µs."""
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self.tensor = tensor
+        self._slot: dict[int, torch.Tensor] = {}
+
+    def slot(self, slot: int) -> torch.Tensor:
+        view = self._slot.get(slot)
+        if view is None:
+            view = self._slot[slot] = self.tensor[slot]
+        return view
+
+
 def _multiply_block(
-    x: torch.Tensor, tables: torch.Tensor, slot: int, count: int, out: torch.Tensor, accumulate: bool
+    x: torch.Tensor, tables: SlotTables, slot: int, count: int, out: torch.Tensor, accumulate: bool
 ) -> None:
     """``x`` (tokens, k), an equal stretch for each of ``count`` slots from ``slot``, times their
     (k, n) tables, written or (``accumulate``) added to ``out`` (tokens, n)."""
     if count == 1:  # one GEMM: a batched one of one matrix takes longer on the CPU
         if accumulate:
-            out.addmm_(x, tables[slot])
+            out.addmm_(x, tables.slot(slot))
         else:
-            torch.mm(x, tables[slot], out=out)
+            torch.mm(x, tables.slot(slot), out=out)
         return
     laid_x, laid_out = _batched(x, count), out.view(count, -1, out.shape[-1])
     if accumulate:
-        laid_out.baddbmm_(laid_x, tables[slot : slot + count])
+        laid_out.baddbmm_(laid_x, tables.tensor[slot : slot + count])
     else:
-        torch.bmm(laid_x, tables[slot : slot + count], out=laid_out)
+        torch.bmm(laid_x, tables.tensor[slot : slot + count], out=laid_out)
 
 
 @dataclass(frozen=True)
@@ -83,48 +99,48 @@ class LoraRows:
         """Whether an adapter of the forward targets any of the modules ``names``."""
         return self.modules is None or not self.modules.isdisjoint(names)
 
-    def multiply(self, x: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
+    def multiply(self, x: torch.Tensor, tables: SlotTables) -> torch.Tensor:
         """Each LoRA token's row of ``x`` (LoRA tokens, k) times its own slot's (k, n) of ``tables``."""
         if self.single is not None:
-            return x @ tables[self.single]
+            return x @ tables.slot(self.single)
         if self.pieces is not None:
-            gathered = tables.index_select(0, self.pieces)  # a third of advanced indexing's time
+            gathered = tables.tensor.index_select(0, self.pieces)  # a third of advanced indexing's time
             product = torch.bmm(_batched(x, self.pieces.shape[0]), gathered)
             return product.view(x.shape[0], -1)
-        product = x.new_empty(x.shape[0], tables.shape[-1])
+        product = x.new_empty(x.shape[0], tables.tensor.shape[-1])
         for slot, count, start, stop in self.blocks:
             _multiply_block(x[start:stop], tables, slot, count, product[start:stop], accumulate=False)
         return product
 
-    def multiply_tokens(self, x: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
+    def multiply_tokens(self, x: torch.Tensor, tables: SlotTables) -> torch.Tensor:
         """``multiply`` of the LoRA tokens' rows of the forward's ``x`` (tokens, k)."""
         if self.starts is not None:
-            product = x.new_empty(self.blocks[-1][3], tables.shape[-1])
+            product = x.new_empty(self.blocks[-1][3], tables.tensor.shape[-1])
             for (slot, count, start, stop), first in zip(self.blocks, self.starts, strict=True):
                 rows = x[first : first + stop - start]
                 _multiply_block(rows, tables, slot, count, product[start:stop], accumulate=False)
             return product
         return self.multiply(x if self.tokens is None else x.index_select(0, self.tokens), tables)
 
-    def add_product(self, x: torch.Tensor, tables: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    def add_product(self, x: torch.Tensor, tables: SlotTables, out: torch.Tensor) -> torch.Tensor:
         """Add ``multiply(x, tables)`` to the LoRA tokens' rows of ``out`` (tokens, n), in place.
 
         Where every token has a LoRA, or each block is a stretch of the forward (``starts``), the
         GEMMs accumulate into ``out`` themselves (``addmm_``, ``baddbmm_``): one op per product
         instead of a GEMM, a temporary and an add.
         """
-        if self.starts is not None and out.dtype == tables.dtype:
+        if self.starts is not None and out.dtype == tables.tensor.dtype:
             for (slot, count, start, stop), first in zip(self.blocks, self.starts, strict=True):
                 rows = out[first : first + stop - start]
                 _multiply_block(x[start:stop], tables, slot, count, rows, accumulate=True)
             return out
-        if self.tokens is not None or out.dtype != tables.dtype:
+        if self.tokens is not None or out.dtype != tables.tensor.dtype:
             delta = self.multiply(x, tables).to(out.dtype)
             return out.add_(delta) if self.tokens is None else out.index_add_(0, self.tokens, delta)
         if self.pieces is not None:
             count = self.pieces.shape[0]
             laid = out.view(count, -1, out.shape[-1])
-            laid.baddbmm_(_batched(x, count), tables.index_select(0, self.pieces))
+            laid.baddbmm_(_batched(x, count), tables.tensor.index_select(0, self.pieces))
             return out
         for slot, count, start, stop in self.blocks:
             _multiply_block(x[start:stop], tables, slot, count, out[start:stop], accumulate=True)
@@ -162,8 +178,8 @@ class LoraGroup:
         self.b: list[torch.Tensor] = []
         # Views of the tables cut at a forward's rank, made once: a decode step reads them in every
         # layer, and each slice made anew is a dispatch of about 1 µs beside GEMMs of 4 to 10 µs.
-        self._a_at: dict[int, torch.Tensor] = {}
-        self._b_at: dict[tuple[int, int], torch.Tensor] = {}
+        self._a_at: dict[int, SlotTables] = {}
+        self._b_at: dict[tuple[int, int], SlotTables] = {}
         self._one: dict[tuple[int, int], tuple[torch.Tensor, tuple[torch.Tensor, ...]]] = {}
         self._any_member = frozenset(names)
         self._member = [frozenset((name,)) for name in names]
@@ -184,17 +200,17 @@ class LoraGroup:
         self.allocate()
         return self.a[slot, :, :, member].t(), self.b[member][slot]
 
-    def a_at(self, rank: int) -> torch.Tensor:
+    def a_at(self, rank: int) -> SlotTables:
         """Every slot's Aᵀ columns up to ``rank`` for all members: (slots, in, rank × members)."""
         if rank not in self._a_at:
-            self._a_at[rank] = self.a.flatten(2)[..., : rank * self.members]
+            self._a_at[rank] = SlotTables(self.a.flatten(2)[..., : rank * self.members])
         return self._a_at[rank]
 
-    def b_at(self, member: int, rank: int) -> torch.Tensor:
+    def b_at(self, member: int, rank: int) -> SlotTables:
         """Every slot's B rows up to ``rank`` of one member: (slots, rank, out)."""
         key = (member, rank)
         if key not in self._b_at:
-            self._b_at[key] = self.b[member][:, :rank]
+            self._b_at[key] = SlotTables(self.b[member][:, :rank])
         return self._b_at[key]
 
     def one_slot(self, rank: int, slot: int) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
@@ -207,8 +223,8 @@ class LoraGroup:
         key = (rank, slot)
         if key not in self._one:
             self._one[key] = (
-                self.a_at(rank)[slot],
-                tuple(self.b_at(member, rank)[slot] for member in range(self.members)),
+                self.a_at(rank).slot(slot),
+                tuple(self.b_at(member, rank).slot(slot) for member in range(self.members)),
             )
         return self._one[key]
 
@@ -226,7 +242,10 @@ class LoraGroup:
             shrunk = lora.multiply_tokens(x, self.a_at(lora.rank))
         if self.members == 1:
             return (shrunk,)
-        return shrunk.view(shrunk.shape[0], lora.rank, self.members).unbind(-1)
+        # Members laid side by side: a member's columns of the rank-major product are strided, and
+        # each GEMM of the expand would copy them first (one copy here instead of one per member).
+        laid = shrunk.view(shrunk.shape[0], lora.rank, self.members).transpose(1, 2).contiguous()
+        return laid.unbind(1)
 
     def expand(
         self, member: int, shrunk: tuple[torch.Tensor, ...], lora: LoraRows, out: torch.Tensor

@@ -391,7 +391,7 @@ class SlottedDecoder:
             value_cache[batch.token_rows, :, batch.cache_pos] = v.to(self.dtype)
             out = self._attend(batch.groups, masks, self.windows[index], q, key_cache, value_cache)
             o_proj = proj["o_proj"]
-            out = o_proj(out, vectors, o_proj.group.shrink(out, lora), lora)
+            out = o_proj(out, vectors, o_proj.group.shrink(out, lora), lora, owned_input=True)
             if family.sandwich_norms:
                 hidden = hidden + layer.post_attention_layernorm(out)
                 x = layer.pre_feedforward_layernorm(hidden)
@@ -401,7 +401,7 @@ class SlottedDecoder:
             gate, up = self._gate_up(proj, x, vectors, lora)
             gated = getattr(layer.mlp, family.activation)(gate) * up
             down = proj["down_proj"]
-            out = down(gated, vectors, down.group.shrink(gated, lora), lora)
+            out = down(gated, vectors, down.group.shrink(gated, lora), lora, owned_input=True)
             hidden = hidden + (layer.post_feedforward_layernorm(out) if family.sandwich_norms else out)
         picked = hidden if batch.picks is None else hidden.index_select(0, batch.picks)
         return self._logits(self.decoder.norm(picked), batch.pick_adapters)
@@ -410,6 +410,7 @@ class SlottedDecoder:
         return RowVectors(
             slots=adapters.slots,
             ia3=self.vectors["ia3"].tensor if adapters.ia3 else None,
+            ia3_stretches=adapters.ia3_stretches,
             dora=self.vectors["dora"].tensor if adapters.dora else None,
             bias=self.vectors["bias"].tensor if adapters.bias else None,
         )

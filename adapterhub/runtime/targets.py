@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adapterhub.runtime.lora import LoraGroup, LoraRows
+from adapterhub.runtime.lora import LoraGroup, LoraRows, SlotTables
 
 
 class VectorTable:
@@ -49,10 +49,23 @@ class RowVectors:
     ia3: torch.Tensor | None = None
     dora: torch.Tensor | None = None
     bias: torch.Tensor | None = None
+    ia3_stretches: tuple[tuple[int, int, int], ...] | None = None  # see ``AdapterRows``
 
     def take(self, table: torch.Tensor, columns: slice) -> torch.Tensor:
         """Each token's slot's ``columns`` of ``table``: (tokens, width)."""
         return table[:, columns].index_select(0, self.slots)
+
+    def scale_ia3(self, x: torch.Tensor, columns: slice, *, owned: bool) -> torch.Tensor:
+        """``x`` (tokens, width) times each token's slot's IA3 ``columns``: every token by a gather
+        of its slot's vector, or only the IA3 stretches, in place (on a copy unless ``x`` is
+        ``owned``, the caller's own temporary)."""
+        if self.ia3_stretches is None or x.dtype != self.ia3.dtype:
+            return x * self.take(self.ia3, columns)
+        if not owned:
+            x = x.clone()
+        for slot, start, stop in self.ia3_stretches:
+            x[start:stop].mul_(self.ia3[slot, columns])
+        return x
 
 
 class SlotLinear:
@@ -116,14 +129,17 @@ class SlotLinear:
         vectors: RowVectors,
         shrunk: tuple[torch.Tensor, ...] | None,
         lora: LoraRows | None,
+        *,
+        owned_input: bool = False,
     ) -> torch.Tensor:
         """``x``: (tokens, in); ``shrunk``: the group's ``x Aᵀ`` of the LoRA tokens per member, None
-        without any."""
+        without any; ``owned_input``: nothing reads ``x`` after this projection (its IA3 may scale
+        it in place)."""
         if vectors.ia3 is not None and "ia3_in" in self.uses:
-            x = x * vectors.take(vectors.ia3, self.ia3_in)
+            x = vectors.scale_ia3(x, self.ia3_in, owned=owned_input)
         out = self._project(x)
         if vectors.ia3 is not None and "ia3_out" in self.uses:
-            out = out * vectors.take(vectors.ia3, self.ia3_out)
+            out = vectors.scale_ia3(out, self.ia3_out, owned=True)
         if shrunk is not None and lora is not None:
             out = self.group.expand(self.member, shrunk, lora, out)
         if vectors.dora is not None and "dora" in self.uses:
@@ -192,7 +208,7 @@ class SlotEmbedding:
         if lora is not None and self.lora_a is not None:
             lora_ids = ids if lora.tokens is None else ids.index_select(0, lora.tokens)
             after_a = self.lora_a[lora.token_slots, lora_ids, : lora.rank]
-            delta = lora.multiply(after_a, self.lora_b[:, : lora.rank])
+            delta = lora.multiply(after_a, SlotTables(self.lora_b[:, : lora.rank]))
             if self.scale is not None:
                 delta = delta * self.scale
             delta = delta.to(embeds.dtype)

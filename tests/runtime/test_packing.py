@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from adapterhub.runtime.batch import RowInput
 from adapterhub.runtime.engine import Engine
 
@@ -63,3 +65,24 @@ def test_an_arrival_is_prefilled_in_the_forward_of_the_running_rows(adapter_dirs
     for index, (name, handle) in enumerate(late.items()):
         assert handle.result().token_ids == peft_reference(str(adapter_dirs[name]), PROMPTS[index])[0]
     assert len(first.result().token_ids) == NEW_TOKENS
+
+
+def test_an_ia3_row_beside_long_prompts_scales_only_its_own_tokens(adapter_dirs: dict[str, Path]) -> None:
+    engine = make_engine({"ia3": adapter_dirs["ia3"]})
+    ia3 = engine.make_resident("ia3")
+    decoder = engine.decoder
+    base_rows = [RowInput(row, 0, [5 + row] * 40, 0, 0, (39,)) for row in range(2)]
+    ia3_row = RowInput(2, ia3, [9, 4, 7, 3, 8], 0, 0, (4,))
+    batch = decoder.pack([*base_rows, ia3_row])
+    assert batch.adapters.ia3_stretches == ((ia3, 80, 85),)
+    together = decoder.forward(batch)
+    # Alone, the IA3 row has no token to leave out and is scaled by a gather over its tokens.
+    alone_batch = decoder.pack([ia3_row])
+    assert alone_batch.adapters.ia3_stretches is None
+    alone = [decoder.forward(decoder.pack([row])) for row in base_rows]
+    alone.append(decoder.forward(alone_batch))
+    for row_logits, want in zip(together, alone, strict=True):
+        assert torch.allclose(row_logits, want[0], atol=1e-5, rtol=0)
+    # A decode step's few tokens are all scaled by the gather.
+    step = [RowInput(row, slot, [3], 40, 40, (0,)) for row, slot in ((0, 0), (1, 0), (2, ia3))]
+    assert decoder.pack(step).adapters.ia3_stretches is None
