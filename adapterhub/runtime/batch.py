@@ -12,6 +12,7 @@ Everything here is planned on the host from Python lists and sent to the device 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -102,9 +103,23 @@ def adapter_rows(
     )
 
 
-# A stretch costs two dispatches per scaled projection (a slice and an in-place multiply), which
-# take about as long as scaling this many tokens' rows of a 2,560-wide activation.
+# A stretch costs a few dispatches per scaled projection (slicing its rows and its slot's vector,
+# and multiplying in place), a few µs; the gather's work on the tokens it would have left alone grows
+# with their number. 32 per stretch is a conservative line: decode steps, a token a row, keep it.
 IA3_STRETCH_TOKENS = 32
+
+
+def _stretches(token_slots: list[int], keep: Callable[[int], bool]) -> list[list[int]]:
+    """[slot, start, stop] of each stretch of consecutive tokens of one slot that ``keep`` takes."""
+    stretches: list[list[int]] = []
+    for index, slot in enumerate(token_slots):
+        if not keep(slot):
+            continue
+        if stretches and stretches[-1][0] == slot and stretches[-1][2] == index:
+            stretches[-1][2] = index + 1
+        else:
+            stretches.append([slot, index, index + 1])
+    return stretches
 
 
 def ia3_stretches(
@@ -115,14 +130,7 @@ def ia3_stretches(
     leave out number at least ``IA3_STRETCH_TOKENS`` per stretch, as a long prompt beside an IA3 row
     in a prefill does. Measured on the families bench's prefill (two IA3 rows of 32 tokens among
     256, the 360M shape): 8.6 ms of IA3 scaling instead of 17.4 (medians of 12 forwards)."""
-    stretches: list[list[int]] = []
-    for index, slot in enumerate(token_slots):
-        if not features[slot].ia3:
-            continue
-        if stretches and stretches[-1][0] == slot and stretches[-1][2] == index:
-            stretches[-1][2] = index + 1
-        else:
-            stretches.append([slot, index, index + 1])
+    stretches = _stretches(token_slots, lambda slot: bool(features[slot].ia3))
     left_out = len(token_slots) - sum(stop - start for _, start, stop in stretches)
     if left_out < IA3_STRETCH_TOKENS * len(stretches):
         return None
@@ -147,12 +155,7 @@ def _lora_rows(
     if static_slots is not None:
         return LoraRows(rank, None, static_slots, None, static_slots, None)
     slots = [token_slots[index] for index in tokens]
-    runs: list[list[int]] = []  # [slot, start, stop] over the LoRA tokens, one per adapter
-    for position, slot in enumerate(slots):
-        if runs and runs[-1][0] == slot:
-            runs[-1][2] = position + 1
-        else:
-            runs.append([slot, position, position + 1])
+    runs = _stretches(slots, lambda slot: True)  # over the LoRA tokens, one per adapter
     every = tokens == list(range(len(token_slots)))
     equal = len({stop - start for _, start, stop in runs}) == 1
     # In the forward: each run is a stretch of consecutive tokens there, and the LoRA tokens are not
