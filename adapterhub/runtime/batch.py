@@ -144,16 +144,19 @@ def _lora_rows(
     static_slots: torch.Tensor | None,
     modules: frozenset[str] | None = None,
 ) -> LoraRows | None:
-    # The LoRA tokens in slot order, so that the tokens of one adapter form one stretch and its
-    # tables are read once however its rows are spread over the batch.
+    # The LoRA tokens by rank, then slot: the tokens of one adapter form one stretch, so its tables
+    # are read once however its rows are spread over the batch, and those of one rank lie together,
+    # so each rank is multiplied at its own width.
     tokens = sorted(
-        (index for index, slot in enumerate(token_slots) if rank_of[slot]), key=token_slots.__getitem__
+        (index for index, slot in enumerate(token_slots) if rank_of[slot]),
+        key=lambda index: (rank_of[token_slots[index]], token_slots[index]),
     )
     if not tokens:
         return None
     rank = max(rank_of.values())
-    if static_slots is not None:
-        return LoraRows(rank, None, static_slots, None, static_slots, None)
+    if static_slots is not None:  # a captured graph: every row, at the widest rank it was captured at
+        pieces = ((rank, 0, static_slots.shape[0], static_slots),)
+        return LoraRows(rank, None, static_slots, None, pieces, None)
     slots = [token_slots[index] for index in tokens]
     runs = _stretches(slots, lambda slot: True)  # over the LoRA tokens, one per adapter
     every = tokens == list(range(len(token_slots)))
@@ -167,23 +170,25 @@ def _lora_rows(
     # copies them, which costs about as much as reading them twice. Measured with tables of 32 layers
     # at rank 16: blocks win up to about one per four adapters, and in the forward up to four.
     long = not equal and len(slots) > 2 * len(runs)  # long stretches of several lengths: in place
-    by_position = _blocks(runs, equal, tokens)
-    by_slot = _blocks(runs, equal)
-    blocks: list[tuple[int, int, int, int]] | None = None
+    by_position = _blocks(runs, rank_of, equal, tokens)
+    by_slot = _blocks(runs, rank_of, equal)
+    blocks: list[tuple[int, int, int, int, int]] | None = None
     starts: tuple[int, ...] | None = None
-    pieces: list[int] | None = None
+    pieces: list[tuple[int, int, int, torch.Tensor]] | None = None
     if in_forward and (long or len(by_position) <= max(4, len(runs) // 4)):
-        blocks, starts = by_position, tuple(tokens[start] for _, _, start, _ in by_position)
+        blocks, starts = by_position, tuple(tokens[block[2]] for block in by_position)
     elif long or len(by_slot) <= max(1, len(runs) // 4):
         blocks = by_slot
-    else:  # one batched GEMM over gathered tables: one per stretch, or per token for short ones
-        pieces = [slot for slot, _, _ in runs] if equal else slots
+    else:  # one batched GEMM per rank over gathered tables: one per stretch, or per token for short ones
+        pieces = _pieces(
+            runs if equal else [[slot, i, i + 1] for i, slot in enumerate(slots)], rank_of, device
+        )
     return LoraRows(
         rank=rank,
         tokens=None if every else torch.tensor(tokens, device=device),
         token_slots=torch.tensor(slots, device=device),
         single=slots[0] if len(runs) == 1 else None,
-        pieces=None if pieces is None else torch.tensor(pieces, device=device),
+        pieces=None if pieces is None else tuple(pieces),
         blocks=None if blocks is None else tuple(blocks),
         modules=modules,
         starts=starts,
@@ -191,20 +196,37 @@ def _lora_rows(
 
 
 def _blocks(
-    runs: list[list[int]], join: bool, tokens: list[int] | None = None
-) -> list[tuple[int, int, int, int]]:
-    """The runs as blocks (first slot, slots, start, stop): with ``join`` (runs of one length), a run
-    joins the block before it when its slot follows that block's last, and, given the LoRA tokens'
-    places in the forward (``tokens``), when its first token follows that block's last there too."""
-    blocks: list[tuple[int, int, int, int]] = []
+    runs: list[list[int]], rank_of: dict[int, int], join: bool, tokens: list[int] | None = None
+) -> list[tuple[int, int, int, int, int]]:
+    """The runs as blocks (first slot, slots, start, stop, rank): with ``join`` (runs of one length),
+    a run joins the block before it when its slot follows that block's last and its adapter has the
+    block's rank, and, given the LoRA tokens' places in the forward (``tokens``), when its first token
+    follows that block's last there too."""
+    blocks: list[tuple[int, int, int, int, int]] = []
     for slot, start, stop in runs:
-        follows = blocks and blocks[-1][0] + blocks[-1][1] == slot
+        rank = rank_of[slot]
+        follows = blocks and blocks[-1][0] + blocks[-1][1] == slot and blocks[-1][4] == rank
         if join and follows and (tokens is None or tokens[start] == tokens[start - 1] + 1):
-            first, count, begin, _ = blocks[-1]
-            blocks[-1] = (first, count + 1, begin, stop)
+            first, count, begin, _, _ = blocks[-1]
+            blocks[-1] = (first, count + 1, begin, stop, rank)
         else:
-            blocks.append((slot, 1, start, stop))
+            blocks.append((slot, 1, start, stop, rank))
     return blocks
+
+
+def _pieces(
+    pieces: list[list[int]], rank_of: dict[int, int], device: str
+) -> list[tuple[int, int, int, torch.Tensor]]:
+    """The pieces [slot, start, stop] of one length, in rank order, as (rank, start, stop, slots): the
+    pieces of each rank, one batched GEMM over their gathered tables."""
+    groups: list[tuple[int, int, int, list[int]]] = []
+    for slot, start, stop in pieces:
+        rank = rank_of[slot]
+        if groups and groups[-1][0] == rank:
+            groups[-1] = (rank, groups[-1][1], stop, [*groups[-1][3], slot])
+        else:
+            groups.append((rank, start, stop, [slot]))
+    return [(rank, start, stop, torch.tensor(slots, device=device)) for rank, start, stop, slots in groups]
 
 
 @dataclass(frozen=True)

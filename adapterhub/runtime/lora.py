@@ -2,15 +2,16 @@
 its own adapter's A and B.
 
 Every slot's A and B live in preallocated tables. For one forward, the tokens that have a LoRA are
-multiplied by their own slot's tables only, so the work is ``Σ tokens × rank``: it does not grow with
-the number of resident slots, and tokens without a LoRA cost nothing. How (``LoraRows.multiply``):
-when every LoRA token names one adapter, its tables are used in place. Otherwise the tokens are cut
-into *blocks*: adapters in consecutive slots whose stretches have one length (decoding rows, prompts
-of one length) form one block and multiply by their slots' tables in place, as one batched GEMM over
-a view of the tables (the BGMV idea with no gather); a stretch of its own is one GEMM. When a forward
-would take too many blocks, its equal stretches gather a table each into one batched GEMM instead.
-Where some tokens have no LoRA and each block's tokens are consecutive in the forward, each block
-reads and adds the forward's own rows in place (the SGMV idea), with no gather or scatter.
+multiplied by their own slot's tables only, at their own adapter's rank, so the work is
+``Σ tokens × own rank``: it does not grow with the number of resident slots or with the widest rank
+beside them, and tokens without a LoRA cost nothing. How (``LoraRows.multiply``): when every LoRA
+token names one adapter, its tables are used in place. Otherwise the tokens are cut into *blocks*:
+adapters of one rank in consecutive slots whose stretches have one length (decoding rows, prompts of
+one length) form one block and multiply by their slots' tables in place, as one batched GEMM over a
+view of the tables (the BGMV idea with no gather); a stretch of its own is one GEMM. When a forward
+would take too many blocks, its equal stretches gather a table each into one batched GEMM per rank
+instead. Where some tokens have no LoRA and each block's tokens are consecutive in the forward, each
+block reads and adds the forward's own rows in place (the SGMV idea), with no gather or scatter.
 
 Projections that read the same input (q/k/v, gate/up) share one A table, so one shrink GEMM serves
 the whole group; each member has its own B. A projection that no adapter of the forward targets
@@ -20,7 +21,9 @@ the whole group; each member has its own B. A projection that no adapter of the 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
@@ -51,6 +54,23 @@ class SlotTables:
         return view
 
 
+# A table of every slot cut at a rank: the A tables' columns or the B tables' rows up to it.
+TablesAt = Callable[[int], SlotTables]
+
+
+def _part(t: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    """Rows ``start:stop`` of ``t``; ``t`` itself when they are all of it (a slice is a dispatch)."""
+    return t if start == 0 and stop == t.shape[0] else t[start:stop]
+
+
+def _at_rank(x: torch.Tensor, out: torch.Tensor, tables: SlotTables) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x`` and ``out`` cut to the columns that ``tables`` (slots, k, n) reads and writes: an
+    expand's input to the rank k of the block's adapters, a shrink's product to their n of the
+    widest rank's columns. A block multiplies at its own rank, not at the forward's widest."""
+    k, n = tables.tensor.shape[-2:]
+    return (x if x.shape[-1] == k else x[:, :k]), (out if out.shape[-1] == n else out[:, :n])
+
+
 def _multiply_block(
     x: torch.Tensor, tables: SlotTables, slot: int, count: int, out: torch.Tensor, accumulate: bool
 ) -> None:
@@ -62,11 +82,18 @@ def _multiply_block(
         else:
             torch.mm(x, tables.slot(slot), out=out)
         return
+    _multiply_laid(x, tables.tensor[slot : slot + count], out, accumulate)
+
+
+def _multiply_laid(x: torch.Tensor, tables: torch.Tensor, out: torch.Tensor, accumulate: bool) -> None:
+    """``x`` (tokens, k), an equal piece for each of the (pieces, k, n) ``tables``, times its own,
+    written or (``accumulate``) added to ``out`` (tokens, n)."""
+    count = tables.shape[0]
     laid_x, laid_out = _batched(x, count), out.view(count, -1, out.shape[-1])
     if accumulate:
-        laid_out.baddbmm_(laid_x, tables.tensor[slot : slot + count])
+        laid_out.baddbmm_(laid_x, tables)
     else:
-        torch.bmm(laid_x, tables.tensor[slot : slot + count], out=laid_out)
+        torch.bmm(laid_x, tables, out=laid_out)
 
 
 @dataclass(frozen=True)
@@ -75,26 +102,30 @@ class LoraRows:
 
     ``tokens``: the flat indices of the LoRA tokens, or None when every token has one;
     ``token_slots``: the slot of each LoRA token; ``single``: the one slot every LoRA token names, if
-    they all do; ``pieces``: the slot of each equal-length piece for one batched GEMM over gathered
-    tables, when the forward takes that way; otherwise ``blocks``: (first slot, slots, start, stop)
-    over the LoRA tokens, each of the ``slots`` consecutive slots owning an equal stretch of
-    ``start:stop``, multiplied by a view of their tables; ``modules``: the modules the tokens'
-    adapters target, None for every one (a captured graph); ``starts``: where each block begins among
-    the forward's tokens, when some tokens have no LoRA and every block is one stretch of
-    consecutive tokens there (a decoding row, a prompt). The products then read and add the
+    they all do; ``pieces``: (rank, start, stop, slots) over the LoRA tokens for each rank among them,
+    when the forward gathers tables: ``start:stop`` is one equal-length piece per slot of ``slots``,
+    multiplied by its gathered table in one batched GEMM; otherwise ``blocks``: (first slot, slots,
+    start, stop, rank) over the LoRA tokens, each of the ``slots`` consecutive slots (adapters of one
+    rank) owning an equal stretch of ``start:stop``, multiplied by a view of their tables; ``modules``:
+    the modules the tokens' adapters target, None for every one (a captured graph); ``starts``: where
+    each block begins among the forward's tokens, when some tokens have no LoRA and every block is one
+    stretch of consecutive tokens there (a decoding row, a prompt). The products then read and add the
     forward's rows in place, with no gather of the LoRA tokens and no scatter back.
+
+    Every block and piece multiplies at its own adapters' rank, so a rank-1 row beside a rank-64 row
+    costs rank 1; only a captured graph's one piece runs every row at the widest rank.
 
     Timed with tables of 32 layers: in place, the families bench's batch (two adapters, a row each,
     beside six other rows) takes 6 % less LoRA time in a decode step and 21 % less in the prefill;
     64 decoding rows of adapters in 64 consecutive slots take half the time of gathering their tables.
     """
 
-    rank: int  # the widest rank among the tokens' adapters
+    rank: int  # the widest rank among the tokens' adapters: the width of a shrink's product
     tokens: torch.Tensor | None
     token_slots: torch.Tensor
     single: int | None
-    pieces: torch.Tensor | None
-    blocks: tuple[tuple[int, int, int, int], ...] | None
+    pieces: tuple[tuple[int, int, int, torch.Tensor], ...] | None
+    blocks: tuple[tuple[int, int, int, int, int], ...] | None
     modules: frozenset[str] | None = None
     starts: tuple[int, ...] | None = None
 
@@ -102,51 +133,63 @@ class LoraRows:
         """Whether an adapter of the forward targets any of the modules ``names``."""
         return self.modules is None or not self.modules.isdisjoint(names)
 
-    def multiply(self, x: torch.Tensor, tables: SlotTables) -> torch.Tensor:
-        """Each LoRA token's row of ``x`` (LoRA tokens, k) times its own slot's (k, n) of ``tables``."""
+    def multiply(self, x: torch.Tensor, tables_at: TablesAt) -> torch.Tensor:
+        """Each LoRA token's row of ``x`` (LoRA tokens, k) times its own slot's (k, n) table."""
+        widest = tables_at(self.rank)
         if self.single is not None:
-            return x @ tables.slot(self.single)
+            return x @ widest.slot(self.single)
+        product = x.new_empty(x.shape[0], widest.tensor.shape[-1])
         if self.pieces is not None:
-            gathered = tables.tensor.index_select(0, self.pieces)  # a third of advanced indexing's time
-            product = torch.bmm(_batched(x, self.pieces.shape[0]), gathered)
-            return product.view(x.shape[0], -1)
-        product = x.new_empty(x.shape[0], tables.tensor.shape[-1])
-        for slot, count, start, stop in self.blocks:
-            _multiply_block(x[start:stop], tables, slot, count, product[start:stop], accumulate=False)
+            for rank, start, stop, slots in self.pieces:
+                tables = tables_at(rank)
+                rows, out = _at_rank(_part(x, start, stop), _part(product, start, stop), tables)
+                # index_select: a third of advanced indexing's time
+                _multiply_laid(rows, tables.tensor.index_select(0, slots), out, accumulate=False)
+            return product
+        for slot, count, start, stop, rank in self.blocks:
+            tables = tables_at(rank)
+            rows, out = _at_rank(x[start:stop], product[start:stop], tables)
+            _multiply_block(rows, tables, slot, count, out, accumulate=False)
         return product
 
-    def multiply_tokens(self, x: torch.Tensor, tables: SlotTables) -> torch.Tensor:
+    def multiply_tokens(self, x: torch.Tensor, tables_at: TablesAt) -> torch.Tensor:
         """``multiply`` of the LoRA tokens' rows of the forward's ``x`` (tokens, k)."""
         if self.starts is not None:
-            product = x.new_empty(self.blocks[-1][3], tables.tensor.shape[-1])
-            for (slot, count, start, stop), first in zip(self.blocks, self.starts, strict=True):
-                rows = x[first : first + stop - start]
-                _multiply_block(rows, tables, slot, count, product[start:stop], accumulate=False)
+            product = x.new_empty(self.blocks[-1][3], tables_at(self.rank).tensor.shape[-1])
+            for (slot, count, start, stop, rank), first in zip(self.blocks, self.starts, strict=True):
+                tables = tables_at(rank)
+                rows, out = _at_rank(x[first : first + stop - start], product[start:stop], tables)
+                _multiply_block(rows, tables, slot, count, out, accumulate=False)
             return product
-        return self.multiply(x if self.tokens is None else x.index_select(0, self.tokens), tables)
+        return self.multiply(x if self.tokens is None else x.index_select(0, self.tokens), tables_at)
 
-    def add_product(self, x: torch.Tensor, tables: SlotTables, out: torch.Tensor) -> torch.Tensor:
-        """Add ``multiply(x, tables)`` to the LoRA tokens' rows of ``out`` (tokens, n), in place.
+    def add_product(self, x: torch.Tensor, tables_at: TablesAt, out: torch.Tensor) -> torch.Tensor:
+        """Add ``multiply(x, tables_at)`` to the LoRA tokens' rows of ``out`` (tokens, n), in place.
 
         Where every token has a LoRA, or each block is a stretch of the forward (``starts``), the
         GEMMs accumulate into ``out`` themselves (``addmm_``, ``baddbmm_``): one op per product
         instead of a GEMM, a temporary and an add.
         """
-        if self.starts is not None and out.dtype == tables.tensor.dtype:
-            for (slot, count, start, stop), first in zip(self.blocks, self.starts, strict=True):
-                rows = out[first : first + stop - start]
-                _multiply_block(x[start:stop], tables, slot, count, rows, accumulate=True)
+        same_dtype = out.dtype == tables_at(self.rank).tensor.dtype
+        if self.starts is not None and same_dtype:
+            for (slot, count, start, stop, rank), first in zip(self.blocks, self.starts, strict=True):
+                tables = tables_at(rank)
+                rows, rows_out = _at_rank(x[start:stop], out[first : first + stop - start], tables)
+                _multiply_block(rows, tables, slot, count, rows_out, accumulate=True)
             return out
-        if self.tokens is not None or out.dtype != tables.tensor.dtype:
-            delta = self.multiply(x, tables).to(out.dtype)
+        if self.tokens is not None or not same_dtype:
+            delta = self.multiply(x, tables_at).to(out.dtype)
             return out.add_(delta) if self.tokens is None else out.index_add_(0, self.tokens, delta)
         if self.pieces is not None:
-            count = self.pieces.shape[0]
-            laid = out.view(count, -1, out.shape[-1])
-            laid.baddbmm_(_batched(x, count), tables.tensor.index_select(0, self.pieces))
+            for rank, start, stop, slots in self.pieces:
+                tables = tables_at(rank)
+                rows, rows_out = _at_rank(_part(x, start, stop), _part(out, start, stop), tables)
+                _multiply_laid(rows, tables.tensor.index_select(0, slots), rows_out, accumulate=True)
             return out
-        for slot, count, start, stop in self.blocks:
-            _multiply_block(x[start:stop], tables, slot, count, out[start:stop], accumulate=True)
+        for slot, count, start, stop, rank in self.blocks:
+            tables = tables_at(rank)
+            rows, rows_out = _at_rank(x[start:stop], out[start:stop], tables)
+            _multiply_block(rows, tables, slot, count, rows_out, accumulate=True)
         return out
 
 
@@ -186,6 +229,7 @@ class LoraGroup:
         self._one: dict[tuple[int, int], tuple[torch.Tensor, tuple[torch.Tensor, ...]]] = {}
         self._any_member = frozenset(names)
         self._member = [frozenset((name,)) for name in names]
+        self._b_of = [partial(self.b_at, member) for member in range(self.members)]
         if allocate:
             self.allocate()
 
@@ -242,7 +286,7 @@ class LoraGroup:
         if lora.single is not None and lora.tokens is None:
             shrunk = x @ self.one_slot(lora.rank, lora.single)[0]
         else:
-            shrunk = lora.multiply_tokens(x, self.a_at(lora.rank))
+            shrunk = lora.multiply_tokens(x, self.a_at)
         if self.members == 1:
             return (shrunk,)
         # Members laid side by side: a member's columns of the rank-major product are strided, and
@@ -259,4 +303,4 @@ class LoraGroup:
             return out
         if lora.single is not None and lora.tokens is None and out.dtype == self.dtype:
             return out.addmm_(shrunk[member], self.one_slot(lora.rank, lora.single)[1][member])
-        return lora.add_product(shrunk[member], self.b_at(member, lora.rank), out)
+        return lora.add_product(shrunk[member], self._b_of[member], out)

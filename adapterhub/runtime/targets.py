@@ -208,7 +208,7 @@ class SlotEmbedding:
         if lora is not None and self.lora_a is not None:
             lora_ids = ids if lora.tokens is None else ids.index_select(0, lora.tokens)
             after_a = self.lora_a[lora.token_slots, lora_ids, : lora.rank]
-            delta = lora.multiply(after_a, SlotTables(self.lora_b[:, : lora.rank]))
+            delta = lora.multiply(after_a, lambda rank: SlotTables(self.lora_b[:, :rank]))
             if self.scale is not None:
                 delta = delta * self.scale
             delta = delta.to(embeds.dtype)

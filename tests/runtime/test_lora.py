@@ -50,6 +50,8 @@ def group() -> tuple[LoraGroup, dict[tuple[int, int], tuple[torch.Tensor, torch.
         [0, 1, 3, 5, 7, 9],  # five adapters in the forward: their tables gathered
         [0, 0, 1, 2, 1, 2],  # consecutive slots whose tokens interleave: one block, tokens gathered
         [4, 4, 4, 3, 3, 3],  # a block whose tokens lie in the forward in the other order
+        [3, 7, 1, 5, 9],  # every token, tables gathered: ranks 4 and 8, a batched GEMM each
+        [1, 5, 9, 2, 6],  # the same, with the tokens gathered
     ],
 )
 def test_each_token_gets_its_own_adapters_product(group, token_slots: list[int]) -> None:
@@ -74,25 +76,51 @@ def test_each_token_gets_its_own_adapters_product(group, token_slots: list[int])
 @pytest.mark.parametrize(
     ("token_slots", "blocks", "starts", "pieces"),
     [
-        ([1, 2, 3, 4, 6, 7, 8, 9], ((1, 4, 0, 4), (6, 4, 4, 8)), None, None),
-        ([1, 3, 5, 7, 9], None, None, [1, 3, 5, 7, 9]),
-        ([0, 3, 4, 5, 0, 9], ((3, 3, 0, 3), (9, 1, 3, 4)), (1, 5), None),
-        ([0, 1, 3, 5, 7, 9], None, None, [1, 3, 5, 7, 9]),
-        ([0, 0, 1, 2, 1, 2], ((1, 2, 0, 4),), None, None),
-        ([4, 4, 4, 3, 3, 3], ((3, 1, 0, 3), (4, 1, 3, 6)), (3, 0), None),
-        ([1, 2, 2], None, None, [1, 2, 2]),  # short stretches of two lengths: a table per token
-        ([1, 1, 2, 2, 2], ((1, 1, 0, 2), (2, 1, 2, 5)), None, None),  # long ones: each in place
+        ([1, 2, 3, 4, 6, 7, 8, 9], ((1, 4, 0, 4, 8), (6, 4, 4, 8, 8)), None, None),
+        ([1, 3, 5, 7, 9], None, None, [(8, 0, 5, [1, 3, 5, 7, 9])]),
+        ([0, 3, 4, 5, 0, 9], ((3, 3, 0, 3, 8), (9, 1, 3, 4, 8)), (1, 5), None),
+        ([0, 1, 3, 5, 7, 9], None, None, [(8, 0, 5, [1, 3, 5, 7, 9])]),
+        ([0, 0, 1, 2, 1, 2], ((1, 2, 0, 4, 8),), None, None),
+        ([4, 4, 4, 3, 3, 3], ((3, 1, 0, 3, 8), (4, 1, 3, 6, 8)), (3, 0), None),
+        ([1, 2, 2], None, None, [(8, 0, 3, [1, 2, 2])]),  # short stretches of two lengths: per token
+        ([1, 1, 2, 2, 2], ((1, 1, 0, 2, 8), (2, 1, 2, 5, 8)), None, None),  # long ones: each in place
     ],
 )
 def test_tables_are_read_in_place_unless_a_forward_takes_too_many_blocks(
-    token_slots: list[int], blocks: tuple | None, starts: tuple | None, pieces: list[int] | None
+    token_slots: list[int], blocks: tuple | None, starts: tuple | None, pieces: list | None
 ) -> None:
-    """Adapters in consecutive slots with stretches of one length share a block over a view of their
-    tables; only a forward of many blocks for its adapters gathers their tables instead."""
+    """Adapters of one rank in consecutive slots with stretches of one length share a block over a
+    view of their tables; only a forward of many blocks for its adapters gathers their tables."""
+    features = [SlotFeatures()] + [SlotFeatures(lora={"m": MAX_RANK}) for _ in RANKS]
+    _assert_layout(adapter_rows(token_slots, features, "cpu").lora, blocks, starts, pieces)
+
+
+@pytest.mark.parametrize(
+    ("token_slots", "blocks", "starts", "pieces"),
+    [
+        # Consecutive slots of ranks 8, 2, 4 and 1: a block each, at its own rank, smallest first.
+        (
+            [1, 2, 3, 4],
+            ((4, 1, 0, 1, 1), (2, 1, 1, 2, 2), (3, 1, 2, 3, 4), (1, 1, 3, 4, 8)),
+            (3, 1, 2, 0),
+            None,
+        ),
+        # Gathered tables: one batched GEMM for the rank-2 adapters, one for the rank-8 ones.
+        ([1, 5, 9, 2, 6], None, None, [(2, 0, 2, [2, 6]), (8, 2, 5, [1, 5, 9])]),
+        ([3, 7, 1, 5, 9], None, None, [(4, 0, 2, [3, 7]), (8, 2, 5, [1, 5, 9])]),
+    ],
+)
+def test_adapters_of_different_ranks_multiply_at_their_own(
+    token_slots: list[int], blocks: tuple | None, starts: tuple | None, pieces: list | None
+) -> None:
     features = [SlotFeatures()] + [SlotFeatures(lora={"m": RANKS[slot]}) for slot in RANKS]
-    rows = adapter_rows(token_slots, features, "cpu").lora
+    _assert_layout(adapter_rows(token_slots, features, "cpu").lora, blocks, starts, pieces)
+
+
+def _assert_layout(rows, blocks: tuple | None, starts: tuple | None, pieces: list | None) -> None:
     assert (rows.blocks, rows.starts) == (blocks, starts)
-    assert (None if rows.pieces is None else rows.pieces.tolist()) == pieces
+    laid = None if rows.pieces is None else [(r, a, b, slots.tolist()) for r, a, b, slots in rows.pieces]
+    assert laid == pieces
 
 
 def test_a_slot_reloaded_with_another_rank_multiplies_at_its_new_rank() -> None:

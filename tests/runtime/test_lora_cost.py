@@ -1,6 +1,6 @@
 """LoRA work follows the rows, not the slots: a decode step's FLOPs do not change with the number of
-resident adapters, rows without a LoRA add none, and projections no adapter targets add none
-(counted by ``torch.utils.flop_counter``)."""
+resident adapters, rows without a LoRA add none, a row costs its own adapter's rank whatever ranks
+are beside it, and projections no adapter targets add none (counted by ``torch.utils.flop_counter``)."""
 
 from __future__ import annotations
 
@@ -72,20 +72,45 @@ def test_only_the_targeted_projections_do_lora_work(tmp_path: Path) -> None:
     assert extra == len(layers) * (shrink + expands)
 
 
-def test_ranks_1_8_and_64_in_one_batch_equal_peft(tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def ranked(tmp_path_factory: pytest.TempPathFactory) -> tuple[Engine, dict[str, Path]]:
+    """An engine with LoRAs of ranks 1, 8 and 64 (all seven projections) resident, and their folders."""
     from adapterhub.models import ModelSpec, load_model
     from adapterhub.runtime.random_adapters import peft_config, write_random_adapter
 
-    from .references import BASE, PROMPTS, greedy, peft_reference
+    from .references import BASE
 
     base = load_model(ModelSpec(BASE, device="cpu"))
+    folder = tmp_path_factory.mktemp("ranked")
     folders = {
-        f"r{rank}": write_random_adapter(
-            base, peft_config("lora", rank=rank), tmp_path / f"r{rank}", seed=rank
-        )
+        f"r{rank}": write_random_adapter(base, peft_config("lora", rank=rank), folder / f"r{rank}", seed=rank)
         for rank in (1, 8, 64)
     }
     engine = make_engine(folders, max_lora_rank=64)
+    for name in folders:
+        engine.make_resident(name)
+    return engine, folders
+
+
+@pytest.mark.parametrize(
+    "layout",
+    [
+        ("r1", "r64"),  # every row has a LoRA: their tables gathered, a batched GEMM per rank
+        ("r1", None, "r64", None),  # beside base rows: each read and added in place
+    ],
+)
+def test_a_row_costs_its_own_rank_beside_a_wider_one(ranked, layout: tuple[str | None, ...]) -> None:
+    engine, _ = ranked
+    slots = [0 if name is None else engine._lookup(name).slot for name in layout]
+    base = _decode_flops(engine, [0] * len(slots))
+    alone = sum(_decode_flops(engine, [slot, 0]) - _decode_flops(engine, [0, 0]) for slot in slots if slot)
+    assert _decode_flops(engine, slots) - base == alone
+
+
+def test_ranks_1_8_and_64_in_one_batch_equal_peft(ranked) -> None:
+    from .references import PROMPTS, greedy, peft_reference
+
+    engine, folders = ranked
     rows = [(name, prompt) for name in [None, *folders] for prompt in PROMPTS[:2]]
     logits = engine.score([greedy(prompt, name) for name, prompt in rows])
     results = [engine.submit(greedy(prompt, name)) for name, prompt in rows]
