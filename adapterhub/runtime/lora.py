@@ -63,14 +63,6 @@ def _part(t: torch.Tensor, start: int, stop: int) -> torch.Tensor:
     return t if start == 0 and stop == t.shape[0] else t[start:stop]
 
 
-def _at_rank(x: torch.Tensor, out: torch.Tensor, tables: SlotTables) -> tuple[torch.Tensor, torch.Tensor]:
-    """``x`` and ``out`` cut to the columns that ``tables`` (slots, k, n) reads and writes: an
-    expand's input to the rank k of the block's adapters, a shrink's product to their n of the
-    widest rank's columns. A block multiplies at its own rank, not at the forward's widest."""
-    k, n = tables.tensor.shape[-2:]
-    return (x if x.shape[-1] == k else x[:, :k]), (out if out.shape[-1] == n else out[:, :n])
-
-
 def _multiply_block(
     x: torch.Tensor, tables: SlotTables, slot: int, count: int, out: torch.Tensor, accumulate: bool
 ) -> None:
@@ -133,6 +125,17 @@ class LoraRows:
         """Whether an adapter of the forward targets any of the modules ``names``."""
         return self.modules is None or not self.modules.isdisjoint(names)
 
+    def _at_rank(
+        self, rank: int, x: torch.Tensor, out: torch.Tensor, tables: SlotTables
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``x`` and ``out`` cut to the columns that ``tables`` (slots, k, n) at ``rank`` reads and
+        writes, for a block below the forward's widest rank: an expand's input to its rank k, a
+        shrink's product to its n of the widest rank's columns."""
+        if rank == self.rank:  # the tensors are as wide as the widest rank's tables
+            return x, out
+        k, n = tables.tensor.shape[-2:]
+        return (x if x.shape[-1] == k else x[:, :k]), (out if out.shape[-1] == n else out[:, :n])
+
     def multiply(self, x: torch.Tensor, tables_at: TablesAt) -> torch.Tensor:
         """Each LoRA token's row of ``x`` (LoRA tokens, k) times its own slot's (k, n) table."""
         widest = tables_at(self.rank)
@@ -142,13 +145,13 @@ class LoraRows:
         if self.pieces is not None:
             for rank, start, stop, slots in self.pieces:
                 tables = tables_at(rank)
-                rows, out = _at_rank(_part(x, start, stop), _part(product, start, stop), tables)
+                rows, out = self._at_rank(rank, _part(x, start, stop), _part(product, start, stop), tables)
                 # index_select: a third of advanced indexing's time
                 _multiply_laid(rows, tables.tensor.index_select(0, slots), out, accumulate=False)
             return product
         for slot, count, start, stop, rank in self.blocks:
             tables = tables_at(rank)
-            rows, out = _at_rank(x[start:stop], product[start:stop], tables)
+            rows, out = self._at_rank(rank, x[start:stop], product[start:stop], tables)
             _multiply_block(rows, tables, slot, count, out, accumulate=False)
         return product
 
@@ -158,7 +161,7 @@ class LoraRows:
             product = x.new_empty(self.blocks[-1][3], tables_at(self.rank).tensor.shape[-1])
             for (slot, count, start, stop, rank), first in zip(self.blocks, self.starts, strict=True):
                 tables = tables_at(rank)
-                rows, out = _at_rank(x[first : first + stop - start], product[start:stop], tables)
+                rows, out = self._at_rank(rank, x[first : first + stop - start], product[start:stop], tables)
                 _multiply_block(rows, tables, slot, count, out, accumulate=False)
             return product
         return self.multiply(x if self.tokens is None else x.index_select(0, self.tokens), tables_at)
@@ -174,7 +177,7 @@ class LoraRows:
         if self.starts is not None and same_dtype:
             for (slot, count, start, stop, rank), first in zip(self.blocks, self.starts, strict=True):
                 tables = tables_at(rank)
-                rows, rows_out = _at_rank(x[start:stop], out[first : first + stop - start], tables)
+                rows, rows_out = self._at_rank(rank, x[start:stop], out[first : first + stop - start], tables)
                 _multiply_block(rows, tables, slot, count, rows_out, accumulate=True)
             return out
         if self.tokens is not None or not same_dtype:
@@ -183,12 +186,12 @@ class LoraRows:
         if self.pieces is not None:
             for rank, start, stop, slots in self.pieces:
                 tables = tables_at(rank)
-                rows, rows_out = _at_rank(_part(x, start, stop), _part(out, start, stop), tables)
+                rows, rows_out = self._at_rank(rank, _part(x, start, stop), _part(out, start, stop), tables)
                 _multiply_laid(rows, tables.tensor.index_select(0, slots), rows_out, accumulate=True)
             return out
         for slot, count, start, stop, rank in self.blocks:
             tables = tables_at(rank)
-            rows, rows_out = _at_rank(x[start:stop], out[start:stop], tables)
+            rows, rows_out = self._at_rank(rank, x[start:stop], out[start:stop], tables)
             _multiply_block(rows, tables, slot, count, rows_out, accumulate=True)
         return out
 
