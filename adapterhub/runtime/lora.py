@@ -142,18 +142,25 @@ class LoraRows:
         if self.single is not None:
             return x @ widest.slot(self.single)
         product = x.new_empty(x.shape[0], widest.tensor.shape[-1])
+        self._multiply_into(x, tables_at, product, accumulate=False)
+        return product
+
+    def _multiply_into(
+        self, x: torch.Tensor, tables_at: TablesAt, out: torch.Tensor, accumulate: bool
+    ) -> None:
+        """Each LoRA token's row of ``x`` times its own table, written or (``accumulate``) added to
+        the same row of ``out``: both hold the LoRA tokens' rows, in their order."""
         if self.pieces is not None:
             for rank, start, stop, slots in self.pieces:
                 tables = tables_at(rank)
-                rows, out = self._at_rank(rank, _part(x, start, stop), _part(product, start, stop), tables)
+                rows, rows_out = self._at_rank(rank, _part(x, start, stop), _part(out, start, stop), tables)
                 # index_select: a third of advanced indexing's time
-                _multiply_laid(rows, tables.tensor.index_select(0, slots), out, accumulate=False)
-            return product
+                _multiply_laid(rows, tables.tensor.index_select(0, slots), rows_out, accumulate)
+            return
         for slot, count, start, stop, rank in self.blocks:
             tables = tables_at(rank)
-            rows, out = self._at_rank(rank, x[start:stop], product[start:stop], tables)
-            _multiply_block(rows, tables, slot, count, out, accumulate=False)
-        return product
+            rows, rows_out = self._at_rank(rank, x[start:stop], out[start:stop], tables)
+            _multiply_block(rows, tables, slot, count, rows_out, accumulate)
 
     def multiply_tokens(self, x: torch.Tensor, tables_at: TablesAt) -> torch.Tensor:
         """``multiply`` of the LoRA tokens' rows of the forward's ``x`` (tokens, k)."""
@@ -183,16 +190,7 @@ class LoraRows:
         if self.tokens is not None or not same_dtype:
             delta = self.multiply(x, tables_at).to(out.dtype)
             return out.add_(delta) if self.tokens is None else out.index_add_(0, self.tokens, delta)
-        if self.pieces is not None:
-            for rank, start, stop, slots in self.pieces:
-                tables = tables_at(rank)
-                rows, rows_out = self._at_rank(rank, _part(x, start, stop), _part(out, start, stop), tables)
-                _multiply_laid(rows, tables.tensor.index_select(0, slots), rows_out, accumulate=True)
-            return out
-        for slot, count, start, stop, rank in self.blocks:
-            tables = tables_at(rank)
-            rows, rows_out = self._at_rank(rank, x[start:stop], out[start:stop], tables)
-            _multiply_block(rows, tables, slot, count, rows_out, accumulate=True)
+        self._multiply_into(x, tables_at, out, accumulate=True)
         return out
 
 
