@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from itertools import groupby
 
 import torch
 
@@ -219,14 +220,12 @@ def _pieces(
 ) -> list[tuple[int, int, int, torch.Tensor]]:
     """The pieces [slot, start, stop] of one length, in rank order, as (rank, start, stop, slots): the
     pieces of each rank, one batched GEMM over their gathered tables."""
-    groups: list[tuple[int, int, int, list[int]]] = []
-    for slot, start, stop in pieces:
-        rank = rank_of[slot]
-        if groups and groups[-1][0] == rank:
-            groups[-1] = (rank, groups[-1][1], stop, [*groups[-1][3], slot])
-        else:
-            groups.append((rank, start, stop, [slot]))
-    return [(rank, start, stop, torch.tensor(slots, device=device)) for rank, start, stop, slots in groups]
+    groups = []
+    for rank, group in groupby(pieces, key=lambda piece: rank_of[piece[0]]):
+        laid = list(group)
+        slots = torch.tensor([slot for slot, _, _ in laid], device=device)
+        groups.append((rank, laid[0][1], laid[-1][2], slots))
+    return groups
 
 
 @dataclass(frozen=True)
